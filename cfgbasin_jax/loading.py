@@ -1,0 +1,225 @@
+"""Load Stable Diffusion components for JAX: from a converted directory or a diffusers folder.
+
+Converted directory (written by `save_components` / `cfgbasin-convert`; read without torch):
+
+    DST/cfgbasin_jax.json                 format marker: {"format", "format_version", "dtype", "source"}
+    DST/params/                           orbax checkpoint {"unet": tree, "vae": tree, "text_encoder": tree}
+    DST/{unet,vae,text_encoder}/config.json   the diffusers / transformers configs
+    DST/tokenizer/                        CLIPTokenizer files
+    DST/scheduler/scheduler_config.json
+
+A diffusers folder is converted in memory (safetensors need no torch; `.bin` weights import it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cfgbasin_jax.convert import sd_folder
+from cfgbasin_jax.convert.errors import ConversionError
+from cfgbasin_jax.models import build_module, check_compatible, component_param_shapes, resolve_dtype
+
+__all__ = [
+    "COMPONENTS",
+    "Components",
+    "ConversionError",
+    "is_converted",
+    "load_components",
+    "load_unet_folder",
+    "save_components",
+]
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+FORMAT_FILE = "cfgbasin_jax.json"
+FORMAT_NAME = "cfgbasin_jax.stable_diffusion"
+FORMAT_VERSION = 1
+PARAMS_DIR = "params"
+
+
+@dataclass
+class Components:
+    """Everything the sampler needs. Apply with
+    `unet.apply({"params": params["unet"]}, sample_nchw, timesteps, encoder_hidden_states)`.
+
+    unet: diffusers FlaxUNet2DConditionModel (linen module, dtype set)
+    vae: diffusers FlaxAutoencoderKL (linen module)
+    text_encoder: transformers FlaxCLIPTextModule (bare linen module)
+    tokenizer: transformers CLIPTokenizer
+    params: {"unet": tree, "vae": tree, "text_encoder": tree}, jnp arrays in `dtype`
+    configs: {"unet": dict, "vae": dict, "text_encoder": dict}, the diffusers / transformers configs
+    scheduler_config: dict, as in scheduler/scheduler_config.json
+    dtype: jnp.dtype
+    source: str, the path it was loaded from
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    params: dict
+    configs: dict
+    scheduler_config: dict
+    dtype: Any
+    source: str
+
+
+def is_converted(path) -> bool:
+    """True when `path` is a directory written by save_components."""
+    return (Path(path) / FORMAT_FILE).is_file()
+
+
+def _cast_tree(tree, dtype):
+    """Numpy leaves -> jnp arrays of `dtype`, cast on the host (no per-shape compiled converts)."""
+    return jax.tree.map(lambda leaf: jnp.asarray(np.asarray(leaf).astype(dtype)), tree)
+
+
+def _converted_weights(folder: Path, kind: str, module, dtype) -> dict:
+    """Params of one diffusers model subfolder, converted in memory, as jnp arrays of `dtype`."""
+    params = sd_folder.convert_weights(folder, kind, component_param_shapes(kind, module))
+    return _cast_tree(params, dtype)
+
+
+def load_unet_folder(folder, dtype="float32") -> tuple:
+    """(FlaxUNet2DConditionModel, config dict, params) from a diffusers `unet/` folder, e.g. a
+    fine-tuned `checkpoint-20000/unet`."""
+    dtype = resolve_dtype(dtype)
+    config = sd_folder.read_model_config(Path(folder))
+    module = build_module("unet", config, dtype)
+    return module, config, _converted_weights(Path(folder), "unet", module, dtype)
+
+
+def _check_marker(root: Path) -> None:
+    marker = sd_folder.read_json(root / FORMAT_FILE)
+    if marker.get("format") != FORMAT_NAME or marker.get("format_version") != FORMAT_VERSION:
+        raise ConversionError(
+            f"{root / FORMAT_FILE}: format {marker.get('format')!r} version {marker.get('format_version')!r} "
+            f"is not {FORMAT_NAME!r} version {FORMAT_VERSION}"
+        )
+
+
+def _restore_params(params_dir: Path, modules: dict, dtype) -> dict:
+    """The orbax checkpoint at `params_dir`, restored into the shapes of `modules`, as `dtype`."""
+    import orbax.checkpoint as ocp
+
+    if not params_dir.is_dir():
+        raise ConversionError(f"missing folder {params_dir} (the orbax params checkpoint)")
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {
+        kind: jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            component_param_shapes(kind, module, dtype=dtype),
+        )
+        for kind, module in modules.items()
+    }
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(params_dir.absolute(), target)
+    except Exception as err:  # orbax raises ValueError/KeyError/... for a tree that does not fit
+        raise ConversionError(f"{params_dir}: params do not fit the stored configs ({err})") from err
+
+
+def load_components(path, dtype="float32", unet_path=None) -> Components:
+    """Components from a converted directory or a diffusers SD folder (converted in memory).
+
+    dtype: 'float32' | 'bfloat16' | 'float16' for both params and module computation.
+    unet_path: a diffusers `unet/` folder whose UNet replaces the pipeline's.
+    Raises ConversionError naming the file, key or setting at fault.
+    """
+    dtype = resolve_dtype(dtype)
+    root = Path(path)
+    if not root.is_dir():
+        raise ConversionError(f"{root}: not a directory")
+    converted = is_converted(root)
+    swap = unet_path is not None
+    if converted:
+        _check_marker(root)
+    else:
+        sd_folder.check_sd_folder(root, tuple(s for s in sd_folder.SUBFOLDERS if not (swap and s == "unet")))
+    folders = {kind: root / kind for kind in COMPONENTS}
+    if swap:
+        if not Path(unet_path).is_dir():
+            raise ConversionError(f"unet_path {unet_path}: not a directory (need a diffusers unet/ folder)")
+        folders["unet"] = Path(unet_path)
+    configs = {kind: sd_folder.read_model_config(folder) for kind, folder in folders.items()}
+    check_compatible(configs)
+    modules = {kind: build_module(kind, configs[kind], dtype) for kind in COMPONENTS}
+
+    if converted:
+        stored_modules = dict(modules)
+        if swap:  # the checkpoint holds the original UNet: restore it into its own shapes, then drop it
+            stored_modules["unet"] = build_module("unet", sd_folder.read_model_config(root / "unet"), dtype)
+        params = dict(_restore_params(root / PARAMS_DIR, stored_modules, dtype))
+        if swap:
+            params["unet"] = _converted_weights(folders["unet"], "unet", modules["unet"], dtype)
+    else:
+        params = {kind: _converted_weights(folders[kind], kind, modules[kind], dtype) for kind in COMPONENTS}
+
+    return Components(
+        unet=modules["unet"],
+        vae=modules["vae"],
+        text_encoder=modules["text_encoder"],
+        tokenizer=sd_folder.load_tokenizer(root / "tokenizer"),
+        params={kind: params[kind] for kind in COMPONENTS},
+        configs=configs,
+        scheduler_config=sd_folder.read_scheduler_config(root / "scheduler"),
+        dtype=dtype,
+        source=str(path),
+    )
+
+
+def save_components(components: Components, dst, overwrite: bool = False) -> Path:
+    """Write `components` as a converted directory at `dst` (see the module docstring).
+
+    Everything goes to a temporary sibling directory first and is renamed to `dst` at the end, so
+    an error leaves nothing at `dst`. An existing `dst` is an error unless `overwrite`.
+    """
+    import orbax.checkpoint as ocp
+
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst} already exists (use overwrite=True / --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        marker = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dtype": jnp.dtype(components.dtype).name,
+            "source": components.source,
+        }
+        sd_folder.write_json(tmp / FORMAT_FILE, marker)
+        for kind in COMPONENTS:
+            (tmp / kind).mkdir()
+            sd_folder.write_json(tmp / kind / "config.json", components.configs[kind])
+        (tmp / "scheduler").mkdir()
+        sd_folder.write_json(tmp / "scheduler" / sd_folder.SCHEDULER_CONFIG, components.scheduler_config)
+        components.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        params = {kind: components.params[kind] for kind in COMPONENTS}
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / PARAMS_DIR, params)
+            checkpointer.wait_until_finished()
+        _replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if not dst.exists():
+        os.rename(src, dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
+    os.rename(dst, old)
+    os.rename(src, dst)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,259 @@
+"""Tiny Stable-Diffusion-architecture models for tests, demos and benchmarks (no torch, no network).
+
+`tiny_configs(variant)` gives diffusers/transformers config dicts of an SD-shaped model small enough
+for CPU: UNet with one cross-attention and one plain block (channels 32, 64), a two-level VAE
+(downsampling factor 2), a 2-layer 32-wide CLIP text encoder and the variant's scheduler config.
+  sd1: epsilon prediction, int attention_head_dim, quick_gelu, SD 1.4's PNDM scheduler config;
+  sd2: v_prediction (SD 2.1's DDIM config), per-block head counts, linear projections, gelu.
+`write_tiny_tokenizer(dir)` writes a small byte-level CLIP BPE vocabulary; `random_components`
+returns randomly initialised `Components` (seeded, shapes from eval_shape, no torch).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cfgbasin_jax.loading import COMPONENTS, Components
+from cfgbasin_jax.models import build_module, check_compatible, component_param_shapes, resolve_dtype
+
+VARIANTS = ("sd1", "sd2")
+MODEL_MAX_LENGTH = 77
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+
+# Words whose BPE merges the tiny vocabulary contains (everything else falls back to bytes).
+_WORDS = (
+    "a an the of in on at with and by is to photo picture image painting portrait drawing cat dog "
+    "horse bird astronaut man woman person riding sitting standing city night sky starry sunset beach "
+    "mountain forest river tree flower house car red blue green white black oil style van gogh high "
+    "quality detailed landscape mars moon"
+).split()
+
+SD1_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+SD2_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+@lru_cache(maxsize=1)
+def _tiny_vocab() -> tuple:
+    """(vocab: token -> id, merges: list of 'a b' strings) of the tiny CLIP BPE tokenizer.
+
+    Layout as in CLIP: 256 byte-unicode chars, their `</w>` forms, merge results, then
+    <|startoftext|>, <|endoftext|>.
+    """
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    known = set(tokens)
+    merges = []
+    # Learn BPE merges on the word list (most frequent pair first, ties by name) until every word
+    # is one token; CLIP's rank-ordered merging then encodes these words as whole tokens.
+    words = [tuple(word[:-1]) + (word[-1] + "</w>",) for word in _WORDS]
+    while True:
+        counts: dict = {}
+        for word in words:
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(f"{best[0]} {best[1]}")
+        if best[0] + best[1] not in known:
+            known.add(best[0] + best[1])
+            tokens.append(best[0] + best[1])
+        words = [_merge_pair(word, best) for word in words]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def _merge_pair(word: tuple, pair: tuple) -> tuple:
+    merged, index = [], 0
+    while index < len(word):
+        if index + 1 < len(word) and (word[index], word[index + 1]) == pair:
+            merged.append(word[index] + word[index + 1])
+            index += 2
+        else:
+            merged.append(word[index])
+            index += 1
+    return tuple(merged)
+
+
+def tiny_vocab_size() -> int:
+    """Number of tokens of the tiny tokenizer (= the tiny text encoder's vocab_size)."""
+    return len(_tiny_vocab()[0])
+
+
+def write_tiny_tokenizer(directory) -> None:
+    """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json so that
+    `CLIPTokenizer.from_pretrained(directory)` works offline (model_max_length 77)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _tiny_vocab()
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "do_lower_case": True,
+        "errors": "replace",
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": True,
+        **special,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny variant {variant!r}: use one of {', '.join(VARIANTS)}")
+
+
+def tiny_configs(variant: str = "sd1") -> dict:
+    """{"unet", "vae", "text_encoder", "scheduler"} config dicts (diffusers / transformers format)."""
+    _check_variant(variant)
+    sd2 = variant == "sd2"
+    vocab_size = tiny_vocab_size()
+    unet = {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "norm_num_groups": 32,
+        "cross_attention_dim": 32,
+        # Head COUNTS (diffusers' naming quirk): sd1 4 heads everywhere; sd2 2 then 4 heads (width 16).
+        "attention_head_dim": [2, 4] if sd2 else 4,
+        "use_linear_projection": sd2,
+        "upcast_attention": sd2,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+    vae = {
+        "_class_name": "AutoencoderKL",
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 16,
+        "scaling_factor": 0.18215,
+    }
+    text_encoder = {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": MODEL_MAX_LENGTH,
+        "vocab_size": vocab_size,
+        "hidden_act": "gelu" if sd2 else "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 32,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+    scheduler = copy.deepcopy(SD2_SCHEDULER if sd2 else SD1_SCHEDULER)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def load_tiny_tokenizer():
+    """The tiny CLIPTokenizer, written to a temporary directory and loaded from there."""
+    from cfgbasin_jax.convert.sd_folder import load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="cfgbasin_tiny_tok_") as tmp:
+        write_tiny_tokenizer(tmp)
+        return load_tokenizer(Path(tmp))
+
+
+def random_params(shapes, seed=0, dtype="float32") -> dict:
+    """Random params for a tree of ShapeDtypeStruct leaves named like Flax's (no init trace).
+
+    kernel: lecun-normal (N(0, 1/fan_in), fan_in = prod(shape[:-1])); bias: 0; scale: 1;
+    embedding: N(0, 0.02^2). The families Flax's own initialisers use, drawn on the host with
+    numpy (seeded) straight from the eval_shape tree: nothing is traced or compiled.
+    """
+    dtype = resolve_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    values = []
+    for path, spec in leaves:
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = max(1, math.prod(spec.shape[:-1]))
+            value = rng.standard_normal(spec.shape) / math.sqrt(fan_in)
+        elif name == "embedding":
+            value = 0.02 * rng.standard_normal(spec.shape)
+        elif name == "scale":
+            value = np.ones(spec.shape)
+        elif name == "bias":
+            value = np.zeros(spec.shape)
+        else:
+            raise ValueError(f"no random init rule for parameter {jax.tree_util.keystr(path)}")
+        values.append(jnp.asarray(value.astype(np.float32).astype(dtype)))
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def random_components(variant: str = "sd1", seed: int = 0, dtype="float32") -> Components:
+    """Tiny SD components with random params (`random_params`, seeded), no torch."""
+    configs = tiny_configs(variant)
+    dtype = resolve_dtype(dtype)
+    model_configs = {kind: configs[kind] for kind in COMPONENTS}
+    check_compatible(model_configs)
+    modules = {kind: build_module(kind, model_configs[kind], dtype) for kind in COMPONENTS}
+    params = {
+        kind: random_params(component_param_shapes(kind, modules[kind]), seed=[seed, index], dtype=dtype)
+        for index, kind in enumerate(COMPONENTS)
+    }
+    return Components(
+        unet=modules["unet"],
+        vae=modules["vae"],
+        text_encoder=modules["text_encoder"],
+        tokenizer=load_tiny_tokenizer(),
+        params=params,
+        configs=model_configs,
+        scheduler_config=configs["scheduler"],
+        dtype=dtype,
+        source=f"random:{variant}:seed={seed}",
+    )

@@ -1,0 +1,84 @@
+"""cfgbasin-convert: diffusers Stable Diffusion folder -> cfgbasin_jax converted directory.
+
+    cfgbasin-convert SRC DST [--dtype float32|bfloat16|float16] [--unet UNET_DIR] [--overwrite]
+    cfgbasin-convert sscd FILE DST      (SSCD copy-detection weights; cfgbasin_jax.convert.sscd)
+
+Exit status 0 on success, 2 with a one-line message on bad input (missing folder or weight file,
+missing / unexpected / mis-shaped parameter, unsupported config key, unknown dtype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cfgbasin_jax.convert.errors import ConversionError
+
+PROG = "cfgbasin-convert"
+SSCD_COMMAND = "sscd"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Convert a diffusers-format Stable Diffusion folder (SD 1.x / 2.x, .safetensors or .bin "
+            "weights) into one directory of Flax params (orbax) + configs + tokenizer + scheduler "
+            f"config. '{PROG} {SSCD_COMMAND} FILE DST' converts SSCD weights instead."
+        ),
+    )
+    parser.add_argument(
+        "src", help="diffusers folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+    )
+    parser.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--dtype", default="float32", help="params dtype: float32 (default), bfloat16 or float16")
+    parser.add_argument(
+        "--unet", dest="unet_path", default=None,
+        help="a separately fine-tuned diffusers unet/ folder (e.g. checkpoint-20000/unet) to use instead of SRC/unet",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def _run_sscd(argv: list) -> int:
+    try:
+        from cfgbasin_jax.convert import sscd
+    except ModuleNotFoundError as err:
+        if err.name != "cfgbasin_jax.convert.sscd":
+            raise
+        return _fail("SSCD conversion is not available in this installation (no cfgbasin_jax.convert.sscd)")
+    try:
+        status = sscd.main(argv)
+    except ConversionError as err:
+        return _fail(str(err))
+    return 0 if status is None else int(status)
+
+
+def main(argv=None) -> int:
+    """Run the converter; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == SSCD_COMMAND:
+        return _run_sscd(argv[1:])
+    args = _parser().parse_args(argv)
+    from cfgbasin_jax.convert import convert
+    from cfgbasin_jax.models import resolve_dtype
+
+    try:
+        resolve_dtype(args.dtype)
+    except ConversionError as err:
+        return _fail(f"--dtype: {err}")
+    try:
+        dst = convert(args.src, args.dst, dtype=args.dtype, unet_path=args.unet_path, overwrite=args.overwrite)
+    except ConversionError as err:
+        return _fail(str(err))
+    print(f"wrote {dst} ({args.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Read the parts of a diffusers-format Stable Diffusion folder.
+
+    SRC/model_index.json            (optional here)
+    SRC/unet/config.json + weights
+    SRC/vae/config.json + weights
+    SRC/text_encoder/config.json + weights
+    SRC/tokenizer/vocab.json, merges.txt, ...
+    SRC/scheduler/scheduler_config.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cfgbasin_jax.convert.errors import ConversionError
+from cfgbasin_jax.convert.mapping import VAE_ATTENTION_ALIASES, state_dict_to_flax
+from cfgbasin_jax.convert.weights import read_component_state_dict
+
+MODEL_FOLDERS = ("unet", "vae", "text_encoder")
+SUBFOLDERS = MODEL_FOLDERS + ("tokenizer", "scheduler")
+SCHEDULER_CONFIG = "scheduler_config.json"
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; ConversionError naming the file if absent or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"missing file {path}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
+def write_json(path: Path, value: dict) -> None:
+    Path(path).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def check_sd_folder(root: Path, subfolders=SUBFOLDERS) -> None:
+    """ConversionError naming the first missing piece of a diffusers SD folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConversionError(f"{root}: not a directory")
+    for name in subfolders:
+        if not (root / name).is_dir():
+            raise ConversionError(
+                f"{root}: missing subfolder '{name}/' (a diffusers Stable Diffusion folder has "
+                f"{', '.join(s + '/' for s in SUBFOLDERS)})"
+            )
+
+
+def read_model_config(folder: Path) -> dict:
+    """`folder/config.json` (unet, vae or text_encoder)."""
+    return read_json(Path(folder) / "config.json")
+
+
+def read_scheduler_config(folder: Path) -> dict:
+    """`folder/scheduler_config.json` of a scheduler/ subfolder."""
+    return read_json(Path(folder) / SCHEDULER_CONFIG)
+
+
+def load_tokenizer(folder: Path):
+    """CLIPTokenizer from local files only."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConversionError(f"missing folder {folder}")
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConversionError(f"{folder}: cannot load a CLIPTokenizer ({err})") from err
+
+
+def convert_weights(folder: Path, kind: str, target_shapes) -> dict:
+    """Read `folder`'s PyTorch weights and map them onto the Flax tree `target_shapes` (float32 numpy)."""
+    state = read_component_state_dict(Path(folder), kind)
+    aliases = VAE_ATTENTION_ALIASES if kind == "vae" else None
+    return state_dict_to_flax(state, target_shapes, aliases=aliases)

@@ -1,0 +1,43 @@
+"""Shared session fixtures: tiny random SD models (PyTorch oracle + diffusers folders on disk)."""
+
+import pytest
+from tiny_sd import make_tiny_sd
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory):
+    """TinySD of variant sd1 (PyTorch modules + safetensors diffusers folder)."""
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd1") / "sd", "sd1", "safetensors", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    """TinySD of variant sd2 (v_prediction, linear projections, per-block heads, gelu)."""
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd2") / "sd", "sd2", "safetensors", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_converted(tiny_sd1, tmp_path_factory):
+    """Path of tiny_sd1 converted by cfgbasin_jax.convert.convert (float32)."""
+    from cfgbasin_jax.convert import convert
+
+    return convert(tiny_sd1.path, tmp_path_factory.mktemp("tiny_sd1_converted") / "dst")
+
+
+# ---- pipelines shared by the sampler / DTP tests (one object each, so compiled samplers are reused)
+
+
+@pytest.fixture(scope="session")
+def pipe_sd1(tiny_sd1):
+    """cfgbasin_jax Pipeline over tiny_sd1's diffusers folder (converted in memory, float32)."""
+    import cfgbasin_jax
+
+    return cfgbasin_jax.load_pipeline(tiny_sd1.path)
+
+
+@pytest.fixture(scope="session")
+def pipe_sd2(tiny_sd2):
+    """cfgbasin_jax Pipeline over tiny_sd2 (v_prediction)."""
+    import cfgbasin_jax
+
+    return cfgbasin_jax.load_pipeline(tiny_sd2.path)
