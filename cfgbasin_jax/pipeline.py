@@ -61,7 +61,8 @@ def _count_unet_evals(branch: np.ndarray, n_samples: int) -> int:
 
 class Pipeline:
     """Flax Stable Diffusion with transition-point guidance. Wraps loaded ``Components``
-    (see :mod:`cfgbasin_jax.loading`): unet, vae, text_encoder modules, params, tokenizer, configs."""
+    (see :mod:`cfgbasin_jax.loading`): unet, vae, text_encoder modules, params, tokenizer, configs.
+    ``components.vae`` may be None for a pixel-space model (the UNet denoises RGB in [-1, 1])."""
 
     def __init__(self, components):
         self.components = components
@@ -78,6 +79,9 @@ class Pipeline:
     # ------------------------------------------------------------------ geometry
     @property
     def vae_scale_factor(self) -> int:
+        """Latent-to-pixel factor (1 for a pixel-space model without VAE)."""
+        if self.vae is None:
+            return 1
         return 2 ** (len(self.components.configs["vae"]["block_out_channels"]) - 1)
 
     @property
@@ -90,6 +94,8 @@ class Pipeline:
 
     @property
     def vae_scaling_factor(self) -> float:
+        if self.vae is None:
+            return 1.0
         return float(self.components.configs["vae"].get("scaling_factor", 0.18215))
 
     def _latent_hw(self, height: int | None, width: int | None) -> tuple[int, int]:
@@ -129,14 +135,17 @@ class Pipeline:
 
     # ------------------------------------------------------------------ images
     def _decode_latents(self, params, latents):
-        z = jnp.transpose(latents / self.vae_scaling_factor, (0, 2, 3, 1)).astype(self.components.dtype)
-        img = self.vae.apply({"params": params}, z, method=self.vae.decode).sample
+        if self.vae is None:  # pixel-space model: the "latents" are the image in [-1, 1]
+            img = latents
+        else:
+            z = jnp.transpose(latents / self.vae_scaling_factor, (0, 2, 3, 1)).astype(self.components.dtype)
+            img = self.vae.apply({"params": params}, z, method=self.vae.decode).sample
         img = jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
         return jnp.round(jnp.transpose(img, (0, 2, 3, 1)) * 255.0).astype(jnp.uint8)
 
     def decode(self, latents) -> np.ndarray:
         """uint8 [B,H,W,3] from final latents [B,C,h,w], as diffusers' SD pipelines do."""
-        return np.asarray(self._decode(self.params["vae"], jnp.asarray(latents)))
+        return np.asarray(self._decode(self.params.get("vae"), jnp.asarray(latents)))
 
     # ------------------------------------------------------------------ sampling
     def _unet_fn(self, params, x, t, context):

@@ -81,8 +81,8 @@ def pt_guided_loop(unet, scheduler, noise, cond, uncond, steps, scale_rule):
         eu, ec = eps.chunk(2)
         d = torch.linalg.vector_norm((ec - eu).reshape(x.shape[0], -1), dim=-1).numpy()
         ds.append(d)
-        s = np.asarray(scale_rule(j, int(t), np.asarray(ds)), np.float32).reshape(-1)
-        s = np.broadcast_to(s, (x.shape[0],))
+        s = np.array(scale_rule(j, int(t), np.asarray(ds)), np.float32).reshape(-1)
+        s = np.broadcast_to(s, (x.shape[0],)).copy()
         scales.append(s)
         guided = eu + torch.as_tensor(s).reshape(-1, 1, 1, 1) * (ec - eu)
         x = scheduler.step(guided, t, x).prev_sample
