@@ -9,6 +9,10 @@ is the NUMBER of attention heads per block (head width = block channels // atten
 `num_attention_heads` is refused by both. The parity tests check this on an SD2-style per-block
 tuple.
 
+The UNet is this project's own linen module (:mod:`cfgbasin_jax.unet`): diffusers' Flax UNet's
+parameter tree with the attention implementation chosen per backend (:mod:`cfgbasin_jax.attention`)
+and PyTorch's exact gelu. The VAE and text encoder are diffusers' / transformers' Flax modules.
+
 Parameter shapes come from `jax.eval_shape` (`param_shapes`): nothing is initialised to learn them.
 """
 
@@ -26,7 +30,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 # --- UNet ------------------------------------------------------------------------------------------
 
-# Keys copied onto FlaxUNet2DConditionModel as they are.
+# Keys copied onto the Flax UNet (ours, and diffusers' FlaxUNet2DConditionModel) as they are.
 _UNET_FLAX_KEYS = (
     "sample_size",
     "in_channels",
@@ -166,7 +170,8 @@ def _per_block(config: Mapping, key: str, n_blocks: int, what: str) -> None:
 
 
 def unet_flax_kwargs(config: Mapping) -> dict:
-    """Validate a diffusers UNet2DConditionModel config; return FlaxUNet2DConditionModel kwargs."""
+    """Validate a diffusers UNet2DConditionModel config; return the Flax UNet's kwargs (accepted by
+    both :class:`cfgbasin_jax.unet.UNet2DConditionModel` and diffusers' FlaxUNet2DConditionModel)."""
     what = "UNet"
     _check_known(config, set(_UNET_FLAX_KEYS) | set(_UNET_FIXED) | set(_UNET_IGNORED), what)
     _check_fixed(config, _UNET_FIXED, what)
@@ -245,8 +250,24 @@ def text_encoder_config(config: Mapping):
     return CLIPTextConfig.from_dict(dict(config))
 
 
-def build_unet(config: Mapping, dtype: Any = "float32"):
-    """FlaxUNet2DConditionModel (linen module) computing in `dtype`, from a diffusers UNet config."""
+def build_unet(config: Mapping, dtype: Any = "float32", attention: str = "auto"):
+    """The UNet (linen module, :class:`cfgbasin_jax.unet.UNet2DConditionModel`) computing in `dtype`,
+    from a diffusers UNet config. Its parameter tree is diffusers' FlaxUNet2DConditionModel's.
+
+    attention: "auto" (per backend: chunked on CPU, cuDNN-fused on GPU, XLA on TPU) or one of
+    :data:`cfgbasin_jax.attention.IMPLEMENTATIONS`.
+    """
+    from cfgbasin_jax.attention import IMPLEMENTATIONS
+    from cfgbasin_jax.unet import UNet2DConditionModel
+
+    if attention not in IMPLEMENTATIONS:
+        raise ConversionError(f"unknown attention implementation {attention!r}: use one of {', '.join(IMPLEMENTATIONS)}")
+    return UNet2DConditionModel(**unet_flax_kwargs(config), attention=attention, dtype=resolve_dtype(dtype))
+
+
+def build_diffusers_unet(config: Mapping, dtype: Any = "float32"):
+    """diffusers' own FlaxUNet2DConditionModel for the same config (same parameter tree as
+    :func:`build_unet`): the anchor the benchmarks compare against."""
     from diffusers import FlaxUNet2DConditionModel
 
     return FlaxUNet2DConditionModel(**unet_flax_kwargs(config), dtype=resolve_dtype(dtype))

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Sequence
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfgbasin_jax import guidance as G
+from cfgbasin_jax import parallel
 from cfgbasin_jax import sampler as S
 from cfgbasin_jax import schedulers
 
@@ -54,9 +56,11 @@ def initial_noise(seed: int, sample_indices: Sequence[int], shape: tuple[int, ..
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
 
-def _count_unet_evals(branch: np.ndarray, n_samples: int) -> int:
+def _count_unet_evals(branch: np.ndarray, real_per_device: np.ndarray) -> int:
+    """UNet sample-evaluations: branch [n_dev, S] (halves run per device and step) times the
+    number of real (non-padding) samples on each device [n_dev]."""
     halves = np.where(np.asarray(branch) == S.BOTH, 2, 1)
-    return int(halves.sum()) * n_samples
+    return int(np.sum(halves.sum(axis=1) * np.asarray(real_per_device)))
 
 
 class Pipeline:
@@ -73,6 +77,7 @@ class Pipeline:
         self.params = components.params
         self.scheduler_config = dict(components.scheduler_config)
         self._samplers: dict = {}
+        self._placed: tuple = (None, None)
         self._encode = jax.jit(self._encode_ids)
         self._decode = jax.jit(self._decode_latents)
 
@@ -152,38 +157,63 @@ class Pipeline:
         x = x.astype(self.components.dtype)
         return self.unet.apply({"params": params}, x, t, context.astype(self.components.dtype)).sample
 
-    def sampler(self, detector: str, progress: bool, skip_halves: bool = True):
-        """The jitted :func:`cfgbasin_jax.sampler.sample_loop` for one detector kind (cached)."""
-        key = (detector, bool(progress), bool(skip_halves))
+    def sampler(self, detector: str, progress: bool = False, skip_halves: bool = True, devices=None):
+        """The jitted, device-sharded :func:`cfgbasin_jax.sampler.sample_loop` (cached per static
+        configuration; jit itself caches per shape)."""
+        devices = parallel.resolve_devices(devices)
+        key = (detector, bool(progress), bool(skip_halves), devices)
         if key not in self._samplers:
-            fn = functools.partial(
-                S.sample_loop, unet_fn=self._unet_fn, detector=detector, progress=bool(progress), skip_halves=bool(skip_halves)
+            on_step = parallel.first_device_only(_progress_hook) if progress else None
+            loop = functools.partial(
+                S.sample_loop, unet_fn=self._unet_fn, detector=detector, on_step=on_step, skip_halves=bool(skip_halves)
             )
-            self._samplers[key] = jax.jit(fn)
+            self._samplers[key] = jax.jit(parallel.sharded_sample_loop(loop, parallel.data_mesh(devices)))
         return self._samplers[key]
 
     def compile_count(self) -> int:
-        """Number of sampler compilations so far (all detector kinds)."""
+        """Number of sampler compilations so far (all configurations)."""
         return sum(fn._cache_size() for fn in self._samplers.values())
+
+    def param_bytes(self) -> dict:
+        """Bytes of parameters per component (e.g. to compare float32 and bfloat16 loads)."""
+        return {k: int(sum(x.nbytes for x in jax.tree_util.tree_leaves(v))) for k, v in self.params.items()}
 
     def make_scheduler(self, name: str | None, num_inference_steps: int):
         return schedulers.make_scheduler(name, self.scheduler_config, num_inference_steps)
 
-    def _run(self, sched, x0, cond, uncond, plan: G.Plan, detector: str, progress: bool, skip_halves: bool):
-        fn = self.sampler(detector, progress, skip_halves)
-        args = (self.params["unet"], sched, x0, cond, uncond,
-                jnp.asarray(plan.before), jnp.asarray(plan.after), jnp.asarray(plan.switch_index))
-        if not progress:
-            return jax.device_get(fn(*args))
-        from tqdm.auto import tqdm
+    def _replicated_unet_params(self, devices: tuple):
+        """UNet params placed on every device of ``devices`` (cached: placed once per device set)."""
+        if self._placed[0] != devices:
+            self._placed = (devices, parallel.replicate(self.params["unet"], parallel.data_mesh(devices)))
+        return self._placed[1]
 
-        with tqdm(total=int(sched.timesteps.shape[0]), desc="denoising", unit="step", leave=False) as bar:
-            S._PROGRESS["bar"] = bar
-            try:
-                return jax.device_get(jax.block_until_ready(fn(*args)))
-            finally:
-                jax.effects_barrier()
-                S._PROGRESS["bar"] = None
+    def _run(self, sched, x0, cond, uncond, plan: G.Plan, detector: str, opts: dict) -> S.Trace:
+        devices = opts["devices"]
+        fn = self.sampler(detector, opts["progress"], opts["skip_halves"], devices)
+        mesh = parallel.data_mesh(devices)
+        data = parallel.shard_batch((x0, cond, uncond, plan.before, plan.after, plan.switch_index), mesh)
+        trace = jax.device_get(fn(self._replicated_unet_params(devices), parallel.replicate(sched, mesh), *data))
+        if opts["progress"]:
+            jax.effects_barrier()
+        return trace
+
+    def _sample_chunk(self, sched, x0, cond, uncond, plan: G.Plan, n_real: int, opts: dict):
+        """One padded chunk through the sampler (two passes for the exact latent-cosine rule).
+        Returns (trace, recorded latent_cosine [S,b] or None, UNet evaluations of the real samples)."""
+        evals, recorded = 0, None
+        per_device = x0.shape[0] // len(opts["devices"])
+        real = np.clip(n_real - per_device * np.arange(len(opts["devices"])), 0, per_device)
+        if plan.two_pass:
+            # Exact opposite-guidance DTP: pass 1 under `before` records c; pass 2 replays from the
+            # same noise with each sample's official transition index.
+            steps = plan.before.shape[1]
+            first = self._run(sched, x0, cond, uncond, plan._replace(switch_index=np.full_like(plan.switch_index, steps)), "fixed", opts)
+            evals += _count_unet_evals(first.branch, real)
+            recorded = np.asarray(first.latent_cosine)
+            index = [G.latent_cosine_transition_index(c) for c in recorded.T]
+            plan = plan._replace(switch_index=np.asarray(index, np.int32))
+        trace = self._run(sched, x0, cond, uncond, plan, plan.detector, opts)
+        return trace, recorded, evals + _count_unet_evals(trace.branch, real)
 
     def generate(
         self,
@@ -200,15 +230,20 @@ class Pipeline:
         sample_indices: Sequence[int] | None = None,
         decode: bool = True,
         skip_halves: bool = True,
+        devices=None,
+        batch_size: int | None = None,
     ) -> GenerationResult:
-        """Sample B images in one compiled loop.
+        """Sample B images with the compiled loop, data-parallel over ``devices``.
 
         guidance: one :class:`~cfgbasin_jax.guidance.Guidance` or one per prompt.
         latents: optional initial noise [B,C,h,w] BEFORE init_noise_sigma scaling (as diffusers'
           ``prepare_latents``); otherwise drawn per sample from (seed, sample_indices[i]).
-        sample_indices: global indices of the prompts (default 0..B-1) for the per-sample noise.
-        skip_halves: run only the UNet half a step needs when every scale is 0 or every scale is 1.
+        sample_indices: global indices of the prompts (default 0..B-1) for the per-sample noise, so
+          an image never depends on batch size, device count or resume.
         scheduler: "dpm++2m" | "ddim" | "euler" | "pndm" (default: the model's scheduler config).
+        skip_halves: run only the UNet half a step needs when every scale is 0 or every scale is 1.
+        devices: None (all local devices), a count, or a list; batch_size: samples per compiled call
+          (default: all B), rounded up to a multiple of the device count; padding is dropped.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -222,46 +257,94 @@ class Pipeline:
         if sample_indices.shape != (b,):
             raise ValueError(f"generate: sample_indices has shape {sample_indices.shape}, expected ({b},)")
         shape = (self.latent_channels, h, w)
-        if latents is None:
-            noise = initial_noise(seed, sample_indices, shape)
-        else:
-            noise = jnp.asarray(latents, jnp.float32)
-            if noise.shape != (b, *shape):
-                raise ValueError(f"generate: latents have shape {noise.shape}, expected {(b, *shape)}")
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != (b, *shape):
+                raise ValueError(f"generate: latents have shape {latents.shape}, expected {(b, *shape)}")
         negative = negative_prompt if negative_prompt is not None else ""
         negative = [negative] * b if isinstance(negative, str) else list(negative)
         if len(negative) != b:
             raise ValueError(f"generate: {len(negative)} negative prompts for {b} prompts")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+            raise ValueError(f"generate: batch_size must be a positive integer, got {batch_size!r}")
+        devices = parallel.resolve_devices(devices)
+        chunk = parallel.padded_size(min(batch_size or b, b), len(devices))
+        opts = dict(progress=bool(progress), skip_halves=bool(skip_halves), devices=devices)
 
-        cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts(negative)
-        x0 = noise * sched.init_noise_sigma
-        evals = 0
-        recorded_cosine = None
-        if plan.two_pass:
-            # Exact opposite-guidance DTP: pass 1 under `before` records c; pass 2 replays with the
-            # official transition index per sample.
-            record = plan._replace(switch_index=np.full(b, len(timesteps), np.int32))
-            first_pass = self._run(sched, x0, cond, uncond, record, "fixed", progress, skip_halves)
-            evals += _count_unet_evals(first_pass.branch, b)
-            recorded_cosine = np.asarray(first_pass.latent_cosine).T
-            index = np.asarray([G.latent_cosine_transition_index(c) for c in recorded_cosine], np.int32)
-            plan = plan._replace(switch_index=index)
-        trace = self._run(sched, x0, cond, uncond, plan, plan.detector, progress, skip_halves)
-        evals += _count_unet_evals(trace.branch, b)
-        index = np.asarray(trace.transition_index)
-        images = self.decode(trace.latents) if decode else None
+        starts = range(0, b, chunk)
+        passes = 2 if plan.two_pass else 1
+        with _progress_bar(progress, len(starts) * passes * len(timesteps)):
+            parts = [self._generate_chunk(sched, plan, prompts, negative, sample_indices, latents, seed, shape,
+                                          slice(i, min(i + chunk, b)), chunk, decode, opts) for i in starts]
+        cat = lambda k: np.concatenate([p[k] for p in parts], axis=0)  # noqa: E731
+        index = cat("transition_index")
         return GenerationResult(
-            images=images,
-            latents=np.asarray(trace.latents),
-            noise_diff=np.asarray(trace.noise_diff).T,
-            latent_cosine=recorded_cosine if recorded_cosine is not None else np.asarray(trace.latent_cosine).T,
-            guidance_scale=np.asarray(trace.scale).T,
+            images=cat("images") if decode else None,
+            latents=cat("latents"),
+            noise_diff=cat("noise_diff"),
+            latent_cosine=cat("latent_cosine"),
+            guidance_scale=cat("guidance_scale"),
             transition_index=index,
             transition_t=np.where(index >= 0, timesteps[np.clip(index, 0, len(timesteps) - 1)], -1),
             timesteps=timesteps,
-            unet_evals=evals,
-            nonfinite=np.asarray(trace.nonfinite),
+            unet_evals=int(sum(p["unet_evals"] for p in parts)),
+            nonfinite=cat("nonfinite"),
             sample_indices=sample_indices,
             prompts=prompts,
         )
+
+    def _generate_chunk(self, sched, plan, prompts, negative, sample_indices, latents, seed, shape, rows, size,
+                        decode, opts) -> dict:
+        """Sample prompts[rows] padded to ``size``; returns per-sample numpy outputs for the real rows."""
+        n = rows.stop - rows.start
+        pad = lambda x: parallel.pad_rows(np.asarray(x)[rows], size)  # noqa: E731
+        if latents is None:
+            noise = initial_noise(seed, pad(sample_indices), shape)
+        else:
+            noise = jnp.asarray(pad(latents))
+        cond = self.encode_prompts(list(pad(np.asarray(prompts, dtype=object))))
+        uncond = self.encode_prompts(list(pad(np.asarray(negative, dtype=object))))
+        chunk_plan = plan._replace(before=pad(plan.before), after=pad(plan.after), switch_index=pad(plan.switch_index))
+        trace, recorded, evals = self._sample_chunk(sched, noise * sched.init_noise_sigma, cond, uncond, chunk_plan, n, opts)
+        cosine = recorded if recorded is not None else np.asarray(trace.latent_cosine)
+        return dict(
+            images=self.decode(trace.latents)[:n] if decode else None,
+            latents=np.asarray(trace.latents)[:n],
+            noise_diff=np.asarray(trace.noise_diff).T[:n],
+            latent_cosine=cosine.T[:n],
+            guidance_scale=np.asarray(trace.scale).T[:n],
+            transition_index=np.asarray(trace.transition_index)[:n],
+            nonfinite=np.asarray(trace.nonfinite)[:n],
+            unet_evals=evals,
+        )
+
+
+# ---------------------------------------------------------------------- progress (host side)
+_BAR: dict = {"bar": None}
+
+
+def _tick(_):
+    bar = _BAR["bar"]
+    if bar is not None:
+        bar.update(1)
+
+
+def _progress_hook(j):
+    jax.debug.callback(_tick, j)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int):
+    """A tqdm bar advanced once per denoising step from inside the compiled loop."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="denoising", unit="step", leave=False) as bar:
+        _BAR["bar"] = bar
+        try:
+            yield bar
+        finally:
+            jax.effects_barrier()
+            _BAR["bar"] = None

@@ -58,13 +58,13 @@ class PromptError(ValueError):
 class PromptSet:
     """A prompt list indexed by global prompt index.
 
-    exp: experiment name (one of :data:`EXPERIMENTS`). source: the file/folder read (absolute) or
-    "builtin:imagenette". prompts: the captions, prompts[i] is global index i. extras: per-prompt
+    exp: experiment name (one of :data:`EXPERIMENTS`). source: the file/folder read (absolute),
+    "package:sdv1_500_memorized.jsonl" (shipped data) or "builtin:imagenette". prompts: the captions, prompts[i] is global index i. extras: per-prompt
     JSON-friendly provenance (e.g. {"laion_index", "url"}, {"file"}, {"key"}).
     """
 
     exp: str
-    source: str
+    source: str  # absolute path, "package:<file in cfgbasin_jax/data>" or "builtin:<exp>"
     prompts: tuple
     extras: tuple
 
@@ -225,9 +225,10 @@ def load_prompt_set(exp: str, path=None, n_draw: int | None = None) -> PromptSet
     else:
         prompts = imagenette_prompts()
         extras = [{} for _ in prompts]
+    packaged = path is None and str(DEFAULT_SOURCES[exp]).startswith("package:")
     return PromptSet(
         exp=exp,
-        source=str(source) if source is not None else f"builtin:{exp}",
+        source=DEFAULT_SOURCES[exp] if packaged else str(source) if source is not None else f"builtin:{exp}",
         prompts=tuple(prompts),
         extras=tuple(extras),
     )

@@ -91,15 +91,6 @@ def _unet_halves(unet_fn: UnetFn, params, x_in, t, cond, uncond, branch):
     return jax.lax.switch(branch, [both, one(uncond), one(cond)], x_in)
 
 
-_PROGRESS: dict = {"bar": None}
-
-
-def _tick(_):
-    bar = _PROGRESS["bar"]
-    if bar is not None:
-        bar.update(1)
-
-
 def sample_loop(
     params,
     scheduler,
@@ -112,7 +103,7 @@ def sample_loop(
     *,
     unet_fn: UnetFn,
     detector: str,
-    progress: bool = False,
+    on_step: Callable[[jnp.ndarray], None] | None = None,
     skip_halves: bool = True,
 ) -> Trace:
     """Denoise ``latents`` [B,C,h,w] (already scaled by init_noise_sigma).
@@ -121,8 +112,9 @@ def sample_loop(
     switch_index: int32 [B] (fixed detector: first step of ``after``; causal latent-cosine: the
     fallback step; >= S: never; ignored by the noise-difference detector).
     ``scheduler`` is a :class:`cfgbasin_jax.schedulers.Scheduler` pytree; ``detector`` one of
-    :data:`cfgbasin_jax.guidance.DETECTORS`. ``skip_halves=False`` always runs both halves (the
-    reference path; same results within float tolerance).
+    :data:`cfgbasin_jax.guidance.DETECTORS`. ``on_step(j)``, if given, is traced into every step
+    (e.g. a host callback advancing a progress bar). ``skip_halves=False`` always runs both halves
+    (the reference path; same results within float tolerance).
     """
     if detector not in G.DETECTORS:
         raise ValueError(f"sampler: unknown detector {detector!r}")
@@ -140,8 +132,8 @@ def sample_loop(
     def step(carry, xs_j):
         x, sched_state, det, nonfinite = carry
         j, t, before_j, after_j = xs_j
-        if progress:
-            jax.debug.callback(_tick, j)
+        if on_step is not None:
+            on_step(j)
         pending = jnp.any(det.index < 0) if detector == "noise_diff" else jnp.asarray(False)
         scale_pre = jnp.where(G.switched(det, j), after_j, before_j)
         branch = halves_needed(scale_pre, pending | (not skip_halves))

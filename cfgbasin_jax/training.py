@@ -89,7 +89,9 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> None:
-        positive = ("max_train_steps", "train_batch_size", "checkpointing_steps", "eval_steps", "log_steps", "repeats")
+        positive = ("max_train_steps", "train_batch_size", "checkpointing_steps", "log_steps", "repeats")
+        if self.eval_steps < 0:
+            raise TrainingError(f"--eval_steps must be >= 0 (0: no probe loss), got {self.eval_steps}")
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainingError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -109,8 +111,10 @@ class TrainConfig:
             raise TrainingError(f"--save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
 
     def identity(self) -> dict:
-        """The options a resumed run must share with the stored one."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUME_FREE}
+        """The options a resumed run must share with the stored one (with a cosine schedule the
+        step count shapes the learning rate, so it must match too)."""
+        free = set(RESUME_FREE) - ({"max_train_steps"} if self.lr_schedule == "cosine" else set())
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in free}
 
 
 # ----------------------------------------------------------------------------- data
@@ -220,7 +224,7 @@ def toy_model_configs() -> dict:
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-        "block_out_channels": [64, 128],
+        "block_out_channels": [32, 64],
         "layers_per_block": 1,
         "cross_attention_dim": 64,
         "attention_head_dim": 4,
@@ -577,6 +581,7 @@ def _append_csv(path: Path, header: Sequence[str], row: Sequence) -> None:
         writer.writerow(row)
 
 
+_STEP_CACHE: dict = {}
 LOSS_HEADER = ("step", "loss", "loss_memorized", "loss_other", "lr", "elapsed_s")
 PROBE_HEADER = ("step", "probe_memorized", "probe_other")
 
@@ -603,10 +608,15 @@ def train(cfg: TrainConfig, components: Components | None = None, log=print) -> 
     ids = tokenize(comps.tokenizer, data.captions)
     empty = tokenize(comps.tokenizer, [""])[0]
     trainable, frozen = _split_params(comps, cfg.train_text_encoder, alphas_cumprod(comps.scheduler_config), empty)
-    trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+    # fresh float32 copies: the step donates its state, the caller's components must survive
+    trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
     optimizer, lr_fn = make_optimizer(cfg)
     mesh = data_mesh()
-    step_fn = make_train_step(make_loss_fn(comps, cfg.train_text_encoder), optimizer, cfg.ema_decay, mesh)
+    step_key = (id(comps.unet), id(comps.text_encoder), id(comps.vae), comps.dtype, json.dumps(cfg.identity(), sort_keys=True, default=str))
+    if step_key not in _STEP_CACHE:  # one compile per model and configuration in a process (resume, tests)
+        _STEP_CACHE.clear()
+        _STEP_CACHE[step_key] = (make_train_step(make_loss_fn(comps, cfg.train_text_encoder), optimizer, cfg.ema_decay, mesh), comps)
+    step_fn = _STEP_CACHE[step_key][0]
     state = {
         "step": jnp.asarray(0, jnp.int32),
         "params": trainable,
@@ -619,7 +629,7 @@ def train(cfg: TrainConfig, components: Components | None = None, log=print) -> 
         state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
         log(f"resumed from {out / 'checkpoints'} at step {int(state['step'])}")
     probe = None
-    if comps.vae is None and cfg.end > 0:
+    if comps.vae is None and cfg.end > 0 and cfg.eval_steps > 0:
         n_other = min(64, len(data.captions) - cfg.end)
         probe_idx = np.concatenate([np.arange(cfg.end), np.arange(cfg.end, cfg.end + n_other)])
         probe = make_probe(comps, cfg.train_text_encoder, data.images[probe_idx], [data.captions[i] for i in probe_idx])
@@ -704,7 +714,7 @@ def build_parser():
     p.add_argument("--train_text_encoder", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--eval_steps", type=int, default=250, help="probe-loss interval (memorized vs other)")
+    p.add_argument("--eval_steps", type=int, default=250, help="probe-loss interval (memorized vs other); 0: off")
     p.add_argument("--log_steps", type=int, default=10)
     p.add_argument("--save_dtype", choices=("float32", "float16", "bfloat16"), default="float16")
     p.add_argument("--skip_bad_files", action="store_true", help="skip unmatched / unreadable files (counted) instead of failing")

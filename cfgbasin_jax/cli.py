@@ -1,0 +1,665 @@
+"""``cfgbasin-generate``: the paper's generation scripts as one command (and the three wrappers in
+``scripts/``).
+
+    cfgbasin-generate --method {cfg,stp,og-stp,dtp,og-dtp} [flags of the reference scripts]
+    python scripts/generate_test_dataset_stp.py ...                  (= --method stp)
+    python scripts/generate_test_dataset_dtp.py ...                  (= --method dtp)
+    python scripts/generate_test_dataset_opposite_guidance.py ...    (= --method og-dtp)
+
+Methods (see :mod:`cfgbasin_jax.guidance`):
+  cfg     constant(guidance_scale)
+  stp     static_transition(guidance_change_step, guidance_scale, guidance_scale_later,
+          CFG_scheduling, CFG_scheduling_later); a negative guidance_scale is opposite guidance
+          (recorded as og-stp)
+  og-stp  the same rule with the paper's opposite-guidance defaults (-2.0 above t=650, then 7.5)
+  dtp     dynamic_transition(before=guidance_scale, after=guidance_scale_later, "noise_diff");
+          defaults 1.0 (conditional only) then 7.5, as the reference DTP script
+  og-dtp  dynamic_transition(before=-|guidance_scale|, after=guidance_scale_later (default:
+          guidance_scale), "latent_cosine", mode=--og_mode (exact: the reference's two passes))
+
+Defaults follow the reference scripts: stp/og-stp/cfg: --img_size 256, --end_iter 10000, --exp
+laion10k (``--prompt_json``, default ./laion_combined_captions.json); dtp/og-dtp: --img_size 512,
+--end_iter 200, --exp sdv1_pretrained (shipped with the package). --scheduler DPM,
+--num_inference_steps 50, --seed 42, --batch_size 1. The base model defaults to
+``$CFGBASIN_BASE_MODEL`` or else "CompVis/stable-diffusion-v1-4" looked up in the local Hugging Face
+cache only (never downloaded); a local diffusers folder or a converted directory always works.
+
+Outputs, resume and the configuration check: :mod:`cfgbasin_jax.runs`. Multi-process runs
+(``--coordinator``, ``--num_processes``, ``--process_id`` or JAX's environment):
+:mod:`cfgbasin_jax.distributed`. Exit status: 0 done, 2 bad input (one line on stderr, nothing
+written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from cfgbasin_jax import distributed as D
+from cfgbasin_jax import guidance as G
+from cfgbasin_jax import prompts as P
+from cfgbasin_jax import runs as R
+
+PROG = "cfgbasin-generate"
+METHODS = ("cfg", "stp", "og-stp", "dtp", "og-dtp")
+STATIC_METHODS = ("cfg", "stp", "og-stp")
+ENV_BASE_MODEL = "CFGBASIN_BASE_MODEL"
+HUB_DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+DTYPES = ("float32", "bfloat16", "float16")
+PLOT_MODES = ("none", "run", "images")
+PROGRESS_MODES = ("none", "images", "steps")
+OG_MODES = ("exact", "causal")
+
+# The reference scripts' --scheduler names (and ours) -> cfgbasin_jax.schedulers names.
+SCHEDULER_ALIASES = {
+    "dpm": "dpm++2m", "dpm++2m": "dpm++2m", "dpmsolver": "dpm++2m", "dpmsolvermultistep": "dpm++2m",
+    "ddim": "ddim", "euler": "euler", "pndm": "pndm", "plms": "pndm",
+}
+
+_STP_DEFAULTS = dict(guidance_scale=7.5, guidance_scale_later=7.5, guidance_change_step=0.0,
+                     end_iter=10000, img_size=256, exp="laion10k")
+_DTP_DEFAULTS = dict(guidance_scale=1.0, guidance_scale_later=7.5, guidance_change_step=None,
+                     end_iter=200, img_size=512, exp="sdv1_pretrained")
+METHOD_DEFAULTS = {
+    "cfg": {**_STP_DEFAULTS, "guidance_scale_later": None},
+    "stp": _STP_DEFAULTS,
+    "og-stp": {**_STP_DEFAULTS, "guidance_scale": -2.0, "guidance_change_step": 650.0},
+    "dtp": _DTP_DEFAULTS,
+    "og-dtp": {**_DTP_DEFAULTS, "guidance_scale": 7.5, "guidance_scale_later": None},
+}
+# Flags a method does not use (a warning when given).
+UNUSED_FLAGS = {
+    "cfg": ("guidance_scale_later", "guidance_change_step", "CFG_scheduling_later", "og_mode"),
+    "stp": ("og_mode",), "og-stp": ("og_mode",),
+    "dtp": ("guidance_change_step", "og_mode"),
+    "og-dtp": ("guidance_change_step",),
+}
+
+log = logging.getLogger("cfgbasin_jax.generate")
+
+
+class CliError(ValueError):
+    """Bad command-line input (one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump; main() turns it into exit status 2
+        raise CliError(message)
+
+
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def default_compilation_cache() -> str:
+    """$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME (or ~/.cache)/cfgbasin_jax/jax_cache."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cfgbasin_jax", "jax_cache")
+
+
+def build_parser(prog: str = PROG, method: str | None = None) -> argparse.ArgumentParser:
+    """The reference scripts' flags (same names); method-dependent defaults are None here and
+    filled in by :func:`resolve` (see :data:`METHOD_DEFAULTS`)."""
+    description = (f"Generate images with --method {method} (= {PROG} --method {method}); flags and defaults of "
+                   "the reference script." if method else "Generate images with the paper's guidance rules.")
+    p = _Parser(prog=prog, description=description + " See the cfgbasin_jax.cli module docstring.",
+                allow_abbrev=False)
+    if method is None:
+        p.add_argument("--method", required=True, choices=METHODS, help="guidance rule")
+    add = p.add_argument
+    add("--pretrained_model_name_or_path", default=None,
+        help=f"diffusers SD folder or converted directory (default: ${ENV_BASE_MODEL}, else {HUB_DEFAULT_MODEL} "
+             "from the local Hugging Face cache)")
+    add("--unet_path", default=None, help="a fine-tuned diffusers unet/ folder replacing the base model's UNet")
+    add("--outdir", default="output", help="output folder (Images/, metadata.jsonl, config.json)")
+    add("--guidance_change_step", type=float, default=None, help="STP transition timestep t (stp 0, og-stp 650)")
+    add("--guidance_scale", type=float, default=None,
+        help="scale before the transition (cfg/stp 7.5, og-stp -2.0, dtp 1.0; og-dtp uses -|value|, default 7.5)")
+    add("--guidance_scale_later", type=float, default=None, help="scale from the transition on (default 7.5)")
+    add("--CFG_scheduling", default="static", help=f"shape before the transition: {', '.join(G.SHAPES)}")
+    add("--CFG_scheduling_later", default="static", help="shape from the transition on")
+    add("--start_iter", type=int, default=0, help="first global prompt index")
+    add("--end_iter", type=int, default=None, help="end of the prompt index range (stp 10000, dtp 200)")
+    add("--exp", default=None, choices=P.EXPERIMENTS, help="prompt set (stp: laion10k, dtp: sdv1_pretrained)")
+    add("--prompt_json", default=None, help="the prompt set's file or folder (laion10k: laion_combined_captions.json)")
+    add("--img_size", type=int, default=None, help="image height and width (stp 256, dtp 512)")
+    add("--scheduler", default="DPM", help="DPM (DPM-Solver++ 2M), DDIM, Euler or PNDM")
+    add("--num_inference_steps", type=int, default=50)
+    add("--batch_size", type=int, default=1, help="images per compiled batch")
+    add("--seed", type=int, default=42, help="noise of image i is drawn from (seed, i)")
+    add("--dtype", default="float32", choices=DTYPES)
+    add("--og_mode", default=None, choices=OG_MODES, help="og-dtp: exact (two passes, default) or causal")
+    add("--prompt_augmentation", default=None, help="baseline: prompt augmentation style (not supported yet)")
+    add("--cads", type=_bool, nargs="?", const=True, default=False, help="baseline: CADS (not supported yet)")
+    add("--coordinator", default=None, help=f"multi-process: coordinator HOST:PORT (or ${D.ENV_COORDINATOR})")
+    add("--num_processes", type=int, default=None, help=f"multi-process: process count (or ${D.ENV_NUM_PROCESSES})")
+    add("--process_id", type=int, default=None, help=f"multi-process: this process (or ${D.ENV_PROCESS_ID})")
+    add("--distributed", action="store_true", help="multi-process via JAX's cluster detection (SLURM, MPI, ...)")
+    add("--distributed_timeout", type=float, default=D.DEFAULT_TIMEOUT_S, help="seconds to wait for all processes")
+    add("--compilation_cache", default=None,
+        help="persistent JAX compilation cache folder (default: $JAX_COMPILATION_CACHE_DIR or "
+             "~/.cache/cfgbasin_jax/jax_cache)")
+    add("--no_compilation_cache", action="store_true", help="do not use a persistent compilation cache")
+    add("--plot", default="run", choices=PLOT_MODES,
+        help="noise-difference plots: run (OUTDIR/noise_diff.png), images (also OUTDIR/Plots/{i}.png) or none")
+    add("--progress", default="images", choices=PROGRESS_MODES,
+        help="tqdm bars: images, steps (also per denoising step; such executables are never stored in "
+             "the persistent compilation cache) or none")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+@dataclasses.dataclass
+class Settings:
+    """A validated run description (nothing written, no JAX backend touched yet)."""
+
+    method: str
+    label: str  # the method recorded in metadata (stp with a negative scale -> og-stp)
+    model: Path
+    unet_path: Path | None
+    outdir: Path
+    guidance: G.Guidance
+    scale_before: float
+    scale_after: float
+    scheduler: str
+    num_inference_steps: int
+    img_size: int
+    seed: int
+    dtype: str
+    batch_size: int
+    prompt_set: P.PromptSet
+    start: int
+    end: int
+    process: D.ProcessInfo
+    distributed_timeout: float
+    compilation_cache: str | None
+    plot: str
+    progress: str
+    baselines: dict
+    resume: bool
+    warnings: list
+    argv: list
+
+    def identity(self) -> dict:
+        """What must match for a resume (paths absolute)."""
+        return {
+            "method": self.label,
+            "model": str(self.model),
+            "unet_path": None if self.unet_path is None else str(self.unet_path),
+            "dtype": self.dtype,
+            "guidance": self.guidance.describe(),
+            "scheduler": self.scheduler,
+            "num_inference_steps": self.num_inference_steps,
+            "img_size": self.img_size,
+            "seed": self.seed,
+            "exp": self.prompt_set.exp,
+            "prompt_source": self.prompt_set.source,
+            "baselines": self.baselines,
+        }
+
+    def run_info(self) -> dict:
+        return {
+            "argv": self.argv,
+            "start_iter": self.start,
+            "end_iter": self.end,
+            "batch_size": self.batch_size,
+            "num_prompts_in_set": len(self.prompt_set),
+            "prompt_digest": self.prompt_set.digest(self.start, self.end),
+            "num_processes": self.process.num_processes,
+        }
+
+
+def _resolve_hub_id(name: str) -> Path | None:
+    """A "org/name" id already in the local Hugging Face cache (never downloads)."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached / hub library missing: not resolvable
+        return None
+
+
+def resolve_model(name: str | None, env=None) -> Path:
+    """The base model folder (symlinks resolved): ``name``, else $CFGBASIN_BASE_MODEL, else the SD
+    1.4 hub id (local cache only)."""
+    env = os.environ if env is None else env
+    source = "--pretrained_model_name_or_path"
+    if name is None:
+        name, source = (env[ENV_BASE_MODEL], f"${ENV_BASE_MODEL}") if env.get(ENV_BASE_MODEL) else (
+            HUB_DEFAULT_MODEL, "the default model")
+    path = Path(name)
+    if path.is_dir():
+        return path.resolve()
+    cached = None if path.exists() else _resolve_hub_id(str(name))
+    if cached is not None:
+        return cached
+    raise CliError(f"model folder {name} ({source}) not found: pass --pretrained_model_name_or_path DIR "
+                   f"(a diffusers SD folder or a converted directory) or set ${ENV_BASE_MODEL}")
+
+
+def resolve_unet(name: str | None) -> Path | None:
+    """A diffusers unet/ folder (a folder with a unet/ subfolder is accepted too)."""
+    if name is None:
+        return None
+    path = Path(name)
+    if not path.is_dir():
+        cached = None if path.exists() else _resolve_hub_id(str(name))
+        if cached is None:
+            raise CliError(f"--unet_path {name}: not a directory")
+        path = cached
+    if (path / "config.json").is_file():
+        return path.resolve()
+    if (path / "unet" / "config.json").is_file():
+        return (path / "unet").resolve()
+    raise CliError(f"--unet_path {name}: no config.json (need a diffusers unet/ folder)")
+
+
+def _scheduler_name(name: str) -> str:
+    key = str(name).strip().lower().replace("_", "").replace("-", "")
+    key = {"dpm++2m": "dpm++2m"}.get(key, key)
+    if key not in SCHEDULER_ALIASES:
+        raise CliError(f"--scheduler {name!r} is not supported; use DPM, DDIM, Euler or PNDM")
+    return SCHEDULER_ALIASES[key]
+
+
+def _build_guidance(method: str, a) -> tuple[G.Guidance, float, float]:
+    for flag in ("CFG_scheduling", "CFG_scheduling_later"):
+        if getattr(a, flag) not in G.SHAPES:
+            raise CliError(f"--{flag} {getattr(a, flag)!r} is not one of {', '.join(G.SHAPES)}")
+    try:
+        if method == "cfg":
+            g = G.constant(a.guidance_scale)
+            if a.CFG_scheduling != "static":
+                g = G.static_transition(0, a.guidance_scale, a.guidance_scale, a.CFG_scheduling, a.CFG_scheduling)
+            return g, a.guidance_scale, a.guidance_scale
+        if method in ("stp", "og-stp"):
+            t = a.guidance_change_step
+            if not float(t).is_integer():
+                raise CliError(f"--guidance_change_step {t:g} must be a whole timestep")
+            g = G.static_transition(int(t), a.guidance_scale, a.guidance_scale_later, a.CFG_scheduling,
+                                    a.CFG_scheduling_later)
+            return g, a.guidance_scale, a.guidance_scale_later
+        if method == "dtp":
+            g = G.dynamic_transition(a.guidance_scale, a.guidance_scale_later, signal="noise_diff",
+                                     shape_before=a.CFG_scheduling, shape_after=a.CFG_scheduling_later)
+            return g, a.guidance_scale, a.guidance_scale_later
+        before = -abs(a.guidance_scale)
+        after = a.guidance_scale_later if a.guidance_scale_later is not None else abs(a.guidance_scale)
+        g = G.dynamic_transition(before, after, signal="latent_cosine", mode=a.og_mode or "exact",
+                                 shape_before=a.CFG_scheduling, shape_after=a.CFG_scheduling_later)
+        return g, before, after
+    except CliError:
+        raise
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
+def _baselines(a) -> dict:
+    """The baseline options (another issue's module): refused while cfgbasin_jax.baselines is
+    missing or lacks ``generate_options``."""
+    wanted = {"prompt_augmentation": a.prompt_augmentation, "cads": bool(a.cads)}
+    if not a.prompt_augmentation and not a.cads:
+        return {}
+    flags = " and ".join(f for f, v in (("--prompt_augmentation", a.prompt_augmentation), ("--cads", a.cads)) if v)
+    import importlib.util
+
+    if importlib.util.find_spec("cfgbasin_jax.baselines") is None:
+        raise CliError(f"{flags} not supported yet (the baselines module cfgbasin_jax.baselines is not available)")
+    import importlib
+
+    baselines = importlib.import_module("cfgbasin_jax.baselines")
+    if not hasattr(baselines, "generate_options"):
+        raise CliError(f"{flags} not supported yet (cfgbasin_jax.baselines has no generate_options)")
+    return wanted
+
+
+def resolve(a: argparse.Namespace, method: str | None, argv: list, env=None) -> Settings:
+    """Validate everything that can be checked without writing or touching a JAX backend."""
+    method = method or a.method
+    if method not in METHODS:
+        raise CliError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    warnings = [f"--{flag} is not used by --method {method}" for flag in UNUSED_FLAGS[method]
+                if getattr(a, flag) is not None]
+    for key, value in METHOD_DEFAULTS[method].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    guidance, before, after = _build_guidance(method, a)
+    label = "og-stp" if method in ("stp", "og-stp") and before < 0 else ("stp" if method == "og-stp" else method)
+    for flag in ("num_inference_steps", "batch_size", "img_size"):
+        if getattr(a, flag) < 1:
+            raise CliError(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    if guidance.rule == "dynamic" and a.num_inference_steps < 3:
+        raise CliError(f"--num_inference_steps {a.num_inference_steps}: a dynamic transition needs at least 3 steps")
+    scheduler = _scheduler_name(a.scheduler)
+    baselines = _baselines(a)
+    try:
+        process = D.resolve(a.coordinator, a.num_processes, a.process_id, auto=a.distributed, env=env)
+    except D.DistributedError as err:
+        raise CliError(str(err)) from None
+    if a.distributed_timeout <= 0:
+        raise CliError(f"--distributed_timeout must be > 0, got {a.distributed_timeout:g}")
+    prompt_set = P.load_prompt_set(a.exp, a.prompt_json, n_draw=a.end_iter if a.exp == "laion10k" else None)
+    start, end = P.select_range(prompt_set, a.start_iter, a.end_iter)
+    model = resolve_model(a.pretrained_model_name_or_path, env)
+    unet = resolve_unet(a.unet_path)
+    outdir = R.check_outdir(a.outdir)
+    cache = None if a.no_compilation_cache else (a.compilation_cache or default_compilation_cache())
+    settings = Settings(
+        method=method, label=label, model=model, unet_path=unet, outdir=outdir, guidance=guidance,
+        scale_before=before, scale_after=after, scheduler=scheduler, num_inference_steps=a.num_inference_steps,
+        img_size=a.img_size, seed=a.seed, dtype=a.dtype, batch_size=a.batch_size, prompt_set=prompt_set,
+        start=start, end=end, process=process, distributed_timeout=a.distributed_timeout, compilation_cache=cache,
+        plot=a.plot, progress=a.progress, baselines=baselines, resume=False, warnings=warnings, argv=list(argv),
+    )
+    settings.resume = R.check_config(outdir, settings.identity())
+    return settings
+
+
+# --------------------------------------------------------------------------------------- execution
+
+_PIPELINES: dict = {}
+
+
+def cached_pipeline(model: Path, unet_path: Path | None, dtype: str):
+    """One loaded Pipeline per (model, unet, dtype) per process, so repeated in-process runs reuse
+    its compiled samplers."""
+    import cfgbasin_jax
+
+    key = (str(model), None if unet_path is None else str(unet_path), dtype)
+    if key not in _PIPELINES:
+        if len(_PIPELINES) >= 2:
+            _PIPELINES.pop(next(iter(_PIPELINES)))
+        _PIPELINES[key] = cfgbasin_jax.load_pipeline(model, dtype=dtype, unet_path=unet_path)
+    return _PIPELINES[key]
+
+
+class CompileStats:
+    """JAX compile time and persistent-cache hits/misses while active (jax.monitoring listeners).
+    misses = executables written to the cache; programs compiled in under
+    ``jax_persistent_cache_min_compile_time_secs`` are neither."""
+
+    DURATIONS = {
+        "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+        "/jax/core/compile/backend_compile_duration": "backend_s",
+    }
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.trace_s = self.lower_s = self.backend_s = 0.0
+        self.hits = self.misses = 0
+
+    def _event(self, name, **_):
+        if name == "/jax/compilation_cache/cache_hits":
+            self.hits += 1
+        elif name == "/jax/compilation_cache/cache_misses":
+            self.misses += 1
+
+    def _duration(self, name, secs, **_):
+        attr = self.DURATIONS.get(name)
+        if attr:
+            setattr(self, attr, getattr(self, attr) + float(secs))
+
+    @property
+    def compile_s(self) -> float:
+        return self.trace_s + self.lower_s + self.backend_s
+
+    def __enter__(self):
+        import jax.monitoring as m
+
+        m.register_event_listener(self._event)
+        m.register_event_duration_secs_listener(self._duration)
+        return self
+
+    def __exit__(self, *exc):
+        import jax.monitoring as m
+
+        m.unregister_event_listener(self._event)
+        m.unregister_event_duration_listener(self._duration)
+
+    def summary(self, cache_dir: str | None) -> str:
+        if cache_dir is None:
+            cache = "persistent cache off"
+        elif self.hits or self.misses:
+            cache = f"persistent cache {'HIT' if self.hits else 'miss'} ({self.hits} hit(s), {self.misses} written) in {cache_dir}"
+        else:
+            cache = f"persistent cache unused ({cache_dir})"
+        return f"compile {self.compile_s:.1f} s (backend {self.backend_s:.1f} s); {cache}"
+
+
+def _configure_cache(cache_dir: str | None) -> dict:
+    """Point JAX's persistent compilation cache at ``cache_dir``; returns the previous values."""
+    import jax
+
+    names = ("jax_compilation_cache_dir",)
+    old = {n: getattr(jax.config, n) for n in names}
+    if cache_dir is not None:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    return old
+
+
+def _restore_cache(old: dict) -> None:
+    import jax
+
+    for name, value in old.items():
+        jax.config.update(name, value)
+
+
+def _log_handler(handler: logging.Handler, process: D.ProcessInfo) -> logging.Handler:
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [p{process.process_id}] %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
+
+
+def _log_teardown(handlers: list) -> None:
+    for h in handlers:
+        log.removeHandler(h)
+        h.close()
+
+
+def transition_tag(method: str, index: int, t: int) -> int | None:
+    """What the image name carries: dtp the transition timestep, og-dtp the step index."""
+    if method == "dtp":
+        return int(t)
+    if method == "og-dtp":
+        return int(index)
+    return None
+
+
+def _generate_kwargs(s: Settings) -> dict:
+    """Pipeline.generate arguments of every batch (its default devices are this process's local
+    devices, never another process's)."""
+    return dict(guidance=s.guidance, num_inference_steps=s.num_inference_steps, seed=s.seed, height=s.img_size,
+                width=s.img_size, scheduler=s.scheduler, progress=s.progress == "steps")
+
+
+def _records(s: Settings, batch: list[int], prompts: list[str], res, n_tokens: dict, max_len: int) -> list[dict]:
+    out = []
+    for k, i in enumerate(batch):
+        index, t = int(res.transition_index[k]), int(res.transition_t[k])
+        rec = {
+            "index": i,
+            "prompt": s.prompt_set.prompts[i],
+            "file": R.image_file(i, transition_tag(s.method, index, t)),
+            "seed": s.seed,
+            "method": s.label,
+            "guidance_scale": s.scale_before,
+            "guidance_scale_later": s.scale_after,
+            "guidance": s.guidance.describe(),
+            "transition_index": index,
+            "transition_t": t,
+            "noise_diff": res.noise_diff[k],
+            "nonfinite": bool(res.nonfinite[k]),
+            "n_tokens": n_tokens[i],
+            "truncated": n_tokens[i] > max_len,
+            "source": s.prompt_set.extras[i],
+        }
+        if s.method == "og-dtp":
+            rec["latent_cosine"] = res.latent_cosine[k]
+        if prompts[k] != rec["prompt"]:
+            rec["prompt_used"] = prompts[k]
+        out.append(rec)
+    return out
+
+
+def execute(s: Settings) -> int:
+    """Run a validated :class:`Settings`: start processes, load, generate what is missing, merge."""
+    old_cache = _configure_cache(s.compilation_cache)
+    handlers = [_log_handler(logging.StreamHandler(sys.stderr), s.process)]
+    try:
+        try:
+            s.process = D.initialize(s.process, s.distributed_timeout)
+        except D.DistributedError as err:
+            raise CliError(str(err)) from None
+        with CompileStats() as stats:
+            return _execute(s, stats, handlers)
+    finally:
+        _log_teardown(handlers)
+        _restore_cache(old_cache)
+
+
+def _execute(s: Settings, stats: CompileStats, handlers: list) -> int:
+    from tqdm.auto import tqdm
+
+    from cfgbasin_jax.loading import ConversionError
+
+    pid, nproc = s.process.process_id, s.process.num_processes
+    t_load = time.perf_counter()
+    try:
+        pipe = cached_pipeline(s.model, s.unet_path, s.dtype)
+        pipe._latent_hw(s.img_size, s.img_size)
+    except ConversionError as err:
+        raise CliError(f"cannot load the model: {err}") from None
+    except ValueError as err:
+        raise CliError(f"--img_size {s.img_size}: {err}") from None
+    load_s = time.perf_counter() - t_load
+    prompts = list(s.prompt_set.prompts)
+    extra_kwargs = {}
+    if s.baselines:
+        import importlib
+
+        baselines = importlib.import_module("cfgbasin_jax.baselines")
+        prompts, extra_kwargs = baselines.generate_options(
+            prompts, list(range(len(prompts))), seed=s.seed, tokenizer=pipe.tokenizer, **s.baselines)
+
+    # From here on OUTDIR is written.
+    R.make_dirs(s.outdir, plots=s.plot == "images")
+    log_file = s.outdir / R.log_name(pid, nproc)
+    handlers.append(_log_handler(logging.FileHandler(log_file, encoding="utf-8"), s.process))
+    if s.process.is_main:
+        R.write_config(s.outdir, s.identity(), s.run_info(), pid)
+    R.clean_temp_files(s.outdir, pid)
+    log.info("%s: %s, %s; prompts %s [%d, %d) of %d; model %s%s; %s", s.label, s.guidance.describe(), s.scheduler,
+             s.prompt_set.exp, s.start, s.end, len(s.prompt_set), s.model,
+             f" + unet {s.unet_path}" if s.unet_path else "", "resuming" if s.resume else "new run")
+    for w in s.warnings:
+        log.warning("warning: %s", w)
+    import jax
+
+    log.info("model loaded in %.1f s; process %d of %d; %d local device(s)", load_s, pid, nproc,
+             len(jax.local_devices()))
+
+    done = R.completed(s.outdir, R.read_records(s.outdir))
+    R.check_prompts(done, s.prompt_set.prompts, s.outdir)
+    mine = D.share(D.batch_grid(s.start, s.end, s.batch_size), s.batch_size, pid, nproc)
+    todo = [(b, [i for i in b if i not in done]) for b in mine]
+    todo = [(b, missing) for b, missing in todo if missing]
+    n_todo = sum(len(m) for _, m in todo)
+    n_mine = sum(len(b) for b in mine)
+    log.info("%d of this process's %d images already done; %d to generate in %d batch(es) of %d",
+             n_mine - n_todo, n_mine, n_todo, len(todo), s.batch_size)
+
+    wanted = sorted({i for b, _ in todo for i in b})
+    counts = dict(zip(wanted, P.token_counts(pipe.tokenizer, [prompts[i] for i in wanted]))) if wanted else {}
+    max_len = int(pipe.tokenizer.model_max_length)
+    n_trunc = sum(1 for v in counts.values() if v > max_len)
+    if n_trunc:
+        log.info("%d prompt(s) longer than %d tokens are truncated as SD's CLIP tokenizer does", n_trunc, max_len)
+
+    kwargs = {**_generate_kwargs(s), **extra_kwargs}
+    stats.reset()  # report the sampling compiles only
+    n_new = n_nonfinite = 0
+    t_run = time.perf_counter()
+    writer = R.MetadataWriter(s.outdir, R.metadata_name(pid, nproc))
+    try:
+        bar = tqdm(total=n_todo, unit="img", desc=s.label, disable=s.progress == "none")
+        for k, (batch, missing) in enumerate(todo):
+            padded = batch + [batch[-1]] * (s.batch_size - len(batch))
+            batch_prompts = [prompts[i] for i in padded]
+            t0 = time.perf_counter()
+            res = pipe.generate(batch_prompts, sample_indices=padded, **kwargs)
+            recs = _records(s, batch, batch_prompts, res, counts, max_len)
+            new = [r for r in recs if r["index"] in set(missing)]
+            for r in new:
+                R.write_png(s.outdir, r["file"], res.images[batch.index(r["index"])], pid)
+            writer.append(new)
+            n_new += len(new)
+            n_nonfinite += sum(r["nonfinite"] for r in new)
+            bar.update(len(new))
+            if k == 0:
+                log.info("first batch %.1f s: %s", time.perf_counter() - t0, stats.summary(s.compilation_cache))
+        bar.close()
+    finally:
+        writer.close()
+    run_s = time.perf_counter() - t_run
+    if n_nonfinite:
+        log.warning("warning: %d image(s) had non-finite latents (metadata 'nonfinite')", n_nonfinite)
+
+    D.barrier("cfgbasin_generate_done", s.process)
+    if s.process.is_main:
+        records = R.merge_metadata(s.outdir, pid)
+        in_range = [r for r in records if s.start <= r["index"] < s.end]
+        if s.plot != "none" and in_range:
+            from cfgbasin_jax import plots
+
+            plots.plot_run(in_range, s.outdir / "noise_diff.png", title=f"{s.label}: noise difference, "
+                           f"{len(in_range)} image(s); o = transition")
+            if s.plot == "images":
+                for r in in_range:
+                    plots.plot_image(r, s.outdir / R.PLOTS_DIR / f"{r['index']}.png")
+        log.info("metadata.jsonl: %d image(s) in %s", len(records), s.outdir)
+    rate = f", {n_new / run_s:.2f} img/s" if n_new and run_s > 0 else ""
+    log.info("done: %d new image(s) in %.1f s%s; %s; sampler compilations %d", n_new, run_s, rate,
+             stats.summary(s.compilation_cache), pipe.compile_count())
+    return 0
+
+
+def main(argv=None, method: str | None = None, prog: str | None = None) -> int:
+    """Entry point of ``cfgbasin-generate`` and the wrapper scripts (``method`` fixed there).
+    Returns the exit status: 0 done, 2 bad input."""
+    from cfgbasin_jax.loading import ConversionError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or PROG
+    try:
+        args = build_parser(prog, method).parse_args(argv)
+        settings = resolve(args, method, argv)
+        return execute(settings)
+    except (CliError, P.PromptError, R.RunError, D.DistributedError, ConversionError) as err:
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
