@@ -61,7 +61,7 @@ SIZES = {
         },
         latent=32,
         steps=10,
-        batch=8,
+        batch=4,
         description="SD-shaped: UNet (64, 128, 128), cross-attention at 32x32 and 16x16, 8 heads, 32x32 latents",
     ),
 }

@@ -112,7 +112,9 @@ def _restore_params(params_dir: Path, modules: dict, dtype) -> dict:
 
     if not params_dir.is_dir():
         raise ConversionError(f"missing folder {params_dir} (the orbax params checkpoint)")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Each process restores its own copy onto its first local device (multi-host runs included:
+    # the restore is process-local, so no process waits on another).
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {
         kind: jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
@@ -121,7 +123,12 @@ def _restore_params(params_dir: Path, modules: dict, dtype) -> dict:
         for kind, module in modules.items()
     }
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        local_only = ocp.options.MultiprocessingOptions(
+            primary_host=None,
+            active_processes={jax.process_index()},
+            barrier_sync_key_prefix=f"restore_p{jax.process_index()}",
+        )
+        with ocp.StandardCheckpointer(multiprocessing_options=local_only) as checkpointer:
             return checkpointer.restore(params_dir.absolute(), target)
     except Exception as err:  # orbax raises ValueError/KeyError/... for a tree that does not fit
         raise ConversionError(f"{params_dir}: params do not fit the stored configs ({err})") from err
@@ -205,7 +212,12 @@ def save_components(components: Components, dst, overwrite: bool = False) -> Pat
         sd_folder.write_json(tmp / "scheduler" / sd_folder.SCHEDULER_CONFIG, components.scheduler_config)
         components.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         params = {kind: components.params[kind] for kind in COMPONENTS}
-        with ocp.StandardCheckpointer() as checkpointer:
+        local_only = ocp.options.MultiprocessingOptions(
+            primary_host=None,
+            active_processes={jax.process_index()},
+            barrier_sync_key_prefix=f"restore_p{jax.process_index()}",
+        )
+        with ocp.StandardCheckpointer(multiprocessing_options=local_only) as checkpointer:
             checkpointer.save(tmp / PARAMS_DIR, params)
             checkpointer.wait_until_finished()
         _replace_dir(tmp, dst)

@@ -77,7 +77,7 @@ class Pipeline:
         self.params = components.params
         self.scheduler_config = dict(components.scheduler_config)
         self._samplers: dict = {}
-        self._placed: tuple = (None, None)
+        self._placed: tuple = (None, None, None)  # (key, replicated params, source kept alive)
         self._encode = jax.jit(self._encode_ids)
         self._decode = jax.jit(self._decode_latents)
 
@@ -157,17 +157,20 @@ class Pipeline:
         x = x.astype(self.components.dtype)
         return self.unet.apply({"params": params}, x, t, context.astype(self.components.dtype)).sample
 
-    def sampler(self, detector: str, progress: bool = False, skip_halves: bool = True, devices=None):
+    def sampler(self, detector: str, progress: bool = False, skip_halves: bool = True, devices=None, cond_fn=None):
         """The jitted, device-sharded :func:`cfgbasin_jax.sampler.sample_loop` (cached per static
-        configuration; jit itself caches per shape)."""
+        configuration; jit itself caches per shape). With ``cond_fn`` (static, hashable) the function
+        takes a ninth argument, the per-sample ``cond_aux`` pytree."""
         devices = parallel.resolve_devices(devices)
-        key = (detector, bool(progress), bool(skip_halves), devices)
+        key = (detector, bool(progress), bool(skip_halves), devices) + (() if cond_fn is None else (cond_fn,))
         if key not in self._samplers:
             on_step = parallel.first_device_only(_progress_hook) if progress else None
             loop = functools.partial(
-                S.sample_loop, unet_fn=self._unet_fn, detector=detector, on_step=on_step, skip_halves=bool(skip_halves)
+                S.sample_loop, unet_fn=self._unet_fn, detector=detector, on_step=on_step, skip_halves=bool(skip_halves),
+                **({} if cond_fn is None else {"cond_fn": cond_fn}),
             )
-            self._samplers[key] = jax.jit(parallel.sharded_sample_loop(loop, parallel.data_mesh(devices)))
+            sharded = parallel.sharded_sample_loop(loop, parallel.data_mesh(devices), cond_aux=cond_fn is not None)
+            self._samplers[key] = jax.jit(sharded)
         return self._samplers[key]
 
     def compile_count(self) -> int:
@@ -183,21 +186,23 @@ class Pipeline:
 
     def _replicated_unet_params(self, devices: tuple):
         """UNet params placed on every device of ``devices`` (cached: placed once per device set)."""
-        if self._placed[0] != devices:
-            self._placed = (devices, parallel.replicate(self.params["unet"], parallel.data_mesh(devices)))
+        source = self.params["unet"]
+        if self._placed[0] != (devices, id(source)):
+            self._placed = ((devices, id(source)), parallel.replicate(source, parallel.data_mesh(devices)), source)
         return self._placed[1]
 
-    def _run(self, sched, x0, cond, uncond, plan: G.Plan, detector: str, opts: dict) -> S.Trace:
+    def _run(self, sched, x0, cond, uncond, plan: G.Plan, detector: str, opts: dict, cond_aux=None) -> S.Trace:
         devices = opts["devices"]
-        fn = self.sampler(detector, opts["progress"], opts["skip_halves"], devices)
+        fn = self.sampler(detector, opts["progress"], opts["skip_halves"], devices, opts.get("cond_fn"))
         mesh = parallel.data_mesh(devices)
-        data = parallel.shard_batch((x0, cond, uncond, plan.before, plan.after, plan.switch_index), mesh)
+        aux = () if opts.get("cond_fn") is None else (cond_aux,)
+        data = parallel.shard_batch((x0, cond, uncond, plan.before, plan.after, plan.switch_index) + aux, mesh)
         trace = jax.device_get(fn(self._replicated_unet_params(devices), parallel.replicate(sched, mesh), *data))
         if opts["progress"]:
             jax.effects_barrier()
         return trace
 
-    def _sample_chunk(self, sched, x0, cond, uncond, plan: G.Plan, n_real: int, opts: dict):
+    def _sample_chunk(self, sched, x0, cond, uncond, plan: G.Plan, n_real: int, opts: dict, cond_aux=None):
         """One padded chunk through the sampler (two passes for the exact latent-cosine rule).
         Returns (trace, recorded latent_cosine [S,b] or None, UNet evaluations of the real samples)."""
         evals, recorded = 0, None
@@ -207,12 +212,13 @@ class Pipeline:
             # Exact opposite-guidance DTP: pass 1 under `before` records c; pass 2 replays from the
             # same noise with each sample's official transition index.
             steps = plan.before.shape[1]
-            first = self._run(sched, x0, cond, uncond, plan._replace(switch_index=np.full_like(plan.switch_index, steps)), "fixed", opts)
+            first = self._run(sched, x0, cond, uncond, plan._replace(switch_index=np.full_like(plan.switch_index, steps)), "fixed",
+                              opts, cond_aux)
             evals += _count_unet_evals(first.branch, real)
             recorded = np.asarray(first.latent_cosine)
             index = [G.latent_cosine_transition_index(c) for c in recorded.T]
             plan = plan._replace(switch_index=np.asarray(index, np.int32))
-        trace = self._run(sched, x0, cond, uncond, plan, plan.detector, opts)
+        trace = self._run(sched, x0, cond, uncond, plan, plan.detector, opts, cond_aux)
         return trace, recorded, evals + _count_unet_evals(trace.branch, real)
 
     def generate(
@@ -232,6 +238,8 @@ class Pipeline:
         skip_halves: bool = True,
         devices=None,
         batch_size: int | None = None,
+        prompt_embeds=None,
+        cads=None,
     ) -> GenerationResult:
         """Sample B images with the compiled loop, data-parallel over ``devices``.
 
@@ -244,6 +252,10 @@ class Pipeline:
         skip_halves: run only the UNet half a step needs when every scale is 0 or every scale is 1.
         devices: None (all local devices), a count, or a list; batch_size: samples per compiled call
           (default: all B), rounded up to a multiple of the device count; padding is dropped.
+        prompt_embeds: optional conditional text embeddings [B,L,D] used instead of encoding
+          ``prompts`` (which still name the samples), e.g. from :func:`cfgbasin_jax.baselines.wen_optimize`.
+        cads: optional :class:`cfgbasin_jax.baselines.CADS` (condition-annealed noise on the
+          conditional embedding inside the compiled loop; keyed per (seed, sample index)).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -265,11 +277,19 @@ class Pipeline:
         negative = [negative] * b if isinstance(negative, str) else list(negative)
         if len(negative) != b:
             raise ValueError(f"generate: {len(negative)} negative prompts for {b} prompts")
+        if prompt_embeds is not None:
+            prompt_embeds = np.asarray(prompt_embeds, np.float32)
+            expected = (b, self.tokenizer.model_max_length, int(self.components.configs["text_encoder"].get("hidden_size", 512)))
+            if prompt_embeds.shape != expected:
+                raise ValueError(f"generate: prompt_embeds have shape {prompt_embeds.shape}, expected {expected}")
+        if cads is not None and not (callable(getattr(cads, "cond_fn", None)) and hasattr(cads, "cond_aux")):
+            raise ValueError(f"generate: cads must be a cfgbasin_jax.baselines.CADS, got {cads!r}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
             raise ValueError(f"generate: batch_size must be a positive integer, got {batch_size!r}")
         devices = parallel.resolve_devices(devices)
         chunk = parallel.padded_size(min(batch_size or b, b), len(devices))
-        opts = dict(progress=bool(progress), skip_halves=bool(skip_halves), devices=devices)
+        opts = dict(progress=bool(progress), skip_halves=bool(skip_halves), devices=devices,
+                    cond_fn=None if cads is None else cads.cond_fn, cads=cads, prompt_embeds=prompt_embeds, seed=seed)
 
         starts = range(0, b, chunk)
         passes = 2 if plan.two_pass else 1
@@ -302,10 +322,15 @@ class Pipeline:
             noise = initial_noise(seed, pad(sample_indices), shape)
         else:
             noise = jnp.asarray(pad(latents))
-        cond = self.encode_prompts(list(pad(np.asarray(prompts, dtype=object))))
+        if opts.get("prompt_embeds") is None:
+            cond = self.encode_prompts(list(pad(np.asarray(prompts, dtype=object))))
+        else:
+            cond = jnp.asarray(pad(opts["prompt_embeds"]))
         uncond = self.encode_prompts(list(pad(np.asarray(negative, dtype=object))))
+        aux = None if opts.get("cads") is None else opts["cads"].cond_aux(seed, pad(sample_indices))
         chunk_plan = plan._replace(before=pad(plan.before), after=pad(plan.after), switch_index=pad(plan.switch_index))
-        trace, recorded, evals = self._sample_chunk(sched, noise * sched.init_noise_sigma, cond, uncond, chunk_plan, n, opts)
+        trace, recorded, evals = self._sample_chunk(sched, noise * sched.init_noise_sigma, cond, uncond, chunk_plan, n, opts,
+                                                    aux)
         cosine = recorded if recorded is not None else np.asarray(trace.latent_cosine)
         return dict(
             images=self.decode(trace.latents)[:n] if decode else None,

@@ -23,6 +23,9 @@ BOTH, UNCOND_ONLY, COND_ONLY = 0, 1, 2
 UnetFn = Callable[[object, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 """unet_fn(params, sample [N,C,h,w], timesteps [N], context [N,L,D]) -> model output [N,C,h,w]."""
 
+CondFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, object], jnp.ndarray]
+"""cond_fn(cond [B,L,D], timestep t [], step index j [], cond_aux pytree of [B,...]) -> cond [B,L,D]."""
+
 
 class Trace(NamedTuple):
     """What the loop returns (jnp arrays).
@@ -105,6 +108,8 @@ def sample_loop(
     detector: str,
     on_step: Callable[[jnp.ndarray], None] | None = None,
     skip_halves: bool = True,
+    cond_fn: CondFn | None = None,
+    cond_aux=None,
 ) -> Trace:
     """Denoise ``latents`` [B,C,h,w] (already scaled by init_noise_sigma).
 
@@ -114,7 +119,9 @@ def sample_loop(
     ``scheduler`` is a :class:`cfgbasin_jax.schedulers.Scheduler` pytree; ``detector`` one of
     :data:`cfgbasin_jax.guidance.DETECTORS`. ``on_step(j)``, if given, is traced into every step
     (e.g. a host callback advancing a progress bar). ``skip_halves=False`` always runs both halves
-    (the reference path; same results within float tolerance).
+    (the reference path; same results within float tolerance). ``cond_fn(cond, t, j, cond_aux)``, if
+    given (static), replaces the conditional embedding at every step (e.g. CADS); ``cond_aux`` is a
+    traced pytree of per-sample arrays [B,...]; the unconditional embedding is never changed.
     """
     if detector not in G.DETECTORS:
         raise ValueError(f"sampler: unknown detector {detector!r}")
@@ -138,7 +145,8 @@ def sample_loop(
         scale_pre = jnp.where(G.switched(det, j), after_j, before_j)
         branch = halves_needed(scale_pre, pending | (not skip_halves))
         x_in = scheduler.scale_model_input(sched_state, x, j)
-        eps_u, eps_c = _unet_halves(unet_fn, params, x_in, t, cond, uncond, branch)
+        cond_j = cond if cond_fn is None else cond_fn(cond, t, j, cond_aux)
+        eps_u, eps_c = _unet_halves(unet_fn, params, x_in, t, cond_j, uncond, branch)
         eps_u, eps_c = eps_u.astype(jnp.float32), eps_c.astype(jnp.float32)
         d = jnp.where(branch == BOTH, l2_norm(eps_c - eps_u), jnp.nan)
         if detector == "noise_diff":

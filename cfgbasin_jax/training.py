@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -670,20 +669,57 @@ def train(cfg: TrainConfig, components: Components | None = None, log=print) -> 
     manager.close()
     if bar is not None:
         bar.close()
-    final = state["ema"] if cfg.ema_decay > 0 else state["params"]
+    model_dir = out / "model"
+    trained = _save_trained(comps, state, cfg, model_dir)
+    return {"components": trained, "steps": int(state["step"]), "final_loss": loss, "output": model_dir, "skipped": data.skipped}
+
+
+def _save_trained(comps: Components, state: dict, cfg: TrainConfig, model_dir: Path, use_ema: bool = True) -> Components:
+    """Write ``model_dir`` from a training state (the EMA when enabled and ``use_ema``); returns
+    the trained components."""
+    final = state["ema"] if cfg.ema_decay > 0 and use_ema else state["params"]
     params = dict(comps.params)
     params["unet"] = final["unet"]
     if cfg.train_text_encoder:
         params["text_encoder"] = final["text_encoder"]
-    trained = dataclasses.replace(comps, params=params, source=str(out / "model"))
-    model_dir = out / "model"
+    trained = dataclasses.replace(comps, params=params, source=str(model_dir))
     if trained.vae is None:
         save_pixel_model(trained, model_dir, cfg.save_dtype, extra={"training": dataclasses.asdict(cfg), "steps": int(state["step"])})
     else:
         from cfgbasin_jax.loading import save_components
 
         save_components(trained, model_dir, overwrite=True)
-    return {"components": trained, "steps": int(state["step"]), "final_loss": loss, "output": model_dir, "skipped": data.skipped}
+    return trained
+
+
+def export_checkpoint(output_dir, step: int | None = None, dst=None, use_ema: bool = True) -> Path:
+    """Write the model of a run's checkpoint (latest, or ``step``) without training or compiling:
+    ``dst`` (default ``output_dir/model``). Usable while the run is still going."""
+    import orbax.checkpoint as ocp
+
+    out = Path(output_dir)
+    cfg_path = out / "train_config.json"
+    if not cfg_path.is_file():
+        raise TrainingError(f"{cfg_path}: missing (not a training output folder)")
+    cfg = TrainConfig(**json.loads(cfg_path.read_text(encoding="utf-8")))
+    comps = load_model(cfg.model, seed=cfg.seed)
+    empty = tokenize(comps.tokenizer, [""])[0]
+    trainable, _ = _split_params(comps, cfg.train_text_encoder, alphas_cumprod(comps.scheduler_config), empty)
+    optimizer, _ = make_optimizer(cfg)
+    abstract = jax.eval_shape(lambda p: {
+        "step": jnp.asarray(0, jnp.int32), "params": p, "opt_state": optimizer.init(p),
+        "ema": p if cfg.ema_decay > 0 else {}}, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
+    manager = ocp.CheckpointManager((out / "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise TrainingError(f"{out / 'checkpoints'}: no checkpoint yet")
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    manager.close()
+    dst = out / "model" if dst is None else Path(dst)
+    _save_trained(comps, state, cfg, dst, use_ema)
+    return dst
 
 
 # ----------------------------------------------------------------------------- command line
@@ -719,6 +755,7 @@ def build_parser():
     p.add_argument("--save_dtype", choices=("float32", "float16", "bfloat16"), default="float16")
     p.add_argument("--skip_bad_files", action="store_true", help="skip unmatched / unreadable files (counted) instead of failing")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--export_only", action="store_true", help="write OUTPUT_DIR/model from the latest checkpoint and exit")
     return p
 
 
@@ -727,6 +764,13 @@ def main(argv=None) -> int:
 
     args = vars(build_parser().parse_args(argv))
     args["progress"] = not args.pop("no_progress")
+    if args.pop("export_only"):
+        try:
+            print(f"exported {export_checkpoint(args['output_dir'])}")
+        except TrainingError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         result = train(TrainConfig(**args))
     except TrainingError as err:

@@ -134,11 +134,12 @@ def test_missing_peer_times_out_with_exit_2(tiny_sd1, tmp_path):
 # ------------------------------------------------------------------------------------ 2 processes
 
 
-def test_two_processes_equal_one(tiny_sd1, tmp_path):
+def test_two_processes_equal_one(tiny_sd1_converted, tmp_path):
     """Process 0 by flags, process 1 by JAX_* environment variables; 5 prompts in batches of 2:
     process 0 makes [0,1] and [4], process 1 makes [2,3]. The merged result equals a
-    single-process run."""
-    common = ["--method", "stp", "--pretrained_model_name_or_path", str(tiny_sd1.path), "--exp", "imagenette",
+    single-process run. The model is a converted (orbax) directory: each process restores it
+    locally."""
+    common = ["--method", "stp", "--pretrained_model_name_or_path", str(tiny_sd1_converted), "--exp", "imagenette",
               "--end_iter", "5", "--guidance_change_step", "500", "--guidance_scale", "0", "--guidance_scale_later",
               "7.5", "--num_inference_steps", "6", "--img_size", "16", "--batch_size", "2", "--progress", "none",
               "--no_compilation_cache"]

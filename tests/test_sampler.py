@@ -187,3 +187,11 @@ def test_halves_needed_rule():
     assert f([0.0, 1.0]) == S.BOTH
     assert f([7.5]) == S.BOTH
     assert f([0.0], True) == S.BOTH
+
+
+def test_nonfinite_trajectory_is_flagged_per_sample(pipe_sd1):
+    noise = _noise(pipe_sd1, 2, seed=6)
+    res = pipe_sd1.generate(PROMPTS, [G.constant(7.5), G.constant(3e38)], num_inference_steps=STEPS, latents=noise,
+                            scheduler="ddim", progress=False, decode=False)
+    assert res.nonfinite.tolist() == [False, True]
+    assert np.all(np.isfinite(res.latents[0])) and not np.all(np.isfinite(res.latents[1]))
