@@ -17,32 +17,11 @@ import pytest
 import torch
 
 from cfgbasin_jax import schedulers as S
+from cfgbasin_jax import tiny
 
-SD14 = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
-SD21 = {
-    "_class_name": "DDIMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
+# the scheduler configs SD 1.4 and SD 2.1 ship (one copy, shared with the tiny test models)
+SD14 = tiny.SD1_SCHEDULER
+SD21 = tiny.SD2_SCHEDULER
 _NO_CLIP_KEY = {k: v for k, v in SD14.items() if k != "clip_sample"}
 CONFIGS = {
     "sd14": SD14,
