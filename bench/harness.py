@@ -39,11 +39,12 @@ def compare(calls: dict, repeats: int, anchor: str, log=print) -> dict:
     per-round images/s ratios."""
     rows, firsts = {}, {}
     for name, (fn, n_images) in calls.items():
+        measure.reset_device_peak()
         with measure.PeakRSS() as mem:
             first_s, out = measure.timed(fn)
         firsts[name] = out
         rows[name] = {"n_images": n_images, "first_call_s": first_s, "peak_rss_mb": mem.peak_mb,
-                      "unet_evals_per_image": out.unet_evals / n_images}
+                      "device_peak_mb": measure.device_peak_mb(), "unet_evals_per_image": out.unet_evals / n_images}
         log(f"    {name}: first call {first_s:.2f}s")
     times = measure.interleaved({name: fn for name, (fn, _) in calls.items()}, repeats)
     for name, row in rows.items():
@@ -81,15 +82,16 @@ def stp_sweep_recompiles(models, steps: int) -> dict:
 
 
 def table(models, methods, batch: int, steps: int, loop_images: int, repeats: int, runners=TABLE_RUNNERS,
-          log=print) -> dict:
-    """The main table for one size (see the module docstring)."""
+          sweep: bool = True, log=print) -> dict:
+    """The main table for one size (see the module docstring); ``sweep``: also count our sampler's
+    recompilations over the STP transition-point sweep."""
     out = {"size": models.size.name, "batch": batch, "steps": steps, "loop_images": loop_images, "methods": {}}
     for method in methods:
         log(f"  table {models.size.name} {method}")
         calls = {r: R.make(r, models, method, batch, steps, loop_images) for r in runners
                  if method in R.RUNNER_METHODS[r]}
         out["methods"][method] = compare(calls, repeats, anchor="torch_loop", log=log)
-    if "ours" in runners and "stp" in methods:
+    if sweep and "ours" in runners and "stp" in methods:
         out["stp_sweep"] = stp_sweep_recompiles(models, steps)
         out["methods"]["stp"]["ours"]["recompiles_sweep"] = out["stp_sweep"]["recompiles"]
     if "ours" in runners and "stp" in methods and "constant" in methods:

@@ -48,6 +48,39 @@ class PeakRSS:
         return False
 
 
+def reset_device_peak() -> None:
+    """Reset PyTorch's CUDA peak-memory counter (JAX's cannot be reset: see device_peak_mb)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+    except ImportError:
+        pass
+
+
+def device_peak_mb() -> dict:
+    """Accelerator memory peaks in MB: {"jax": process-lifetime peak of device 0 (None on CPU),
+    "torch": CUDA peak since reset_device_peak (None without CUDA)}."""
+    out = {"jax": None, "torch": None}
+    try:
+        import jax
+
+        stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+        if stats and "peak_bytes_in_use" in stats:
+            out["jax"] = stats["peak_bytes_in_use"] / 2**20
+    except Exception:  # backend without memory statistics
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["torch"] = torch.cuda.max_memory_allocated() / 2**20
+    except ImportError:
+        pass
+    return out
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
     """(seconds, result) of one call; the result is blocked on when it is a JAX array tree."""
     start = time.perf_counter()

@@ -36,8 +36,11 @@ def main_table(result: dict) -> list:
                   f"{tab['steps']} DDIM steps; batched runners at batch {tab['batch']}, loops batch 1 "
                   f"({tab['loop_images']} images per round); medians of {result['args']['repeats']} interleaved rounds.", ""]
         rows = []
+        on_device = any(v is not None for runs in tab["methods"].values() for row in runs.values()
+                        for v in row.get("device_peak_mb", {}).values())
         for method, runs in tab["methods"].items():
             for runner, row in runs.items():
+                device = row.get("device_peak_mb", {}).get("torch" if runner.startswith("torch") else "jax")
                 rows.append([
                     R.METHOD_LABELS[method] if runner == next(iter(runs)) else "", SHORT[runner],
                     row["n_images"] if runner not in R.LOOPS else 1, _f(row["images_per_s"]),
@@ -45,9 +48,10 @@ def main_table(result: dict) -> list:
                     _f(row["compile_s"] if runner in ("ours", "flax_pipe", "flax_loop") else None, "{:.1f}"),
                     _f(row.get("recompiles_sweep"), "{}", "0 (eager)" if runner.startswith("torch") else "-"),
                     _f(row["peak_rss_mb"], "{:.0f}"), _f(row.get("max_pixel_diff_vs_anchor"), "{}"),
-                ])
+                ] + ([_f(device, "{:.0f}")] if on_device else []))
         lines += _table(["method", "runner", "batch", "images/s", "vs (b)", "UNet evals/image", "compile s",
-                         "recompiles, 10-point t sweep", "peak RSS +MB", "max abs pixel diff vs (b)"], rows)
+                         "recompiles, 10-point t sweep", "peak RSS +MB", "max abs pixel diff vs (b)"]
+                        + (["device peak MB"] if on_device else []), rows)
     return lines
 
 

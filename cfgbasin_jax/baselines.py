@@ -17,6 +17,16 @@ UNet cost in sample-evaluations (B samples, S sampler steps; ordinary CFG runs 2
   prompt augmentation and CADS add nothing; Wen adds, per sample, 2 + n forward and n backward
   passes (one unconditional and one final-loss forward, n <= ``iterations`` optimisation steps of
   the batch), reported in :class:`WenResult` and added to ``unet_evals`` by :func:`wen_generate`.
+
+Differences from the public reference code, on purpose:
+  - Wen et al. optimise one embedding per prompt against the norm taken jointly over its
+    ``num_images_per_prompt`` (default 4) latents, at the first step only (``--optim_target_steps 0``).
+    Here every sample has its own embedding and its own norm, so their target 3 over 4 images is
+    about 3 / sqrt(4) = 1.5 per sample; the default target stays 3 (their number, one image).
+  - Jain et al.'s CADS code noises the concatenated [uncond, cond] embeddings with mean/std over
+    that whole tensor and uniform noise. Here only the conditional embedding is noised (as in the
+    CADS paper), with each sample's own mean/std (so a sample never depends on its batch), and
+    Gaussian noise by default (``noise="uniform"`` gives theirs). s = 0 means CADS off.
 """
 
 from __future__ import annotations
@@ -51,8 +61,9 @@ RANDOM_TOKEN_BOUND = 49_400
 CADS_STREAM = 0x43414453
 
 __all__ = [
-    "AUGMENTATIONS", "CADS", "METHODS", "NOISE_KINDS", "WenResult", "augment_prompts", "cads_gamma",
-    "cads_keys", "cads_condition", "check_method", "detection_score", "wen_generate", "wen_optimize",
+    "AUGMENTATIONS", "CADS", "METHODS", "NOISE_KINDS", "WenResult", "augment_prompt", "augment_prompts",
+    "cads_condition", "cads_gamma", "cads_keys", "cads_noisy_condition", "check_method", "detection_score",
+    "wen_compile_count", "wen_generate", "wen_optimize",
 ]
 
 
@@ -457,3 +468,24 @@ def wen_generate(
                        weight_decay=weight_decay, **shared)
     result = pipe.generate(prompts, guidance, prompt_embeds=wen.prompt_embeds, **generate_kwargs)
     return dataclasses.replace(result, unet_evals=result.unet_evals + wen.unet_evals), wen
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def generate_options(
+    prompts: Sequence[str],
+    sample_indices: Sequence[int],
+    *,
+    prompt_augmentation: str | None = None,
+    cads: bool = False,
+    seed: int = 0,
+    tokenizer=None,
+    repeat_num: int = 4,
+) -> tuple[list[str], dict]:
+    """The reference scripts' ``--prompt_augmentation KIND`` and ``--cads`` as (prompts, extra
+    ``Pipeline.generate`` keyword arguments). Neither adds UNet evaluations."""
+    prompts = list(prompts)
+    if prompt_augmentation:
+        prompts = augment_prompts(prompts, prompt_augmentation, repeat_num, seed, tokenizer, sample_indices)
+    return prompts, ({"cads": CADS()} if cads else {})

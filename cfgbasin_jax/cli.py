@@ -47,8 +47,8 @@ from cfgbasin_jax import prompts as P
 from cfgbasin_jax import runs as R
 
 PROG = "cfgbasin-generate"
-METHODS = ("cfg", "stp", "og-stp", "dtp", "og-dtp")
-STATIC_METHODS = ("cfg", "stp", "og-stp")
+METHODS = ("cfg", "stp", "og-stp", "dtp", "og-dtp", "wen")
+STATIC_METHODS = ("cfg", "stp", "og-stp", "wen")
 ENV_BASE_MODEL = "CFGBASIN_BASE_MODEL"
 HUB_DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -68,6 +68,7 @@ _DTP_DEFAULTS = dict(guidance_scale=1.0, guidance_scale_later=7.5, guidance_chan
                      end_iter=200, img_size=512, exp="sdv1_pretrained")
 METHOD_DEFAULTS = {
     "cfg": {**_STP_DEFAULTS, "guidance_scale_later": None},
+    "wen": {**_STP_DEFAULTS, "guidance_scale_later": None},
     "stp": _STP_DEFAULTS,
     "og-stp": {**_STP_DEFAULTS, "guidance_scale": -2.0, "guidance_change_step": 650.0},
     "dtp": _DTP_DEFAULTS,
@@ -76,6 +77,7 @@ METHOD_DEFAULTS = {
 # Flags a method does not use (a warning when given).
 UNUSED_FLAGS = {
     "cfg": ("guidance_scale_later", "guidance_change_step", "CFG_scheduling_later", "og_mode"),
+    "wen": ("guidance_scale_later", "guidance_change_step", "CFG_scheduling_later", "og_mode"),
     "stp": ("og_mode",), "og-stp": ("og_mode",),
     "dtp": ("guidance_change_step", "og_mode"),
     "og-dtp": ("guidance_change_step",),
@@ -142,8 +144,10 @@ def build_parser(prog: str = PROG, method: str | None = None) -> argparse.Argume
     add("--seed", type=int, default=42, help="noise of image i is drawn from (seed, i)")
     add("--dtype", default="float32", choices=DTYPES)
     add("--og_mode", default=None, choices=OG_MODES, help="og-dtp: exact (two passes, default) or causal")
-    add("--prompt_augmentation", default=None, help="baseline: prompt augmentation style (not supported yet)")
-    add("--cads", type=_bool, nargs="?", const=True, default=False, help="baseline: CADS (not supported yet)")
+    add("--prompt_augmentation", default=None,
+        help="baseline (Somepalli et al.): rand_numb_add | rand_word_add | rand_word_repeat, 4 insertions")
+    add("--cads", type=_bool, nargs="?", const=True, default=False,
+        help="baseline: condition-annealed sampling (tau1 500, tau2 800, s 0.1, psi 1, Gaussian noise)")
     add("--coordinator", default=None, help=f"multi-process: coordinator HOST:PORT (or ${D.ENV_COORDINATOR})")
     add("--num_processes", type=int, default=None, help=f"multi-process: process count (or ${D.ENV_NUM_PROCESSES})")
     add("--process_id", type=int, default=None, help=f"multi-process: this process (or ${D.ENV_PROCESS_ID})")
@@ -284,7 +288,7 @@ def _build_guidance(method: str, a) -> tuple[G.Guidance, float, float]:
         if getattr(a, flag) not in G.SHAPES:
             raise CliError(f"--{flag} {getattr(a, flag)!r} is not one of {', '.join(G.SHAPES)}")
     try:
-        if method == "cfg":
+        if method in ("cfg", "wen"):  # wen: Wen et al.'s embedding optimisation, then ordinary CFG
             g = G.constant(a.guidance_scale)
             if a.CFG_scheduling != "static":
                 g = G.static_transition(0, a.guidance_scale, a.guidance_scale, a.CFG_scheduling, a.CFG_scheduling)
@@ -312,22 +316,15 @@ def _build_guidance(method: str, a) -> tuple[G.Guidance, float, float]:
 
 
 def _baselines(a) -> dict:
-    """The baseline options (another issue's module): refused while cfgbasin_jax.baselines is
-    missing or lacks ``generate_options``."""
-    wanted = {"prompt_augmentation": a.prompt_augmentation, "cads": bool(a.cads)}
+    """The baseline options (see :func:`cfgbasin_jax.baselines.generate_options`), checked early."""
     if not a.prompt_augmentation and not a.cads:
         return {}
-    flags = " and ".join(f for f, v in (("--prompt_augmentation", a.prompt_augmentation), ("--cads", a.cads)) if v)
-    import importlib.util
+    from cfgbasin_jax import baselines
 
-    if importlib.util.find_spec("cfgbasin_jax.baselines") is None:
-        raise CliError(f"{flags} not supported yet (the baselines module cfgbasin_jax.baselines is not available)")
-    import importlib
-
-    baselines = importlib.import_module("cfgbasin_jax.baselines")
-    if not hasattr(baselines, "generate_options"):
-        raise CliError(f"{flags} not supported yet (cfgbasin_jax.baselines has no generate_options)")
-    return wanted
+    if a.prompt_augmentation and a.prompt_augmentation not in baselines.AUGMENTATIONS:
+        raise CliError(f"--prompt_augmentation {a.prompt_augmentation!r} is not one of "
+                       f"{', '.join(baselines.AUGMENTATIONS)}")
+    return {"prompt_augmentation": a.prompt_augmentation, "cads": bool(a.cads)}
 
 
 def resolve(a: argparse.Namespace, method: str | None, argv: list, env=None) -> Settings:
@@ -608,7 +605,12 @@ def _execute(s: Settings, stats: CompileStats, handlers: list) -> int:
             padded = batch + [batch[-1]] * (s.batch_size - len(batch))
             batch_prompts = [prompts[i] for i in padded]
             t0 = time.perf_counter()
-            res = pipe.generate(batch_prompts, sample_indices=padded, **kwargs)
+            if s.method == "wen":
+                from cfgbasin_jax import baselines
+
+                res, _ = baselines.wen_generate(pipe, batch_prompts, sample_indices=padded, **kwargs)
+            else:
+                res = pipe.generate(batch_prompts, sample_indices=padded, **kwargs)
             recs = _records(s, batch, batch_prompts, res, counts, max_len)
             new = [r for r in recs if r["index"] in set(missing)]
             for r in new:

@@ -258,8 +258,8 @@ class DemoConfig:
     guidance: float = 4.0
     num_mem_prompts: int = 8
     num_plain_prompts: int = 8
-    samples_per_prompt: int = 6
-    steps: int = 25
+    samples_per_prompt: int = 4
+    steps: int = 20
     scheduler: str = "ddim"
     seed: int = 0
     stp_t: int | None = None
@@ -435,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale after the transition (and for constant CFG)")
     p.add_argument("--num_mem_prompts", type=int, default=8)
     p.add_argument("--num_plain_prompts", type=int, default=8)
-    p.add_argument("--samples_per_prompt", type=int, default=6)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--samples_per_prompt", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm++2m", "euler", "pndm"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stp_t", type=int, default=None, help="STP transition timestep (default: measured)")

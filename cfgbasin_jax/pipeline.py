@@ -279,7 +279,8 @@ class Pipeline:
             raise ValueError(f"generate: {len(negative)} negative prompts for {b} prompts")
         if prompt_embeds is not None:
             prompt_embeds = np.asarray(prompt_embeds, np.float32)
-            expected = (b, self.tokenizer.model_max_length, int(self.components.configs["text_encoder"].get("hidden_size", 512)))
+            hidden = int(self.components.configs["text_encoder"].get("hidden_size", 512))
+            expected = (b, self.tokenizer.model_max_length, hidden)
             if prompt_embeds.shape != expected:
                 raise ValueError(f"generate: prompt_embeds have shape {prompt_embeds.shape}, expected {expected}")
         if cads is not None and not (callable(getattr(cads, "cond_fn", None)) and hasattr(cads, "cond_aux")):

@@ -25,8 +25,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
-import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -84,6 +82,7 @@ class TrainConfig:
     eval_steps: int = 250
     log_steps: int = 10
     save_dtype: str = "float16"
+    toy_beta_schedule: str | None = None
     skip_bad_files: bool = False
     progress: bool = True
 
@@ -106,6 +105,10 @@ class TrainConfig:
             raise TrainingError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise TrainingError(f"--lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.toy_beta_schedule not in (None, "scaled_linear", "linear"):
+            raise TrainingError(f"--toy_beta_schedule must be 'scaled_linear' or 'linear', got {self.toy_beta_schedule!r}")
+        if self.toy_beta_schedule is not None and self.model != "toy":
+            raise TrainingError("--toy_beta_schedule applies to --model toy only (a pretrained model keeps its schedule)")
         if self.save_dtype not in ("float32", "float16", "bfloat16"):
             raise TrainingError(f"--save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
 
@@ -209,9 +212,14 @@ def batch_indices(epoch: np.ndarray, batch_size: int, seed: int, step: int) -> n
 # ----------------------------------------------------------------------------- models
 
 
-def toy_model_configs() -> dict:
+TOY_BETAS = {"scaled_linear": (0.00085, 0.012), "linear": (0.0001, 0.02)}
+
+
+def toy_model_configs(beta_schedule: str = "scaled_linear") -> dict:
     """Configs of the pixel-space toy model: UNet (32, 64) channels, attention at 8x8, 3 RGB
-    channels; a 2-layer 64-wide CLIP text encoder over the toy vocabulary; SD's DDIM noise schedule."""
+    channels; a 2-layer 64-wide CLIP text encoder over the toy vocabulary; a DDIM scheduler with
+    SD's noise schedule ("scaled_linear") or DDPM's ("linear", 1e-4..0.02: terminal SNR ~4e-5,
+    so that at 16x16 pixels the image's mean colour cannot be read from the initial noise)."""
     from cfgbasin_jax import toy
 
     with_vocab = _toy_vocab_size()
@@ -248,9 +256,9 @@ def toy_model_configs() -> dict:
     }
     scheduler = {
         "_class_name": "DDIMScheduler",
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
+        "beta_start": TOY_BETAS[beta_schedule][0],
+        "beta_end": TOY_BETAS[beta_schedule][1],
+        "beta_schedule": beta_schedule,
         "num_train_timesteps": 1000,
         "clip_sample": False,
         "set_alpha_to_one": False,
@@ -383,10 +391,10 @@ def load_pixel_components(path, dtype="float32") -> Components:
     return pixel_components(meta["configs"], tree, _load_tokenizer(path / "tokenizer"), dtype=dtype, source=str(path))
 
 
-def load_model(model: str, dtype="float32", seed: int = 0) -> Components:
+def load_model(model: str, dtype="float32", seed: int = 0, toy_beta_schedule: str | None = None) -> Components:
     """"toy" -> a fresh toy model; a pixel-model folder; else a converted / diffusers SD folder."""
     if model == "toy":
-        return init_toy_components(seed)
+        return init_toy_components(seed, configs=toy_model_configs(toy_beta_schedule or "scaled_linear"))
     if is_pixel_model(model):
         return load_pixel_components(model, dtype)
     from cfgbasin_jax.loading import load_components
@@ -496,14 +504,12 @@ def make_train_step(loss_fn, optimizer, ema_decay: float, mesh):
 def make_probe(components: Components, train_text_encoder: bool, images: np.ndarray, captions: Sequence[str], timesteps=(50, 150, 250, 350, 450, 550, 650, 750, 850, 950), seed: int = 1234):
     """probe(trainable, frozen) -> float32 [N]: each image's denoising loss averaged over fixed
     timesteps with fixed noise (no dropout): a low-variance memorization gauge."""
-    loss_fn = make_loss_fn(components, train_text_encoder)
     unet, text_encoder = components.unet, components.text_encoder
     prediction = components.scheduler_config.get("prediction_type", "epsilon")
     ids = jnp.asarray(tokenize(components.tokenizer, captions))
     x0 = jnp.asarray(to_model_pixels(images))
     ts = jnp.asarray(timesteps, jnp.int32)
     noise = jax.random.normal(jax.random.PRNGKey(seed), (len(timesteps),) + x0.shape, jnp.float32)
-    del loss_fn
     if components.vae is not None:
         raise TrainingError("the probe loss supports pixel-space models only")
 
@@ -554,7 +560,8 @@ def _check_resume(output_dir: Path, cfg: TrainConfig) -> None:
         return
     stored = json.loads(stored_path.read_text(encoding="utf-8"))
     mine = cfg.identity()
-    diffs = [f"{k}: stored {stored.get(k)!r}, now {v!r}" for k, v in mine.items() if stored.get(k) != v]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    diffs = [f"{k}: stored {stored.get(k, defaults.get(k))!r}, now {v!r}" for k, v in mine.items() if stored.get(k, defaults.get(k)) != v]
     if diffs:
         raise TrainingError(
             f"{output_dir}: refusing to resume a run with a different configuration ({'; '.join(diffs)}); "
@@ -598,7 +605,7 @@ def train(cfg: TrainConfig, components: Components | None = None, log=print) -> 
     data = read_folder(cfg.data, cfg.resolution, cfg.skip_bad_files)
     if data.skipped:
         log(f"skipped {data.skipped} bad or unmatched file(s) in {cfg.data}")
-    comps = components if components is not None else load_model(cfg.model, seed=cfg.seed)
+    comps = components if components is not None else load_model(cfg.model, seed=cfg.seed, toy_beta_schedule=cfg.toy_beta_schedule)
     n_dev = jax.local_device_count()
     if cfg.train_batch_size % n_dev:
         raise TrainingError(f"--train_batch_size {cfg.train_batch_size} must be a multiple of the {n_dev} local devices")
@@ -702,7 +709,7 @@ def export_checkpoint(output_dir, step: int | None = None, dst=None, use_ema: bo
     if not cfg_path.is_file():
         raise TrainingError(f"{cfg_path}: missing (not a training output folder)")
     cfg = TrainConfig(**json.loads(cfg_path.read_text(encoding="utf-8")))
-    comps = load_model(cfg.model, seed=cfg.seed)
+    comps = load_model(cfg.model, seed=cfg.seed, toy_beta_schedule=cfg.toy_beta_schedule)
     empty = tokenize(comps.tokenizer, [""])[0]
     trainable, _ = _split_params(comps, cfg.train_text_encoder, alphas_cumprod(comps.scheduler_config), empty)
     optimizer, _ = make_optimizer(cfg)
@@ -720,6 +727,38 @@ def export_checkpoint(output_dir, step: int | None = None, dst=None, use_ema: bo
     dst = out / "model" if dst is None else Path(dst)
     _save_trained(comps, state, cfg, dst, use_ema)
     return dst
+
+
+def plot_logs(output_dir, path) -> Path:
+    """PNG of loss_log.csv (batch loss, memorized vs other, smoothed) and probe_log.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(output_dir)
+    loss = np.genfromtxt(out / "loss_log.csv", delimiter=",", names=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    k = max(1, len(loss) // 40)
+    smooth = lambda v: np.convolve(v, np.ones(k) / k, mode="valid")  # noqa: E731
+    steps = loss["step"][k - 1:]
+    axes[0].plot(steps, smooth(loss["loss_memorized"]), label="memorized (duplicated) samples", color="tab:red")
+    axes[0].plot(steps, smooth(loss["loss_other"]), label="other samples", color="tab:blue")
+    axes[0].set_title("training batch loss (moving average)")
+    probe_path = out / "probe_log.csv"
+    if probe_path.is_file():
+        probe = np.atleast_1d(np.genfromtxt(probe_path, delimiter=",", names=True))
+        axes[1].plot(probe["step"], probe["probe_memorized"], "o-", color="tab:red", label="memorized images")
+        axes[1].plot(probe["step"], probe["probe_other"], "o-", color="tab:blue", label="64 other training images")
+        axes[1].set_title("probe loss (fixed noise, 10 timesteps)")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -753,6 +792,8 @@ def build_parser():
     p.add_argument("--eval_steps", type=int, default=250, help="probe-loss interval (memorized vs other); 0: off")
     p.add_argument("--log_steps", type=int, default=10)
     p.add_argument("--save_dtype", choices=("float32", "float16", "bfloat16"), default="float16")
+    p.add_argument("--toy_beta_schedule", choices=("scaled_linear", "linear"), default=None,
+                   help="noise schedule of a from-scratch toy model (default: SD's scaled_linear)")
     p.add_argument("--skip_bad_files", action="store_true", help="skip unmatched / unreadable files (counted) instead of failing")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--export_only", action="store_true", help="write OUTPUT_DIR/model from the latest checkpoint and exit")

@@ -187,6 +187,21 @@ def test_console_cfg_resume_and_config_check(tiny_sd1, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and sorted(p.name for p in out.rglob("*")) == files
 
 
+def test_baselines_from_the_command_line(tiny_sd1, tmp_path):
+    """--method wen, --prompt_augmentation and --cads run through the library's baselines."""
+    from cfgbasin_jax import baselines as B
+
+    out = tmp_path / "wen"
+    argv = ["--method", "wen", "--pretrained_model_name_or_path", str(tiny_sd1.path), "--exp", "imagenette",
+            "--end_iter", "2", "--outdir", str(out), "--prompt_augmentation", "rand_numb_add", "--cads"] + IN_PROCESS
+    assert cli.main(argv) == 0
+    recs = records(out)
+    assert sorted(p.name for p in (out / "Images").iterdir()) == ["0.png", "1.png"]
+    want = B.augment_prompts(list(P.imagenette_prompts()[:2]), "rand_numb_add", 4, seed=42, sample_indices=[0, 1])
+    assert [r["prompt"] for r in recs] == list(P.imagenette_prompts()[:2])  # the caption, for evaluation
+    assert [r["prompt_used"] for r in recs] == want != [r["prompt"] for r in recs]  # what was sampled
+
+
 def test_metadata_writer_cuts_a_half_written_line(tmp_path):
     path = tmp_path / R.METADATA_FILE
     path.write_text('{"index": 0, "prompt": "a", "file": "Images/0.png"}\n{"index": 1, "prom')
@@ -216,8 +231,7 @@ def _bad_cases(tmp_path, sd1):
                              "empty prompt set"),
         "end before start": (model + ["--start_iter", "5", "--end_iter", "2"], "--end_iter 2 < --start_iter 5"),
         "unwritable outdir": (model + ["--outdir", str(not_a_dir / "out")], "a_file is not a directory"),
-        "cads": (model + ["--cads"], "--cads not supported yet"),
-        "augmentation": (model + ["--prompt_augmentation", "rand_word_add"], "--prompt_augmentation not supported yet"),
+        "augmentation": (model + ["--prompt_augmentation", "shuffle"], "--prompt_augmentation 'shuffle' is not one of"),
         "bad scheduler": (model + ["--scheduler", "LMS"], "--scheduler 'LMS' is not supported"),
         "bad process id": (model + ["--coordinator", "127.0.0.1:1234", "--num_processes", "2", "--process_id", "2"],
                            "--process_id 2 is out of range"),
@@ -226,7 +240,7 @@ def _bad_cases(tmp_path, sd1):
 
 
 @pytest.mark.parametrize("case", ["missing model", "unknown exp", "malformed jsonl", "empty prompt set",
-                                  "end before start", "unwritable outdir", "cads", "augmentation", "bad scheduler",
+                                  "end before start", "unwritable outdir", "augmentation", "bad scheduler",
                                   "bad process id", "bad img_size"])
 def test_bad_input_one_line_exit_2_nothing_written(case, tiny_sd1, tmp_path, capsys):
     argv, message = _bad_cases(tmp_path, tiny_sd1.path)[case]

@@ -118,3 +118,22 @@ def test_short_run_lowers_loss_resumes_and_refuses_other_config(tmp_path, data_d
 
     with pytest.raises(T.TrainingError, match="learning_rate"):
         T.train(T.TrainConfig(max_train_steps=40, **{**common, "learning_rate": 1e-4}), components=comps)
+
+
+def test_fine_tunes_a_latent_model_with_vae(tmp_path, data_dir):
+    """The SD path: VAE-encoded latents, frozen text encoder, saved as a converted directory."""
+    from cfgbasin_jax.loading import load_components
+    from cfgbasin_jax.tiny import random_components
+
+    comps = random_components("sd1", seed=0)
+    unet_before = np.asarray(comps.params["unet"]["conv_in"]["kernel"]).copy()
+    cfg = T.TrainConfig(data=str(data_dir), output_dir=str(tmp_path / "sd"), model="unused", max_train_steps=2, resolution=8,
+                        train_batch_size=2, learning_rate=1e-3, eval_steps=0, log_steps=1, checkpointing_steps=2,
+                        save_dtype="float32", progress=False)
+    result = T.train(cfg, components=comps)
+    loaded = load_components(result["output"])
+    unet_after = np.asarray(loaded.params["unet"]["conv_in"]["kernel"])
+    assert not np.allclose(unet_after, unet_before)
+    for a, b in zip(jax.tree.leaves(loaded.params["text_encoder"]), jax.tree.leaves(comps.params["text_encoder"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # frozen
+    assert np.isfinite(float(result["final_loss"]))
