@@ -2,11 +2,10 @@
 
 Run by the harness in a child process so that the thread setting is real:
 
-    python -m bench.percall --threads 1 --configs tiny,sd --batch 16 --latent 32   # prints JSON
+    python -m bench.percall --threads 1 --cpus 1 --configs tiny,sd --batch 16 --latent 32   # prints JSON
 
-``--threads 1`` is meant to run under a one-core affinity (the harness sets it; by hand:
-``taskset -c 1 python -m bench.percall --threads 1``); JAX sizes its CPU thread pool from the
-affinity, PyTorch gets ``torch.set_num_threads(1)``. ``--threads 0`` keeps both libraries' defaults.
+``--threads 1 --cpus 1`` runs pinned to core 1 with one thread: the affinity is set before JAX
+and PyTorch start (JAX sizes its CPU thread pool from it), PyTorch gets ``torch.set_num_threads(1)``. ``--threads 0`` keeps both libraries' defaults.
 Each repeat times every implementation once, in turn; the ratio is the median of the per-repeat
 ratios.
 """
@@ -90,7 +89,10 @@ def main(argv=None) -> int:
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--cpus", default=None, help="comma-separated CPU affinity, set before JAX / PyTorch start")
     args = parser.parse_args(argv)
+    if args.cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     import torch
 
     import cfgbasin_jax  # noqa: F401  (quiets diffusers' Flax deprecation notices)

@@ -28,7 +28,10 @@ import numpy as np
 from cfgbasin_jax import toy
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "data" / "toy"
-METHODS = ("CFG", "STP", "OG+STP", "DTP", "OG+DTP")
+METHODS = ("CFG", "STP", "OG+STP", "DTP", "OG+DTP", "Wen", "CADS", "Aug")
+# The last three are the inference-time baselines of cfgbasin_jax.baselines, all with constant CFG:
+# Wen et al.'s prompt-embedding optimisation, CADS, and rand_word_repeat prompt augmentation.
+BASELINES = ("Wen", "CADS", "Aug")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -78,6 +81,30 @@ def copy_threshold(dataset: toy.ToyDataset, count: int = 2000, quantile: float =
         keep = np.any(variants.reshape(len(variants), -1) != dataset.images[i].reshape(1, -1), axis=1)
         sims.append(similarity(variants[keep], np.repeat(dataset.images[i][None], keep.sum(), 0)))
     return float(np.quantile(np.concatenate(sims), quantile))
+
+
+def layout_iou(image: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over the reference's object colours of the IoU between the pixels of that colour in
+    ``image`` and in ``reference`` (nearest-palette classes): 1 when the objects are reproduced
+    exactly (sizes, shapes, placement), whatever the background."""
+    a, b = classify_colours(image), classify_colours(reference)
+    colours = [c for c in np.unique(b) if c < len(toy.COLOURS)]
+    if not colours:
+        return float("nan")
+    return float(np.mean([np.sum((a == c) & (b == c)) / max(np.sum((a == c) | (b == c)), 1) for c in colours]))
+
+
+def layout_threshold(dataset: toy.ToyDataset, count: int = 2000, quantile: float = 0.99, seed: int = 0) -> float:
+    """Layout IoU above which the objects copy the duplicated image: the ``quantile`` of the layout
+    IoU between each duplicated image and fresh caption-satisfying images whose objects differ
+    from it (another size or placement), as :func:`copy_threshold` does for the whole image."""
+    ious = []
+    for i in np.nonzero(dataset.memorized)[0]:
+        variants = caption_variants(dataset.objects[i], count // max(dataset.num_memorized, 1), seed + int(i))
+        ref = dataset.images[i]
+        same_layout = [np.array_equal(classify_colours(v) < len(toy.COLOURS), classify_colours(ref) < len(toy.COLOURS)) for v in variants]
+        ious += [layout_iou(v, ref) for v, same in zip(variants, same_layout) if not same]
+    return float(np.quantile(ious, quantile))
 
 
 _PALETTE_NAMES = list(toy.COLOURS) + [f"bg:{b}" for b in toy.BACKGROUNDS]
@@ -167,7 +194,7 @@ def load_demo_pipeline(model: str | None, log=print):
 def method_guidance(name: str, scale: float, stp_t: int, og_t: int, og_scale: float):
     from cfgbasin_jax import guidance as G
 
-    if name == "CFG":
+    if name == "CFG" or name in BASELINES:
         return G.constant(scale)
     if name == "STP":
         return G.static_transition(stp_t, 0.0, scale)
@@ -178,6 +205,19 @@ def method_guidance(name: str, scale: float, stp_t: int, og_t: int, og_scale: fl
     if name == "OG+DTP":
         return G.dynamic_transition(og_scale, scale, signal="latent_cosine", mode="exact")
     raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+
+
+def generate_method(pipe, name: str, prompts: list, guidance, **kwargs):
+    """``pipe.generate`` for a transition method, or the baseline ``name`` (its UNet cost included)."""
+    from cfgbasin_jax import baselines as B
+
+    if name == "Wen":
+        return B.wen_generate(pipe, prompts, guidance, **kwargs)[0]
+    if name == "CADS":
+        return pipe.generate(prompts, guidance, cads=B.CADS(), **kwargs)
+    if name == "Aug":  # every sample draws its own 4 repeated words (keyed by its batch position)
+        prompts = B.augment_prompts(prompts, "rand_word_repeat", 4, seed=kwargs.get("seed", 0))
+    return pipe.generate(prompts, guidance, **kwargs)
 
 
 def first_local_min_t(noise_diff: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
@@ -284,6 +324,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     pipe, model_desc, is_toy = load_demo_pipeline(cfg.model, log)
     ds = toy.make_dataset()
     threshold = copy_threshold(ds)
+    lay_threshold = layout_threshold(ds)
     prompts = _prompt_set(ds, cfg)
     n_mem = sum(1 for p in prompts if p[2] >= 0)
     k = cfg.samples_per_prompt
@@ -308,8 +349,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         g = method_guidance(name, cfg.guidance, stp_t or 500, og_t or 650, cfg.og_scale)
         t0 = time.perf_counter()
         compiles = pipe.compile_count()
-        res = pipe.generate(batch_prompts, guidance=g, num_inference_steps=cfg.steps, seed=cfg.seed,
-                            scheduler=cfg.scheduler, progress=False, sample_indices=sample_ids)
+        res = generate_method(pipe, name, batch_prompts, g, num_inference_steps=cfg.steps, seed=cfg.seed,
+                              scheduler=cfg.scheduler, progress=False, sample_indices=sample_ids)
         wall = time.perf_counter() - t0
         runs[name] = {"result": res, "wall": wall, "compiled": pipe.compile_count() > compiles}
         log(f"{name}: {wall:.1f} s{' (includes compilation)' if runs[name]['compiled'] else ''}")
@@ -321,17 +362,20 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         imgs = res.images
         nn_sim, nn_idx = nearest_training(imgs, train_images)
         own = np.full(len(imgs), np.nan)
+        lay = np.full(len(imgs), np.nan)
         aligned = np.zeros(len(imgs))
         for b in range(len(imgs)):
             caption, objs, mem_index = info[b]
             if mem_index >= 0:
                 own[b] = similarity(imgs[b: b + 1], train_images[mem_index][None])[0]
+                lay[b] = layout_iou(imgs[b], train_images[mem_index])
             aligned[b] = alignment(imgs[b], objs)
         is_mem = np.asarray([info[b][2] >= 0 for b in range(len(imgs))])
         tt = res.transition_t[res.transition_t >= 0]
         row = {
             "method": name,
             "copy_rate_mem": float(np.mean(own[is_mem] > threshold)) if is_mem.any() else float("nan"),
+            "layout_copy_rate_mem": float(np.mean(lay[is_mem] > lay_threshold)) if is_mem.any() else float("nan"),
             "sim_own_mem": float(np.mean(own[is_mem])) if is_mem.any() else float("nan"),
             "p95_nn_mem": float(np.percentile(nn_sim[is_mem], 95)) if is_mem.any() else float("nan"),
             "p95_nn_plain": float(np.percentile(nn_sim[~is_mem], 95)) if (~is_mem).any() else float("nan"),
@@ -352,31 +396,31 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     _plot_traces(out / "noise_diff.png", runs, n_mem * k, stp_t or 500, og_t or 650)
 
     table = format_table(rows)
-    report = _report_text(cfg, model_desc, is_toy, threshold, prompts, n_mem, stp_t, og_t, table, time.perf_counter() - t_start)
+    report = _report_text(cfg, model_desc, is_toy, threshold, lay_threshold, prompts, n_mem, stp_t, og_t, table, time.perf_counter() - t_start)
     (out / "report.md").write_text(report, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "copy_threshold": threshold, "stp_t": stp_t, "og_t": og_t,
+    (out / "results.json").write_text(json.dumps({"rows": rows, "copy_threshold": threshold, "layout_threshold": lay_threshold, "stp_t": stp_t, "og_t": og_t,
                                                    "model": model_desc, "config": dataclasses.asdict(cfg)}, indent=2, default=str), encoding="utf-8")
     return {"rows": rows, "table": table, "report": out / "report.md", "stp_t": stp_t, "og_t": og_t,
             "threshold": threshold, "is_toy": is_toy, "runs": runs}
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| method | copies (mem) | sim to dup. (mem) | p95 NN sim (mem) | p95 NN sim (plain) | "
+    head = ("| method | copies (mem) | layout copies (mem) | sim to dup. (mem) | p95 NN sim (mem) | p95 NN sim (plain) | "
             "alignment (mem) | alignment (plain) | UNet evals/sample | wall s | median transition t |")
-    sep = "|" + "---|" * 10
+    sep = "|" + "---|" * 11
     lines = [head, sep]
     for r in rows:
         tt = "-" if np.isnan(r["transition_t_median"]) else f"{r['transition_t_median']:.0f}"
         wall = f"{r['wall_s']:.1f}" + ("*" if r["compiled"] else "")
         lines.append(
-            f"| {r['method']} | {r['copy_rate_mem']:.0%} | {r['sim_own_mem']:.3f} | {r['p95_nn_mem']:.3f} | "
+            f"| {r['method']} | {r['copy_rate_mem']:.0%} | {r['layout_copy_rate_mem']:.0%} | {r['sim_own_mem']:.3f} | {r['p95_nn_mem']:.3f} | "
             f"{r['p95_nn_plain']:.3f} | {r['align_mem']:.2f} | {r['align_plain']:.2f} | "
             f"{r['unet_evals_per_sample']:.1f} | {wall} | {tt} |"
         )
     return "\n".join(lines)
 
 
-def _report_text(cfg, model_desc, is_toy, threshold, prompts, n_mem, stp_t, og_t, table, total_s) -> str:
+def _report_text(cfg, model_desc, is_toy, threshold, lay_threshold, prompts, n_mem, stp_t, og_t, table, total_s) -> str:
     notice = "" if is_toy else (
         "\n> **NOTICE: the shipped toy weights were not found; this report uses a RANDOM untrained model "
         "(`cfgbasin_jax.tiny.random_components()`). Its numbers say nothing about memorization.**\n")
@@ -407,7 +451,9 @@ STP's t is the median timestep of the first local minimum of ||eps_c - eps_u|| m
 Columns: *copies (mem)*: fraction of memorized-prompt outputs whose similarity to their duplicated training image
 exceeds {threshold:.3f}, the 99th percentile of the similarity between each duplicated image and fresh images that
 satisfy the same caption (random background, sizes, jitter): an output above it is closer to the duplicate than
-99% of legitimate caption-satisfying images. *sim to dup.*: mean of that similarity. *p95 NN sim*: the paper's
+99% of legitimate caption-satisfying images. *layout copies (mem)*: the same for the objects alone (mean IoU of
+each object colour's pixels with the duplicate's, threshold {lay_threshold:.3f}, the 99th percentile over fresh
+caption-satisfying images whose objects differ in size or placement), blind to the background colour. *sim to dup.*: mean of that similarity. *p95 NN sim*: the paper's
 statistic, the 95th percentile over outputs of the similarity to the nearest training image
 (similarity = cosine of mean-centred pixel vectors; 1 = identical). *alignment*: fraction of the caption's
 checks passed, measured from pixels (colour at the captioned position, shape kind by template IoU).

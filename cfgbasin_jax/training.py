@@ -797,6 +797,7 @@ def build_parser():
     p.add_argument("--skip_bad_files", action="store_true", help="skip unmatched / unreadable files (counted) instead of failing")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--export_only", action="store_true", help="write OUTPUT_DIR/model from the latest checkpoint and exit")
+    p.add_argument("--export_raw", action="store_true", help="with --export_only: the raw (not EMA) parameters")
     return p
 
 
@@ -805,9 +806,10 @@ def main(argv=None) -> int:
 
     args = vars(build_parser().parse_args(argv))
     args["progress"] = not args.pop("no_progress")
+    export_raw = args.pop("export_raw")
     if args.pop("export_only"):
         try:
-            print(f"exported {export_checkpoint(args['output_dir'])}")
+            print(f"exported {export_checkpoint(args['output_dir'], use_ema=not export_raw)}")
         except TrainingError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

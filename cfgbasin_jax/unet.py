@@ -20,7 +20,6 @@ import math
 
 import flax
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from cfgbasin_jax import attention as A
@@ -227,7 +226,8 @@ class DownBlock(nn.Module):
         skips = []
         for j in range(self.num_layers):
             in_ch = self.in_channels if j == 0 else self.out_channels
-            x = ResnetBlock(in_ch, self.out_channels, self.dropout, self.dtype, name=f"resnets_{j}")(x, temb, deterministic)
+            resnet = ResnetBlock(in_ch, self.out_channels, self.dropout, self.dtype, name=f"resnets_{j}")
+            x = resnet(x, temb, deterministic)
             if self.heads is not None:
                 x = Transformer2D(self.out_channels, self.heads, self.depth, self.dropout, self.use_linear_projection,
                                   self.attention, self.dtype, name=f"attentions_{j}")(x, context, deterministic)

@@ -55,8 +55,8 @@ def test_shipped_model_loads_and_reduced_demo_writes_the_table(tmp_path, dataset
     pipe, desc, is_toy = demo.load_demo_pipeline(None)
     assert is_toy, "the shipped toy weights (cfgbasin_jax/data/toy) are missing"
     assert pipe.vae is None and pipe.default_size == 16
-    cfg = demo.DemoConfig(outdir=str(tmp_path / "out"), num_mem_prompts=1, num_plain_prompts=1,
-                          samples_per_prompt=2, steps=8)
+    cfg = demo.DemoConfig(outdir=str(tmp_path / "out"), num_mem_prompts=8, num_plain_prompts=1,
+                          samples_per_prompt=1, steps=10)
     result = demo.run_demo(cfg, log=lambda *_: None)
     report = (tmp_path / "out" / "report.md").read_text()
     assert demo.format_table(result["rows"]) in report
@@ -65,8 +65,10 @@ def test_shipped_model_loads_and_reduced_demo_writes_the_table(tmp_path, dataset
         assert (tmp_path / "out" / f"grid_{name.replace('+', '_')}.png").is_file()
     assert (tmp_path / "out" / "noise_diff.png").is_file()
     rows = {r["method"]: r for r in result["rows"]}
-    assert rows["CFG"]["unet_evals_per_sample"] == 16.0  # both halves at each of 8 steps
-    assert rows["OG+DTP"]["unet_evals_per_sample"] == 32.0  # the exact rule's two passes
-    assert rows["STP"]["unet_evals_per_sample"] < 16.0  # only the unconditional half before t
-    # the shipped model memorized: constant CFG copies the duplicated image
-    assert rows["CFG"]["copy_rate_mem"] >= 0.5
+    assert rows["CFG"]["unet_evals_per_sample"] == 20.0  # both halves at each of 10 steps
+    assert rows["OG+DTP"]["unet_evals_per_sample"] == 40.0  # the exact rule's two passes
+    assert rows["STP"]["unet_evals_per_sample"] < 20.0  # only the unconditional half before t
+    # the shipped model memorized: constant CFG reproduces the duplicated images' objects exactly
+    # (measured: 8/8 at seeds 0 and 1) and is close to the whole duplicate (similarity ~0.9)
+    assert rows["CFG"]["layout_copy_rate_mem"] >= 0.75
+    assert rows["CFG"]["sim_own_mem"] > 0.7
