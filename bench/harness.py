@@ -171,6 +171,7 @@ def overhead(models, batch: int, steps: int, repeats: int, log=print) -> dict:
         "measured_fraction": float(np.median((loop_s - bare_s) / bare_s)),
         "isolated_fraction": float(np.median(stub_s / bare_s)),
         "host_callbacks_in_loop": host_callbacks_in_loop(pipe, args),
+        "rounds_s": {k: [float(v) for v in times[k]] for k in times},
     }
 
 

@@ -508,6 +508,7 @@ def _records(s: Settings, batch: list[int], prompts: list[str], res, n_tokens: d
             "transition_t": t,
             "noise_diff": res.noise_diff[k],
             "nonfinite": bool(res.nonfinite[k]),
+            "unet_evals": res.unet_evals / len(prompts),  # this image's share of its batch's UNet work
             "n_tokens": n_tokens[i],
             "truncated": n_tokens[i] > max_len,
             "source": s.prompt_set.extras[i],

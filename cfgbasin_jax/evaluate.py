@@ -389,6 +389,7 @@ def evaluate(
         "gen_dir": os.path.abspath(gen_dir),
         "n_generated": len(items),
         "n_prompts": len({g.index for g in items}),
+        **generation_cost(gen_dir),
     }
     per_image = [{"index": g.index, "sample": g.sample, "file": g.file, "prompt": g.prompt} for g in items]
     paths = [g.path for g in items]
@@ -422,6 +423,24 @@ def evaluate(
     return report
 
 
+def generation_cost(gen_dir: str) -> dict:
+    """Method and mean UNet sample-evaluations per image from ``metadata.jsonl`` (cfgbasin-generate
+    records both); empty when the folder has no such metadata."""
+    meta = os.path.join(gen_dir, "metadata.jsonl")
+    if not os.path.isfile(meta):
+        return {}
+    with open(meta, encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    evals = [r["unet_evals"] for r in recs if isinstance(r.get("unet_evals"), (int, float))]
+    methods = sorted({str(r["method"]) for r in recs if "method" in r})
+    out = {}
+    if methods:
+        out["method"] = ", ".join(methods)
+    if evals:
+        out["unet_evals_per_image"] = float(np.mean(evals))
+    return out
+
+
 def markdown_row(report: dict) -> str:
     """Header, separator and one row: SSCD p95 | SSCD mean | % SSCD > t | CLIP cos | CLIPScore | FID
     (n/a for metrics not computed)."""
@@ -440,9 +459,10 @@ def markdown_row(report: dict) -> str:
         fmt("clip_cos_mean"),
         fmt("clip_score_mean", 1, 2),
         fmt("fid", 1, 2),
+        fmt("unet_evals_per_image", 1, 1),
     ]
-    head = f"| run | SSCD p95 | SSCD mean | SSCD > {t:g} | CLIP cos | CLIPScore | FID |"
-    sep = "|---|---:|---:|---:|---:|---:|---:|"
+    head = f"| run | SSCD p95 | SSCD mean | SSCD > {t:g} | CLIP cos | CLIPScore | FID | UNet evals/img |"
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
     return "\n".join([head, sep, "| " + " | ".join(cells) + " |"])
 
 
