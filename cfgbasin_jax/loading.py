@@ -50,7 +50,8 @@ class Components:
     """Everything the sampler needs. Apply with
     `unet.apply({"params": params["unet"]}, sample_nchw, timesteps, encoder_hidden_states)`.
 
-    unet: diffusers FlaxUNet2DConditionModel (linen module, dtype set)
+    unet: cfgbasin_jax.unet.UNet2DConditionModel (linen module, dtype set; the same parameter
+        tree as diffusers' FlaxUNet2DConditionModel)
     vae: diffusers FlaxAutoencoderKL (linen module)
     text_encoder: transformers FlaxCLIPTextModule (bare linen module)
     tokenizer: transformers CLIPTokenizer
@@ -89,7 +90,7 @@ def _converted_weights(folder: Path, kind: str, module, dtype) -> dict:
 
 
 def load_unet_folder(folder, dtype="float32") -> tuple:
-    """(FlaxUNet2DConditionModel, config dict, params) from a diffusers `unet/` folder, e.g. a
+    """(UNet2DConditionModel, config dict, params) from a diffusers `unet/` folder, e.g. a
     fine-tuned `checkpoint-20000/unet`."""
     dtype = resolve_dtype(dtype)
     config = sd_folder.read_model_config(Path(folder))
