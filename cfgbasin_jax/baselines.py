@@ -394,30 +394,11 @@ def wen_optimize(
     Pass the same sampling arguments to ``generate`` (see :func:`wen_generate`).
     """
     lr, iterations, target, weight_decay = _check_wen(lr, iterations, target_loss, weight_decay)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("wen_optimize: the prompt list is empty")
+    inputs = pipe.sampling_inputs("wen_optimize", prompts, num_inference_steps, latents, height, width, scheduler,
+                                  negative_prompt, sample_indices, batch_size, devices)
+    prompts, sched, sample_indices, shape, latents, negative, devices, chunk = inputs
     b = len(prompts)
-    h, w = pipe._latent_hw(height, width)
-    sched = pipe.make_scheduler(scheduler, num_inference_steps)
-    sample_indices = np.arange(b) if sample_indices is None else np.asarray(sample_indices)
-    if sample_indices.shape != (b,):
-        raise ValueError(f"wen_optimize: sample_indices has shape {sample_indices.shape}, expected ({b},)")
-    shape = (pipe.latent_channels, h, w)
-    if latents is not None:
-        latents = np.asarray(latents, np.float32)
-        if latents.shape != (b, *shape):
-            raise ValueError(f"wen_optimize: latents have shape {latents.shape}, expected {(b, *shape)}")
-    negative = negative_prompt if negative_prompt is not None else ""
-    negative = [negative] * b if isinstance(negative, str) else list(negative)
-    if len(negative) != b:
-        raise ValueError(f"wen_optimize: {len(negative)} negative prompts for {b} prompts")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                   or batch_size < 1):
-        raise ValueError(f"wen_optimize: batch_size must be a positive integer, got {batch_size!r}")
-    devices = parallel.resolve_devices(devices)
     n_dev = len(devices)
-    chunk = parallel.padded_size(min(batch_size or b, b), n_dev)
     fn, mesh = _wen_fn(pipe, devices), parallel.data_mesh(devices)
     params = pipe._replicated_unet_params(devices)
     sched_rep = parallel.replicate(sched, mesh)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,20 @@ def _count_unet_evals(branch: np.ndarray, real_per_device: np.ndarray) -> int:
     number of real (non-padding) samples on each device [n_dev]."""
     halves = np.where(np.asarray(branch) == S.BOTH, 2, 1)
     return int(np.sum(halves.sum(axis=1) * np.asarray(real_per_device)))
+
+
+class SamplingInputs(NamedTuple):
+    """Validated sampling arguments: prompts [B]; the Scheduler; sample_indices int [B]; latent
+    shape (C,h,w); latents [B,C,h,w] or None; negative prompts [B]; devices; chunk (padded batch)."""
+
+    prompts: list
+    scheduler: object
+    sample_indices: np.ndarray
+    shape: tuple
+    latents: np.ndarray | None
+    negative: list
+    devices: tuple
+    chunk: int
 
 
 class Pipeline:
@@ -221,6 +235,35 @@ class Pipeline:
         trace = self._run(sched, x0, cond, uncond, plan, plan.detector, opts, cond_aux)
         return trace, recorded, evals + _count_unet_evals(trace.branch, real)
 
+    def sampling_inputs(self, owner: str, prompts, num_inference_steps, latents, height, width, scheduler,
+                        negative_prompt, sample_indices, batch_size, devices) -> SamplingInputs:
+        """Validate and normalise the sampling arguments shared by :meth:`generate` and the baselines
+        (errors are prefixed with ``owner``); nothing is compiled here."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError(f"{owner}: the prompt list is empty")
+        b = len(prompts)
+        h, w = self._latent_hw(height, width)
+        sched = self.make_scheduler(scheduler, num_inference_steps)
+        sample_indices = np.arange(b) if sample_indices is None else np.asarray(sample_indices)
+        if sample_indices.shape != (b,):
+            raise ValueError(f"{owner}: sample_indices has shape {sample_indices.shape}, expected ({b},)")
+        shape = (self.latent_channels, h, w)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != (b, *shape):
+                raise ValueError(f"{owner}: latents have shape {latents.shape}, expected {(b, *shape)}")
+        negative = negative_prompt if negative_prompt is not None else ""
+        negative = [negative] * b if isinstance(negative, str) else list(negative)
+        if len(negative) != b:
+            raise ValueError(f"{owner}: {len(negative)} negative prompts for {b} prompts")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                       or batch_size < 1):
+            raise ValueError(f"{owner}: batch_size must be a positive integer, got {batch_size!r}")
+        devices = parallel.resolve_devices(devices)
+        chunk = parallel.padded_size(min(batch_size or b, b), len(devices))
+        return SamplingInputs(prompts, sched, sample_indices, shape, latents, negative, devices, chunk)
+
     def generate(
         self,
         prompts: str | Sequence[str],
@@ -257,26 +300,12 @@ class Pipeline:
         cads: optional :class:`cfgbasin_jax.baselines.CADS` (condition-annealed noise on the
           conditional embedding inside the compiled loop; keyed per (seed, sample index)).
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("generate: the prompt list is empty")
+        inputs = self.sampling_inputs("generate", prompts, num_inference_steps, latents, height, width, scheduler,
+                                      negative_prompt, sample_indices, batch_size, devices)
+        prompts, sched, sample_indices, shape, latents, negative, devices, chunk = inputs
         b = len(prompts)
-        h, w = self._latent_hw(height, width)
-        sched = self.make_scheduler(scheduler, num_inference_steps)
         timesteps = np.asarray(sched.timesteps)
         plan = G.plan(guidance, b, timesteps, sched.num_train_timesteps)
-        sample_indices = np.arange(b) if sample_indices is None else np.asarray(sample_indices)
-        if sample_indices.shape != (b,):
-            raise ValueError(f"generate: sample_indices has shape {sample_indices.shape}, expected ({b},)")
-        shape = (self.latent_channels, h, w)
-        if latents is not None:
-            latents = np.asarray(latents, np.float32)
-            if latents.shape != (b, *shape):
-                raise ValueError(f"generate: latents have shape {latents.shape}, expected {(b, *shape)}")
-        negative = negative_prompt if negative_prompt is not None else ""
-        negative = [negative] * b if isinstance(negative, str) else list(negative)
-        if len(negative) != b:
-            raise ValueError(f"generate: {len(negative)} negative prompts for {b} prompts")
         if prompt_embeds is not None:
             prompt_embeds = np.asarray(prompt_embeds, np.float32)
             hidden = int(self.components.configs["text_encoder"].get("hidden_size", 512))
@@ -285,10 +314,6 @@ class Pipeline:
                 raise ValueError(f"generate: prompt_embeds have shape {prompt_embeds.shape}, expected {expected}")
         if cads is not None and not (callable(getattr(cads, "cond_fn", None)) and hasattr(cads, "cond_aux")):
             raise ValueError(f"generate: cads must be a cfgbasin_jax.baselines.CADS, got {cads!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-            raise ValueError(f"generate: batch_size must be a positive integer, got {batch_size!r}")
-        devices = parallel.resolve_devices(devices)
-        chunk = parallel.padded_size(min(batch_size or b, b), len(devices))
         opts = dict(progress=bool(progress), skip_halves=bool(skip_halves), devices=devices,
                     cond_fn=None if cads is None else cads.cond_fn, cads=cads, prompt_embeds=prompt_embeds, seed=seed)
 
