@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import weakref
 from typing import Sequence
 
@@ -198,14 +197,7 @@ def cads_condition(cond, t, j, aux, *, noise: str = "gaussian") -> jnp.ndarray:
 _CADS_FNS = {kind: functools.partial(cads_condition, noise=kind) for kind in NOISE_KINDS}
 
 
-def _finite(owner: str, name: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{owner}: {name} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be finite, got {value}")
-    return value
+_finite = G.finite_number
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,14 +84,19 @@ class Guidance:
         return out
 
 
-def _finite_scale(name: str, value) -> float:
+def finite_number(owner: str, name: str, value) -> float:
+    """``float(value)``, or one ValueError ``"{owner}: {name} must be ..."`` if it is not a finite number."""
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"guidance: {name} must be a number, got {value!r}") from None
+        raise ValueError(f"{owner}: {name} must be a number, got {value!r}") from None
     if not math.isfinite(value):
-        raise ValueError(f"guidance: {name} must be finite, got {value}")
+        raise ValueError(f"{owner}: {name} must be finite, got {value}")
     return value
+
+
+def _finite_scale(name: str, value) -> float:
+    return finite_number("guidance", name, value)
 
 
 def _check_shape(name: str, shape: str) -> str:
