@@ -16,16 +16,18 @@ from cfgbasin_jax.pipeline import GenerationResult, Pipeline  # noqa: E402
 __version__ = "0.1.0"
 
 
-def load_pipeline(path, dtype: str = "float32", unet_path=None) -> Pipeline:
+def load_pipeline(path, dtype: str = "float32", unet_path=None, compilation_cache=None) -> Pipeline:
     """Load a converted checkpoint directory or a diffusers-format SD folder (converted in memory).
 
     dtype: "float32" | "bfloat16" | "float16" for params and UNet/VAE/text-encoder compute; the
     scheduler state and detector signals stay float32. unet_path: a fine-tuned ``unet/`` folder
-    to swap in (the paper's ``--unet_path``).
+    to swap in (the paper's ``--unet_path``). compilation_cache: JAX's persistent compilation
+    cache, on by default (None), a directory, or False (see :mod:`cfgbasin_jax.compile_cache`).
+    Params go straight to the device, one tensor at a time (see :mod:`cfgbasin_jax.checkpoint`).
     """
     from cfgbasin_jax.loading import load_components
 
-    return Pipeline(load_components(path, dtype=dtype, unet_path=unet_path))
+    return Pipeline(load_components(path, dtype=dtype, unet_path=unet_path), compilation_cache=compilation_cache)
 
 
 __all__ = ["GenerationResult", "Pipeline", "guidance", "load_pipeline", "__version__"]

@@ -104,12 +104,11 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def default_compilation_cache() -> str:
-    """$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME (or ~/.cache)/cfgbasin_jax/jax_cache."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "cfgbasin_jax", "jax_cache")
+def default_compilation_cache() -> str | None:
+    """The library's default (:func:`cfgbasin_jax.compile_cache.default_dir`)."""
+    from cfgbasin_jax.compile_cache import default_dir
+
+    return default_dir()
 
 
 def build_parser(prog: str = PROG, method: str | None = None) -> argparse.ArgumentParser:
@@ -383,7 +382,8 @@ def cached_pipeline(model: Path, unet_path: Path | None, dtype: str):
     if key not in _PIPELINES:
         if len(_PIPELINES) >= 2:
             _PIPELINES.pop(next(iter(_PIPELINES)))
-        _PIPELINES[key] = cfgbasin_jax.load_pipeline(model, dtype=dtype, unet_path=unet_path)
+        # The command configures the compilation cache itself (--compilation_cache / --no_compilation_cache).
+        _PIPELINES[key] = cfgbasin_jax.load_pipeline(model, dtype=dtype, unet_path=unet_path, compilation_cache=False)
     return _PIPELINES[key]
 
 

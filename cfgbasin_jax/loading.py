@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
+from cfgbasin_jax import checkpoint
 from cfgbasin_jax.convert import sd_folder
 from cfgbasin_jax.convert.errors import ConversionError
 from cfgbasin_jax.models import build_module, check_compatible, component_param_shapes, resolve_dtype
@@ -78,15 +77,11 @@ def is_converted(path) -> bool:
     return (Path(path) / FORMAT_FILE).is_file()
 
 
-def _cast_tree(tree, dtype):
-    """Numpy leaves -> jnp arrays of `dtype`, cast on the host (no per-shape compiled converts)."""
-    return jax.tree.map(lambda leaf: jnp.asarray(np.asarray(leaf).astype(dtype)), tree)
-
-
-def _converted_weights(folder: Path, kind: str, module, dtype) -> dict:
-    """Params of one diffusers model subfolder, converted in memory, as jnp arrays of `dtype`."""
-    params = sd_folder.convert_weights(folder, kind, component_param_shapes(kind, module))
-    return _cast_tree(params, dtype)
+def _converted_weights(folder: Path, kind: str, module, dtype, lazy: bool = False) -> dict:
+    """Params of one diffusers model subfolder in `dtype`, checked from the file headers first: as
+    LazyLeafs (`lazy`, read when written) or read tensor by tensor straight to the device."""
+    params = sd_folder.lazy_weights(folder, kind, component_param_shapes(kind, module), dtype)
+    return params if lazy else checkpoint.materialize(params)
 
 
 def load_unet_folder(folder, dtype="float32") -> tuple:
@@ -108,38 +103,19 @@ def _check_marker(root: Path) -> None:
 
 
 def _restore_params(params_dir: Path, modules: dict, dtype) -> dict:
-    """The orbax checkpoint at `params_dir`, restored into the shapes of `modules`, as `dtype`."""
-    import orbax.checkpoint as ocp
-
-    if not params_dir.is_dir():
-        raise ConversionError(f"missing folder {params_dir} (the orbax params checkpoint)")
-    # Each process restores its own copy onto its first local device (multi-host runs included:
-    # the restore is process-local, so no process waits on another).
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {
-        kind: jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-            component_param_shapes(kind, module, dtype=dtype),
-        )
-        for kind, module in modules.items()
-    }
-    try:
-        local_only = ocp.options.MultiprocessingOptions(
-            primary_host=None,
-            active_processes={jax.process_index()},
-            barrier_sync_key_prefix=f"restore_p{jax.process_index()}",
-        )
-        with ocp.StandardCheckpointer(multiprocessing_options=local_only) as checkpointer:
-            return checkpointer.restore(params_dir.absolute(), target)
-    except Exception as err:  # orbax raises ValueError/KeyError/... for a tree that does not fit
-        raise ConversionError(f"{params_dir}: params do not fit the stored configs ({err})") from err
+    """The params checkpoint at `params_dir`, restored into the shapes of `modules`, as `dtype`,
+    each tensor straight to this process's first local device (see cfgbasin_jax.checkpoint)."""
+    target = {kind: component_param_shapes(kind, module, dtype=dtype) for kind, module in modules.items()}
+    return checkpoint.restore_params(params_dir, target)
 
 
-def load_components(path, dtype="float32", unet_path=None) -> Components:
+def load_components(path, dtype="float32", unet_path=None, lazy: bool = False) -> Components:
     """Components from a converted directory or a diffusers SD folder (converted in memory).
 
     dtype: 'float32' | 'bfloat16' | 'float16' for both params and module computation.
     unet_path: a diffusers `unet/` folder whose UNet replaces the pipeline's.
+    lazy: params read from diffusers weight files stay LazyLeafs (checked, not read) until
+    save_components writes them one at a time (streamed conversion).
     Raises ConversionError naming the file, key or setting at fault.
     """
     dtype = resolve_dtype(dtype)
@@ -167,9 +143,9 @@ def load_components(path, dtype="float32", unet_path=None) -> Components:
             stored_modules["unet"] = build_module("unet", sd_folder.read_model_config(root / "unet"), dtype)
         params = dict(_restore_params(root / PARAMS_DIR, stored_modules, dtype))
         if swap:
-            params["unet"] = _converted_weights(folders["unet"], "unet", modules["unet"], dtype)
+            params["unet"] = _converted_weights(folders["unet"], "unet", modules["unet"], dtype, lazy)
     else:
-        params = {kind: _converted_weights(folders[kind], kind, modules[kind], dtype) for kind in COMPONENTS}
+        params = {kind: _converted_weights(folders[kind], kind, modules[kind], dtype, lazy) for kind in COMPONENTS}
 
     return Components(
         unet=modules["unet"],
@@ -188,10 +164,9 @@ def save_components(components: Components, dst, overwrite: bool = False) -> Pat
     """Write `components` as a converted directory at `dst` (see the module docstring).
 
     Everything goes to a temporary sibling directory first and is renamed to `dst` at the end, so
-    an error leaves nothing at `dst`. An existing `dst` is an error unless `overwrite`.
+    an error leaves nothing at `dst`. An existing `dst` is an error unless `overwrite`. Params are
+    written one tensor at a time (LazyLeafs are read only then; see cfgbasin_jax.checkpoint).
     """
-    import orbax.checkpoint as ocp
-
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} already exists (use overwrite=True / --overwrite to replace it)")
@@ -212,15 +187,7 @@ def save_components(components: Components, dst, overwrite: bool = False) -> Pat
         (tmp / "scheduler").mkdir()
         sd_folder.write_json(tmp / "scheduler" / sd_folder.SCHEDULER_CONFIG, components.scheduler_config)
         components.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        params = {kind: components.params[kind] for kind in COMPONENTS}
-        local_only = ocp.options.MultiprocessingOptions(
-            primary_host=None,
-            active_processes={jax.process_index()},
-            barrier_sync_key_prefix=f"restore_p{jax.process_index()}",
-        )
-        with ocp.StandardCheckpointer(multiprocessing_options=local_only) as checkpointer:
-            checkpointer.save(tmp / PARAMS_DIR, params)
-            checkpointer.wait_until_finished()
+        checkpoint.write_params(tmp / PARAMS_DIR, {kind: components.params[kind] for kind in COMPONENTS})
         _replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

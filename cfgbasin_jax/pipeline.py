@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfgbasin_jax import compile_cache
 from cfgbasin_jax import guidance as G
 from cfgbasin_jax import parallel
 from cfgbasin_jax import sampler as S
@@ -80,9 +81,12 @@ class SamplingInputs(NamedTuple):
 class Pipeline:
     """Flax Stable Diffusion with transition-point guidance. Wraps loaded ``Components``
     (see :mod:`cfgbasin_jax.loading`): unet, vae, text_encoder modules, params, tokenizer, configs.
-    ``components.vae`` may be None for a pixel-space model (the UNet denoises RGB in [-1, 1])."""
+    ``components.vae`` may be None for a pixel-space model (the UNet denoises RGB in [-1, 1]).
+    ``compilation_cache``: JAX's persistent compilation cache (see :mod:`cfgbasin_jax.compile_cache`:
+    on by default; a directory, or False to leave JAX's setting alone)."""
 
-    def __init__(self, components):
+    def __init__(self, components, compilation_cache=None):
+        self.compilation_cache = compile_cache.enable(compilation_cache)
         self.components = components
         self.unet = components.unet
         self.vae = components.vae

@@ -24,5 +24,7 @@ def convert(src, dst, dtype="float32", unet_path=None, overwrite=False):
 
     if Path(dst).exists() and not overwrite:  # fail before the (slow) load; save re-checks
         raise ConversionError(f"{Path(dst).absolute()} already exists (use overwrite=True / --overwrite to replace it)")
-    components = load_components(src, dtype=dtype, unet_path=unet_path)
+    # Streamed: every weight is checked from the file headers here, then read, laid out, cast and
+    # written one tensor at a time by save_components (never two copies of the model in memory).
+    components = load_components(src, dtype=dtype, unet_path=unet_path, lazy=True)
     return save_components(components, dst, overwrite=overwrite)

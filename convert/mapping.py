@@ -11,15 +11,20 @@ For every Flax leaf path, e.g. ("down_blocks_0", "attentions_0", "transformer_bl
     the current to_q/to_k/to_v/to_out.0 (`VAE_ATTENTION_ALIASES`).
 Keys of the state dict that no Flax leaf consumed are "unexpected", except known buffers
 (`IGNORED_BUFFERS`). Every error names the weight file and the PyTorch key.
+
+Everything is checked from the weight files' headers first (`plan_leaves`); the tensors are then
+read one at a time (`lazy_flax_params`: one LazyLeaf per Flax leaf, laid out and cast on reading).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
+from cfgbasin_jax.checkpoint import LazyLeaf, aligned_empty
 from cfgbasin_jax.convert.errors import ConversionError
 from cfgbasin_jax.convert.weights import StateDict
 
@@ -75,18 +80,40 @@ def expected_torch_shape(leaf: str, flax_shape: tuple) -> tuple:
     return tuple(flax_shape)
 
 
+def layout_of(torch_shape: tuple, leaf: str, flax_shape: tuple) -> str | None:
+    """How a PyTorch tensor of `torch_shape` becomes the Flax leaf of `flax_shape`: "same",
+    "linear" (transpose), "conv" (OIHW -> HWIO) or "conv1x1" (a 1x1 conv weight as a Dense kernel);
+    None when the shapes cannot match."""
+    torch_shape, flax_shape = tuple(torch_shape), tuple(flax_shape)
+    if leaf != "kernel":
+        layout, shape = "same", torch_shape
+    elif len(torch_shape) == 2 and len(flax_shape) == 2:
+        layout, shape = "linear", torch_shape[::-1]
+    elif len(torch_shape) == 4 and len(flax_shape) == 4:
+        out_ch, in_ch, height, width = torch_shape
+        layout, shape = "conv", (height, width, in_ch, out_ch)
+    elif len(torch_shape) == 4 and len(flax_shape) == 2 and torch_shape[2:] == (1, 1):
+        layout, shape = "conv1x1", torch_shape[1::-1]
+    else:
+        return None
+    return layout if shape == flax_shape else None
+
+
+def apply_layout(array: np.ndarray, layout: str) -> np.ndarray:
+    """A view of `array` in the Flax layout (see layout_of); nothing is copied."""
+    if layout == "linear":
+        return array.T
+    if layout == "conv":
+        return np.transpose(array, (2, 3, 1, 0))
+    if layout == "conv1x1":
+        return array[:, :, 0, 0].T
+    return array
+
+
 def to_flax_layout(array: np.ndarray, leaf: str, flax_shape: tuple) -> np.ndarray | None:
-    """PyTorch layout -> Flax layout for one leaf; None when the shapes cannot match."""
-    if leaf == "kernel":
-        if array.ndim == 2 and len(flax_shape) == 2:
-            array = array.T
-        elif array.ndim == 4 and len(flax_shape) == 4:
-            array = np.transpose(array, (2, 3, 1, 0))
-        elif array.ndim == 4 and len(flax_shape) == 2 and array.shape[2:] == (1, 1):
-            array = array[:, :, 0, 0].T
-        else:
-            return None
-    return array if tuple(array.shape) == tuple(flax_shape) else None
+    """PyTorch layout -> Flax layout for one leaf (a view); None when the shapes cannot match."""
+    layout = layout_of(array.shape, leaf, flax_shape)
+    return None if layout is None else apply_layout(array, layout)
 
 
 def _flatten(tree: Mapping, prefix: tuple = ()) -> list:
@@ -113,42 +140,83 @@ def _is_ignored(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in IGNORED_BUFFERS
 
 
-def state_dict_to_flax(
-    state: StateDict, target_shapes: Mapping, aliases: Mapping[str, tuple] | None = None
-) -> dict:
-    """Map `state` onto the Flax tree `target_shapes` (leaves with .shape); float32 numpy leaves.
+@dataclass(frozen=True)
+class LeafSource:
+    """Where one Flax leaf comes from: its Flax path and shape, the PyTorch key and the layout."""
+
+    path: tuple
+    shape: tuple
+    key: str
+    layout: str
+
+
+def plan_leaves(state: StateDict, target_shapes: Mapping, aliases: Mapping[str, tuple] | None = None) -> list:
+    """The LeafSource of every leaf of the Flax tree `target_shapes` (leaves with .shape), checked
+    against the state dict's headers only (nothing is read).
 
     Raises ConversionError naming the file and key for a missing parameter, a shape mismatch, a
     non-float weight, or an unexpected parameter.
     """
-    tensors = state.tensors
+    specs = state.specs
     used = set()
-    flat = []
+    plan = []
     for path, spec in _flatten(target_shapes):
         candidates = torch_key_candidates(path, aliases)
-        key = next((k for k in candidates if k in tensors), None)
+        key = next((k for k in candidates if k in specs), None)
         leaf, shape = path[-1], tuple(spec.shape)
         if key is None:
             raise ConversionError(
                 f"{state.source}: missing parameter {candidates[0]!r} "
                 f"(shape {expected_torch_shape(leaf, shape)}, for Flax {'/'.join(path)})"
             )
-        array = np.asarray(tensors[key])
-        if array.dtype.kind not in _FLOAT_KINDS and array.dtype.name != "bfloat16":
-            raise ConversionError(f"{state.files[key]}: parameter {key!r} has non-float dtype {array.dtype}")
-        converted = to_flax_layout(array, leaf, shape)
-        if converted is None:
+        source = specs[key]
+        if source.dtype is None or (source.dtype.kind not in _FLOAT_KINDS and source.dtype.name != "bfloat16"):
+            dtype = "unsupported" if source.dtype is None else source.dtype
+            raise ConversionError(f"{source.file}: parameter {key!r} has non-float dtype {dtype}")
+        layout = layout_of(source.shape, leaf, shape)
+        if layout is None:
             raise ConversionError(
-                f"{state.files[key]}: parameter {key!r} has shape {tuple(array.shape)}, the model "
+                f"{source.file}: parameter {key!r} has shape {tuple(source.shape)}, the model "
                 f"config needs {expected_torch_shape(leaf, shape)}"
             )
         used.add(key)
-        flat.append((path, np.asarray(converted, dtype=np.float32)))
-    unexpected = sorted(k for k in tensors if k not in used and not _is_ignored(k))
+        plan.append(LeafSource(path, shape, key, layout))
+    unexpected = sorted(k for k in specs if k not in used and not _is_ignored(k))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise ConversionError(
-            f"{state.files[unexpected[0]]}: unexpected parameter {unexpected[0]!r}{more} "
+            f"{specs[unexpected[0]].file}: unexpected parameter {unexpected[0]!r}{more} "
             "that the model config has no place for"
         )
-    return _nest(flat)
+    return plan
+
+
+def lazy_leaf(state: StateDict, source: LeafSource, dtype) -> LazyLeaf:
+    """The Flax leaf `source` of `state` in `dtype`, read only when asked for: one tensor, as a
+    (possibly transposed) view of its aligned read buffer, or cast into a new aligned buffer."""
+    dtype = np.dtype(dtype)
+    spec = state.specs[source.key]
+
+    def read() -> np.ndarray:
+        array = apply_layout(state.read(source.key), source.layout)
+        if array.dtype == dtype:
+            return array  # a view: the writer (or to_device) copies it once, laid out
+        out = aligned_empty(source.shape, dtype)
+        np.copyto(out, array, casting="unsafe")
+        return out
+
+    return LazyLeaf(source.shape, dtype, read, (str(spec.file), spec.offset))
+
+
+def lazy_flax_params(state: StateDict, target_shapes: Mapping, dtype, aliases: Mapping[str, tuple] | None = None) -> dict:
+    """`target_shapes`' tree of LazyLeaf in `dtype`, validated up front (see plan_leaves)."""
+    return _nest([(source.path, lazy_leaf(state, source, dtype)) for source in plan_leaves(state, target_shapes, aliases)])
+
+
+def state_dict_to_flax(
+    state: StateDict, target_shapes: Mapping, aliases: Mapping[str, tuple] | None = None
+) -> dict:
+    """Map `state` onto the Flax tree `target_shapes` (leaves with .shape); float32 numpy leaves,
+    all read now (see lazy_flax_params for one at a time). Errors as plan_leaves."""
+    plan = plan_leaves(state, target_shapes, aliases)
+    return _nest([(source.path, lazy_leaf(state, source, np.float32).read()) for source in plan])

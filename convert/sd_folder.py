@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from cfgbasin_jax.convert.errors import ConversionError
-from cfgbasin_jax.convert.mapping import VAE_ATTENTION_ALIASES, state_dict_to_flax
+from cfgbasin_jax.convert.mapping import VAE_ATTENTION_ALIASES, lazy_flax_params, state_dict_to_flax
 from cfgbasin_jax.convert.weights import read_component_state_dict
 
 MODEL_FOLDERS = ("unet", "vae", "text_encoder")
@@ -81,3 +81,11 @@ def convert_weights(folder: Path, kind: str, target_shapes) -> dict:
     state = read_component_state_dict(Path(folder), kind)
     aliases = VAE_ATTENTION_ALIASES if kind == "vae" else None
     return state_dict_to_flax(state, target_shapes, aliases=aliases)
+
+
+def lazy_weights(folder: Path, kind: str, target_shapes, dtype) -> dict:
+    """`folder`'s PyTorch weights as the Flax tree `target_shapes` of LazyLeaf in `dtype`: every key,
+    shape and dtype is checked now, from the file headers; each tensor is read when its leaf is."""
+    state = read_component_state_dict(Path(folder), kind)
+    aliases = VAE_ATTENTION_ALIASES if kind == "vae" else None
+    return lazy_flax_params(state, target_shapes, dtype, aliases=aliases)
