@@ -4,6 +4,11 @@ On an accelerator machine the same command measures the accelerator path (the JA
 backend; PyTorch uses CUDA when available), e.g. bfloat16 with fused attention:
 
     python -m bench --pin none --dtype bfloat16 --sizes sd --steps 50
+
+On a full-size random model (built once, offline, cached; see bench/full.py):
+
+    python -m bench --config sd15               # conversion, load, memory, compile, table
+    python -m bench --config sd21 --sections memory
 """
 
 from __future__ import annotations
@@ -18,31 +23,55 @@ import time
 from pathlib import Path
 
 SECTIONS = ("table", "overhead", "dtp", "percall")
+FULL_CONFIGS = ("sd15", "sd21")
+# Defaults that differ on a full-size model (--config sd15 / sd21): few steps, batch 1, one round.
+FULL_DEFAULTS = {"runners": "ours,torch_loop,torch_pipe", "repeats": 1, "loop_images": 1, "pin": "none"}
+SMALL_DEFAULTS = {"runners": "ours,torch_loop,torch_pipe,flax_pipe", "repeats": 3, "loop_images": 2, "pin": "auto"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from bench import full
+
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None, choices=FULL_CONFIGS,
+                   help="a full-size random model instead of --sizes: sd15 (512x512) or sd21 (768x768); "
+                        "built once under --cache-dir")
     p.add_argument("--sizes", default="tiny,sd", help="comma-separated model sizes: tiny, sd")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
+    p.add_argument("--sections", default=None,
+                   help=f"comma-separated: {', '.join(SECTIONS)}; with --config: {', '.join(full.SECTIONS)}")
     p.add_argument("--methods", default="constant,stp,dtp,og_dtp", help="table methods")
-    p.add_argument("--runners", default="ours,torch_loop,torch_pipe,flax_pipe", help="table runners")
-    p.add_argument("--batch", type=int, default=None, help="batch of the batched runners (default: per size, 8)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: per size, tiny 50, sd 10)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (median)")
-    p.add_argument("--loop-images", type=int, default=2, help="images per round of the batch-1 loops")
+    p.add_argument("--runners", default=None, help=f"table runners (default {SMALL_DEFAULTS['runners']}; "
+                                                    f"with --config {FULL_DEFAULTS['runners']})")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch of the batched runners (default: per size, tiny 8, sd 4; --config 1)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: per size, tiny 50, sd 10; --config 2)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved timed rounds (median; default 3, --config 1)")
+    p.add_argument("--loop-images", type=int, default=None, help="images per round of the batch-1 loops (2; --config 1)")
     p.add_argument("--dtp-batches", default="1,4,8", help="batch sizes of our sampler in the DTP section")
     p.add_argument("--dtype", default="float32", help="our pipeline's and the Flax anchor's dtype")
-    p.add_argument("--pin", default="auto",
-                   help="run pinned to one core with one thread: 'auto' (last allowed core), a core number, or 'none'")
+    p.add_argument("--pin", default=None,
+                   help="run pinned to one core with one thread: 'auto' (last allowed core; the default), a core "
+                        "number, or 'none' (the default with --config)")
     p.add_argument("--percall-configs", default="tiny,sd")
     p.add_argument("--percall-batch", type=int, default=16)
     p.add_argument("--percall-latent", type=int, default=32)
     p.add_argument("--percall-repeats", type=int, default=5)
+    p.add_argument("--cache-dir", default=None,
+                   help="--config: where the full-size model is built and converted (default "
+                        "$CFGBASIN_BENCH_CACHE, else $XDG_CACHE_HOME/cfgbasin_jax/bench)")
+    p.add_argument("--memory-steps", type=int, default=1,
+                   help="--config: steps of the memory and compile jobs (batch 1, VAE decode included)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
     args = p.parse_args(argv)
-    bad = [s for s in args.sections.split(",") if s not in SECTIONS]
+    for key, value in (FULL_DEFAULTS if args.config else SMALL_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    known = full.SECTIONS if args.config else SECTIONS
+    args.sections = args.sections or ",".join(known)
+    bad = [s for s in args.sections.split(",") if s not in known]
     if bad:
-        p.error(f"--sections: unknown {', '.join(bad)} (use {', '.join(SECTIONS)})")
+        p.error(f"--sections: unknown {', '.join(bad)} (use {', '.join(known)})")
     return args
 
 
@@ -97,8 +126,14 @@ def run(args, log=print) -> dict:
         ],
     }
     started = time.time()
+    if args.config:
+        from bench import full
+
+        result["notes"] = result["notes"][:3] + full.NOTES
+        full.run(args, result, log=log)
+        sections = []
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
-        for name in args.sizes.split(","):
+        for name in ([] if args.config else args.sizes.split(",")):
             size = M.SIZES[name]
             steps = args.steps or size.steps
             batch = args.batch or size.batch
@@ -122,7 +157,7 @@ def run(args, log=print) -> dict:
                                             all_cpus, log=log)
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_s"] = time.time() - started
-    md, js = report.write(result, Path(args.out))
+    md, js = report.write(result, Path(args.out), args.config or "latest")
     log(report.markdown(result))
     log(f"wrote {md} and {js}")
     return result

@@ -99,11 +99,11 @@ def job_read(paths: list) -> dict:
     return {"seconds": time.perf_counter() - start, "bytes": total}
 
 
-def job_convert(src: str, dst: str, dtype: str = "float32") -> dict:
+def job_convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False) -> dict:
     from cfgbasin_jax.convert import convert
 
     start = time.perf_counter()
-    convert(src, dst, dtype=dtype)
+    convert(src, dst, dtype=dtype, overwrite=overwrite)
     return {"seconds": time.perf_counter() - start}
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from cfgbasin_jax import compile_cache
 from cfgbasin_jax import guidance as G
-from cfgbasin_jax import parallel
+from cfgbasin_jax import memory, parallel
 from cfgbasin_jax import sampler as S
 from cfgbasin_jax import schedulers
 
@@ -362,6 +362,8 @@ class Pipeline:
         trace, recorded, evals = self._sample_chunk(sched, noise * sched.init_noise_sigma, cond, uncond, chunk_plan, n, opts,
                                                     aux)
         cosine = recorded if recorded is not None else np.asarray(trace.latent_cosine)
+        if decode:  # the sampler's freed temporaries back to the OS before the decoder's come
+            memory.release_freed(sum(self.param_bytes().values()))
         return dict(
             images=self.decode(trace.latents)[:n] if decode else None,
             latents=np.asarray(trace.latents)[:n],
