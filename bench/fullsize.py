@@ -169,7 +169,7 @@ def _torch_module(kind: str, config: dict):
 
 def _write_component(folder: Path, kind: str, config: dict) -> int:
     """Build one PyTorch component (random init), write config.json + weights; returns its bytes."""
-    module = _torch_module(kind, config)
+    module = _torch_module(kind, copy.deepcopy(config))  # transformers adds keys to the dict it is given
     state = {k: v.detach() for k, v in module.state_dict().items()}
     del module
     folder.mkdir(parents=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import ctypes
+import hashlib
 import json
 import math
 import mmap
@@ -44,6 +45,7 @@ ALIGNMENT = 64  # bytes: XLA's CPU client aliases host buffers aligned like this
 DEFAULT_BUDGET_BYTES = 512 << 20
 READ_WORKERS = 4
 METADATA_FILE = "_METADATA"
+DIGEST_KEY = "cfgbasin_configs_sha256"
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -230,11 +232,20 @@ def _streaming_handler(budget: ByteBudget, fsync: bool):
     return StreamingHandler()
 
 
-def write_params(directory, params: Mapping, budget_bytes: int | None = None, fsync: bool = True) -> ByteBudget:
+def config_digest(configs: Mapping) -> str:
+    """sha256 of the model configs ({component: config dict}) as canonical JSON."""
+    text = json.dumps({k: configs[k] for k in sorted(configs)}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_params(directory, params: Mapping, budget_bytes: int | None = None, fsync: bool = True,
+                 configs: Mapping | None = None) -> ByteBudget:
     """Write ``params`` ({component: tree}; leaves numpy/jax arrays or :class:`LazyLeaf`) as an orbax
     checkpoint at ``directory`` (created; see the module docstring), holding at most
     ``budget_bytes`` (default DEFAULT_BUDGET_BYTES) of tensors at once; ``fsync``: each file is on
-    disk before this returns.
+    disk before this returns. ``configs``: the model configs the params were checked against; their
+    digest is stored (orbax custom metadata) so that a load with the same configs can take the
+    shapes from the checkpoint instead of tracing the modules (see :func:`stored_shapes`).
     Returns the budget (its ``peak``: the most tensor bytes held at once)."""
     import orbax.checkpoint as ocp
 
@@ -245,8 +256,9 @@ def write_params(directory, params: Mapping, budget_bytes: int | None = None, fs
                                           type_handler_registry=registry,
                                           multiprocessing_options=_local_only(ocp))
     directory = Path(directory).absolute()
+    custom = {DIGEST_KEY: config_digest(configs)} if configs is not None else None
     with ocp.Checkpointer(handler, multiprocessing_options=_local_only(ocp)) as checkpointer:
-        checkpointer.save(directory, tree)
+        checkpointer.save(directory, args=ocp.args.PyTreeSave(tree, custom_metadata=custom))
     return budget
 
 
@@ -372,6 +384,23 @@ def _open_leaf(folder: Path) -> LazyLeaf | None:
     if not chunk.is_file() or chunk.stat().st_size != math.prod(shape) * dtype.itemsize:
         return None
     return LazyLeaf(shape, dtype, _chunk_reader(chunk, shape, dtype))
+
+
+def stored_shapes(params_dir, configs: Mapping, dtype) -> dict | None:
+    """The checkpoint's own tree of ShapeDtypeStruct in ``dtype`` when it was written (by
+    :func:`write_params`) for exactly these ``configs`` and can be read directly; None otherwise
+    (then the shapes must come from the modules)."""
+    params_dir = Path(params_dir)
+    try:
+        metadata = json.loads((params_dir / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if (metadata.get("custom_metadata") or {}).get(DIGEST_KEY) != config_digest(configs):
+        return None
+    stored = open_params(params_dir)
+    if stored is None or set(stored) != set(configs):
+        return None
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), stored, is_leaf=is_lazy)
 
 
 def _check_fits(params_dir: Path, stored: Mapping, target: Mapping) -> None:

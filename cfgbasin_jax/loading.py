@@ -102,10 +102,13 @@ def _check_marker(root: Path) -> None:
         )
 
 
-def _restore_params(params_dir: Path, modules: dict, dtype) -> dict:
+def _restore_params(params_dir: Path, modules: dict, dtype, configs: dict | None = None) -> dict:
     """The params checkpoint at `params_dir`, restored into the shapes of `modules`, as `dtype`,
-    each tensor straight to this process's first local device (see cfgbasin_jax.checkpoint)."""
-    target = {kind: component_param_shapes(kind, module, dtype=dtype) for kind, module in modules.items()}
+    each tensor straight to this process's first local device (see cfgbasin_jax.checkpoint).
+    With the `configs` the checkpoint was written for, its own shapes are used (no module tracing)."""
+    target = None if configs is None else checkpoint.stored_shapes(params_dir, configs, dtype)
+    if target is None:
+        target = {kind: component_param_shapes(kind, module, dtype=dtype) for kind, module in modules.items()}
     return checkpoint.restore_params(params_dir, target)
 
 
@@ -138,10 +141,11 @@ def load_components(path, dtype="float32", unet_path=None, lazy: bool = False) -
     modules = {kind: build_module(kind, configs[kind], dtype) for kind in COMPONENTS}
 
     if converted:
-        stored_modules = dict(modules)
+        stored_modules, stored_configs = dict(modules), dict(configs)
         if swap:  # the checkpoint holds the original UNet: restore it into its own shapes, then drop it
-            stored_modules["unet"] = build_module("unet", sd_folder.read_model_config(root / "unet"), dtype)
-        params = dict(_restore_params(root / PARAMS_DIR, stored_modules, dtype))
+            stored_configs["unet"] = sd_folder.read_model_config(root / "unet")
+            stored_modules["unet"] = build_module("unet", stored_configs["unet"], dtype)
+        params = dict(_restore_params(root / PARAMS_DIR, stored_modules, dtype, stored_configs))
         if swap:
             params["unet"] = _converted_weights(folders["unet"], "unet", modules["unet"], dtype, lazy)
     else:
@@ -187,7 +191,8 @@ def save_components(components: Components, dst, overwrite: bool = False) -> Pat
         (tmp / "scheduler").mkdir()
         sd_folder.write_json(tmp / "scheduler" / sd_folder.SCHEDULER_CONFIG, components.scheduler_config)
         components.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        checkpoint.write_params(tmp / PARAMS_DIR, {kind: components.params[kind] for kind in COMPONENTS})
+        checkpoint.write_params(tmp / PARAMS_DIR, {kind: components.params[kind] for kind in COMPONENTS},
+                                configs={kind: components.configs[kind] for kind in COMPONENTS})
         _replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -99,15 +99,37 @@ def layout_of(torch_shape: tuple, leaf: str, flax_shape: tuple) -> str | None:
     return layout if shape == flax_shape else None
 
 
+# layout -> (PyTorch -> Flax, Flax -> PyTorch); views, nothing is copied.
+_LAYOUTS = {
+    "same": (lambda a: a, lambda a: a),
+    "linear": (lambda a: a.T, lambda a: a.T),
+    "conv": (lambda a: np.transpose(a, (2, 3, 1, 0)), lambda a: np.transpose(a, (3, 2, 0, 1))),
+    "conv1x1": (lambda a: a[:, :, 0, 0].T, lambda a: a.T[:, :, None, None]),
+}
+
+
 def apply_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    """A view of `array` in the Flax layout (see layout_of); nothing is copied."""
-    if layout == "linear":
-        return array.T
-    if layout == "conv":
-        return np.transpose(array, (2, 3, 1, 0))
-    if layout == "conv1x1":
-        return array[:, :, 0, 0].T
-    return array
+    """A view of `array` in the Flax layout (see layout_of)."""
+    return _LAYOUTS[layout][0](array)
+
+
+def to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
+    """The inverse of apply_layout: a view of a Flax leaf in PyTorch's layout."""
+    return _LAYOUTS[layout][1](array)
+
+
+def torch_state_dict(flax_params: Mapping, torch_shapes: Mapping, aliases: Mapping[str, tuple] | None = None) -> dict:
+    """Flax params -> {PyTorch key: numpy array} for a module whose state dict has `torch_shapes`
+    ({key: shape}); the inverse of the conversion (e.g. to run PyTorch on weights made in JAX)."""
+    out = {}
+    for path, value in _flatten(flax_params):
+        value = np.asarray(value)
+        key = next((k for k in torch_key_candidates(path, aliases) if k in torch_shapes), None)
+        layout = None if key is None else layout_of(torch_shapes[key], path[-1], value.shape)
+        if layout is None:
+            raise ConversionError(f"Flax parameter {'/'.join(path)} {value.shape}: no PyTorch key of a matching shape")
+        out[key] = np.array(to_torch_layout(value, layout), order="C")  # a writable copy
+    return out
 
 
 def to_flax_layout(array: np.ndarray, leaf: str, flax_shape: tuple) -> np.ndarray | None:

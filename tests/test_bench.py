@@ -108,3 +108,22 @@ def test_report_markdown_and_json(stp_table, tmp_path):
     loaded = json.loads(json_path.read_text())
     assert loaded["table"]["tiny"]["methods"]["stp"]["ours"]["n_images"] == 2
     assert np.isclose(loaded["percall"]["pinned_1_thread"]["results"][0]["ratio_vs_torch"]["ours"], 0.9)
+
+
+def test_accelerator_run_on_cpu_with_the_tiny_config(tmp_path):
+    """python -m bench.accelerator end to end on CPU (the tiny config, 3 steps, batch 1): the table,
+    the attention choice, parity against PyTorch and the saved reference, the runner rows."""
+    from bench import accelerator
+
+    out = tmp_path / "accelerator.md"
+    assert accelerator.main(["--config", "tiny", "--steps", "3", "--batches", "1", "--methods", "constant,dtp",
+                             "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "JAX backend cpu" in text and "attention: chunked" in text
+    errors = {line.split(" vs ")[1].split(":")[0]: float(line.rsplit(": ", 1)[1].split()[0])
+              for line in text.splitlines() if line.startswith("- UNet parity")}
+    assert len(errors) == 2 and all(err <= 1e-4 for err in errors.values()), errors
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| CFG", "| DTP"))]
+    assert [(r[0], r[1]) for r in rows] == [("| CFG 7.5", "1"), ("| DTP (1.0, then 7.5)", "1")]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0 and row[5] == "6"  # 3 steps x 2 halves

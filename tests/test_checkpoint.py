@@ -110,9 +110,28 @@ def test_orbax_layout_of_older_converted_folders_still_loads(tiny_sd1_converted,
     assert leaves_equal(load_components(old, dtype=dtype).params, load_components(tiny_sd1_converted, dtype=dtype).params)
 
 
+def test_shapes_come_from_the_checkpoint_only_for_its_own_configs(tiny_sd1_converted, tmp_path, monkeypatch):
+    from cfgbasin_jax import loading
+
+    traced = []
+    shapes = loading.component_param_shapes
+    monkeypatch.setattr(loading, "component_param_shapes", lambda *a, **k: traced.append(a[0]) or shapes(*a, **k))
+    load_components(tiny_sd1_converted)
+    assert traced == []  # written by the converter for these configs: no module traced
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_sd1_converted, edited)
+    config = json.loads((edited / "unet" / "config.json").read_text())
+    (edited / "unet" / "config.json").write_text(json.dumps({**config, "_edited": True}))  # same shapes
+    load_components(edited)
+    assert sorted(traced) == sorted(COMPONENTS)  # configs changed since: checked against the modules
+
+
 def test_params_that_do_not_fit_are_refused(tiny_sd1_converted, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_sd1_converted, bad)
+    metadata = json.loads((bad / "params" / "_METADATA").read_text())
+    metadata["custom_metadata"] = None  # as from an earlier converter: the shapes are checked
+    (bad / "params" / "_METADATA").write_text(json.dumps(metadata))
     folder = bad / "params" / "unet.conv_in.kernel"
     zarray = json.loads((folder / ".zarray").read_text())
     shape = zarray["shape"]
