@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("table", "overhead", "dtp", "percall")
+SECTIONS = ("table", "overhead", "dtp", "percall", "compile")
 FULL_CONFIGS = ("sd15", "sd21")
 # Defaults that differ on a full-size model (--config sd15 / sd21): few steps, batch 1, one round.
 FULL_DEFAULTS = {"runners": "ours,torch_loop,torch_pipe", "repeats": 1, "loop_images": 1, "pin": "none"}
@@ -62,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "$CFGBASIN_BENCH_CACHE, else $XDG_CACHE_HOME/cfgbasin_jax/bench)")
     p.add_argument("--memory-steps", type=int, default=1,
                    help="--config: steps of the memory and compile jobs (batch 1, VAE decode included)")
+    p.add_argument("--memory-dtypes", default="float32,bfloat16", help="--config: our dtypes in the memory section")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
     args = p.parse_args(argv)
     for key, value in (FULL_DEFAULTS if args.config else SMALL_DEFAULTS).items():
@@ -147,6 +148,11 @@ def run(args, log=print) -> dict:
                     tuple(args.runners.split(",")), log=log)
             if "overhead" in sections:
                 result.setdefault("overhead", {})[name] = harness.overhead(models, batch, steps, args.repeats, log=log)
+            if "compile" in sections:  # a second process on the same shapes (diffusers folder, converted in memory)
+                from bench import full
+
+                result.setdefault("compile", {})[name] = full.compile_section(
+                    models.folder, Path(tmp), size.latent * models.pipe.vae_scale_factor, steps, batch, log=log)
             if "dtp" in sections:
                 batches = [int(b) for b in args.dtp_batches.split(",")]
                 result.setdefault("dtp", {})[name] = harness.dtp_batches(

@@ -89,11 +89,12 @@ def load_section(converted: Path, log=print) -> dict:
     }
 
 
-def memory_section(source: Path, converted: Path, side: int, steps: int, log=print) -> dict:
-    """Peak RSS of the same job in three processes: ours float32, ours bfloat16, diffusers PyTorch."""
+def memory_section(source: Path, converted: Path, side: int, steps: int, dtypes=("float32", "bfloat16"),
+                   log=print) -> dict:
+    """Peak RSS of the same job in separate processes: ours in each of ``dtypes``, diffusers PyTorch."""
     out = {"side": side, "steps": steps, "batch": 1}
     no_cache = {"CFGBASIN_JAX_COMPILATION_CACHE": "0"}  # the compile's own memory is part of the job
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes:
         log(f"  memory: ours {dtype}")
         r = jobs.run("generate", no_cache, path=str(converted), dtype=dtype, steps=steps, side=side)
         out[f"ours_{dtype}"] = {"peak_rss_bytes": r["peak_rss_bytes"], "call_s": r["call_s"][0], "load_s": r["load_s"],
@@ -107,20 +108,21 @@ def memory_section(source: Path, converted: Path, side: int, steps: int, log=pri
     return out
 
 
-def compile_section(converted: Path, scratch: Path, side: int, steps: int, log=print) -> dict:
-    """First process (empty cache): first and steady call; second process: its first call."""
+def compile_section(converted: Path, scratch: Path, side: int, steps: int, batch: int = 1, log=print) -> dict:
+    """First process (empty cache): first and steady call; second process: its first call.
+    ``converted``: a converted folder or a diffusers folder (then converted in memory by each)."""
     cache = scratch / "jax_cache"
     shutil.rmtree(cache, ignore_errors=True)
     env = {"CFGBASIN_JAX_COMPILATION_CACHE": str(cache)}
     log("  compile: first process (empty persistent cache)")
-    first = jobs.run("generate", env, path=str(converted), steps=steps, side=side, calls=2)
+    first = jobs.run("generate", env, path=str(converted), steps=steps, side=side, batch=batch, calls=2)
     log("  compile: second process (same cache)")
-    second = jobs.run("generate", env, path=str(converted), steps=steps, side=side, calls=1)
+    second = jobs.run("generate", env, path=str(converted), steps=steps, side=side, batch=batch, calls=1)
     steady = first["call_s"][1]
     shutil.rmtree(cache, ignore_errors=True)
     return {
-        "side": side, "steps": steps, "first_call_s": first["call_s"][0], "steady_call_s": steady,
-        "compile_s": first["compile_s"][0], "second_process_first_call_s": second["call_s"][0],
+        "side": side, "steps": steps, "batch": batch, "first_call_s": first["call_s"][0], "steady_call_s": steady,
+        "compile_s": first["compile_s"][0], "second_process_compile_breakdown": second["compile_breakdown"][0], "second_process_first_call_s": second["call_s"][0],
         "second_process_compile_s": second["compile_s"][0], "second_process_cache_hits": second["cache_hits"][0],
         "second_process_vs_steady": second["call_s"][0] / steady, "load_avg": second["load_avg"],
     }
@@ -183,10 +185,11 @@ def run(args, result: dict, log=print) -> dict:
             out["load"] = load_section(converted, log)
         if "memory" in sections:
             log(f"{name}: memory")
-            out["memory"] = memory_section(source, converted, side, args.memory_steps, log)
+            out["memory"] = memory_section(source, converted, side, args.memory_steps,
+                                           tuple(args.memory_dtypes.split(",")), log)
         if "compile" in sections:
             log(f"{name}: compile")
-            out["compile"] = compile_section(converted, scratch, side, args.memory_steps, log)
+            out["compile"] = compile_section(converted, scratch, side, args.memory_steps, log=log)
         if "table" in sections:
             log(f"{name}: table")
             sized = table_section(name, source, converted, args, log)

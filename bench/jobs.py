@@ -134,7 +134,7 @@ def job_generate(path: str, dtype: str = "float32", steps: int = 1, side: int = 
     pipe = cfgbasin_jax.load_pipeline(path, dtype=dtype)
     load_s = time.perf_counter() - start
     rss_loaded = _rss_bytes()
-    times, compile_s, hits = [], [], []
+    times, compile_s, hits, breakdown = [], [], [], []
     for i in range(calls):
         with CompileStats() as stats:
             t0 = time.perf_counter()
@@ -143,7 +143,8 @@ def job_generate(path: str, dtype: str = "float32", steps: int = 1, side: int = 
             times.append(time.perf_counter() - t0)
         compile_s.append(stats.compile_s)
         hits.append(stats.hits)
-    return {"load_s": load_s, "call_s": times, "compile_s": compile_s, "cache_hits": hits,
+        breakdown.append({"trace_s": stats.trace_s, "lower_s": stats.lower_s, "backend_s": stats.backend_s})
+    return {"load_s": load_s, "call_s": times, "compile_s": compile_s, "cache_hits": hits, "compile_breakdown": breakdown,
             "param_bytes": _param_bytes(pipe), "rss_loaded_bytes": rss_loaded,
             "finite": bool(np.all(np.isfinite(res.latents)))}
 
