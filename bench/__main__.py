@@ -25,7 +25,8 @@ from pathlib import Path
 SECTIONS = ("table", "overhead", "dtp", "percall", "compile")
 FULL_CONFIGS = ("sd15", "sd21")
 # Defaults that differ on a full-size model (--config sd15 / sd21): few steps, batch 1, one round.
-FULL_DEFAULTS = {"runners": "ours,torch_loop,torch_pipe", "repeats": 1, "loop_images": 1, "pin": "none"}
+FULL_DEFAULTS = {"runners": "ours,torch_loop,torch_pipe", "repeats": 1, "loop_images": 1, "pin": "none", "steps": 3,
+                 "batch": 1}
 SMALL_DEFAULTS = {"runners": "ours,torch_loop,torch_pipe,flax_pipe", "repeats": 3, "loop_images": 2, "pin": "auto"}
 
 
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None,
                    help="batch of the batched runners (default: per size, tiny 8, sd 4; --config 1)")
     p.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default: per size, tiny 50, sd 10; --config 2)")
+                   help="denoising steps (default: per size, tiny 50, sd 10; --config 3)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved timed rounds (median; default 3, --config 1)")
     p.add_argument("--loop-images", type=int, default=None, help="images per round of the batch-1 loops (2; --config 1)")
     p.add_argument("--dtp-batches", default="1,4,8", help="batch sizes of our sampler in the DTP section")

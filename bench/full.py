@@ -132,7 +132,7 @@ def table_section(name: str, source: Path, converted: Path, args, log=print) -> 
     from bench import harness
 
     models = bench_models(name, source, converted, log=log)
-    tab = harness.table(models, args.methods.split(","), args.batch or 1, args.steps or 2, args.loop_images,
+    tab = harness.table(models, args.methods.split(","), args.batch, args.steps, args.loop_images,
                         args.repeats, tuple(args.runners.split(",")), sweep=False, log=log)
     return {"size": {"name": name, "description": fullsize.DESCRIPTIONS[name], "latent": models.size.latent,
                      "unet_params_m": models.unet_params_m, "parity": models.parity}, "table": tab}
