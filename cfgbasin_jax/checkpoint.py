@@ -15,8 +15,9 @@ held at once (:class:`ByteBudget`). No compression and no OCDBT: each parameter 
 Restoring (:func:`restore_params`) maps each file (copy-on-write ``mmap``) and hands it to the
 device: on CPU, ``jax.device_put`` of a page-aligned buffer aliases it, so the params ARE the page
 cache's pages (read from disk on first use, never copied, reclaimable under memory pressure); on an
-accelerator the pages are copied to device memory and unmapped. A load in another dtype casts
-tensor by tensor into aligned buffers. Checkpoints in any other layout (older converted
+accelerator the pages are copied to device memory and unmapped. (So on CPU the files must stay
+as they are while the params live: the converter never rewrites a file in place, it writes a new
+directory and renames it.) A load in another dtype casts tensor by tensor into aligned buffers. Checkpoints in any other layout (older converted
 directories: OCDBT, zstd) are restored by orbax.
 """
 

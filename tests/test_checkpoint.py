@@ -207,3 +207,19 @@ def test_a_second_process_loads_its_compilations_from_the_default_cache(tiny_sd1
     assert first["dir"] == second["dir"] == str(Path(tmp_path) / "cfgbasin_jax" / "jax_cache")
     assert first["misses"] > 0 and first["hits"] == 0
     assert second["hits"] >= first["misses"] and second["misses"] == 0
+
+
+def test_a_read_failing_while_streaming_leaves_nothing(tiny_sd1, tmp_path, monkeypatch):
+    calls = []
+    read = weights.StateDict.read
+
+    def failing(self, key):
+        calls.append(key)
+        if len(calls) == 20:
+            raise ConversionError(f"disk error while reading {key!r}")
+        return read(self, key)
+
+    monkeypatch.setattr(weights.StateDict, "read", failing)
+    with pytest.raises(ConversionError, match="disk error"):
+        convert(tiny_sd1.path, tmp_path / "out" / "dst")
+    assert list((tmp_path / "out").iterdir()) == []
