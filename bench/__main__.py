@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-dtypes", default="float32,bfloat16", help="--config: our dtypes in the memory section")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     for key, value in (FULL_DEFAULTS if args.config else SMALL_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -114,8 +115,7 @@ def run(args, log=print) -> dict:
                        else f"default threads (PyTorch {torch.get_num_threads()})")
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if sys.argv[0].endswith(
-            ("__main__.py", "bench")) else [])),
+        "command": " ".join(["python -m bench"] + [shlex.quote(a) for a in args.argv]),
         "args": vars(args), "machine": info, "sizes": {},
         "notes": [
             "ratios are measured in the same run, interleaved round by round; the machine is shared, "

@@ -6,7 +6,8 @@ Jobs:
   read        raw read time of files (``paths``, folders walked): every byte through one reused
               64 MiB buffer
   convert     ``cfgbasin_jax.convert.convert(src, dst, dtype)``
-  load        ``load_pipeline(path, dtype)``, and the bytes of the params it holds
+  load        ``load_pipeline(path, dtype)``, the bytes of the params it holds, and the time to
+              touch every param byte once after it (a lazily mapped load pays for its reads there)
   generate    load, then ``generate`` ``calls`` times (first call: compile; later: steady)
   torch_pipe  diffusers' ``StableDiffusionPipeline.from_pretrained(src)`` and its call on the same job
 
@@ -112,14 +113,21 @@ def _param_bytes(pipe) -> dict:
 
 
 def job_load(path: str, dtype: str = "float32") -> dict:
+    import jax
+    import numpy as np
+
     import cfgbasin_jax
 
     base = _rss_bytes()
     start = time.perf_counter()
     pipe = cfgbasin_jax.load_pipeline(path, dtype=dtype)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "param_bytes": _param_bytes(pipe), "rss_before_bytes": base,
-            "rss_after_bytes": _rss_bytes()}
+    rss_loaded = _rss_bytes()
+    start = time.perf_counter()
+    for leaf in jax.tree.leaves(pipe.params):  # every byte once (on CPU: the mapped files' pages)
+        np.asarray(leaf).view(np.uint8).max()
+    return {"seconds": seconds, "touch_s": time.perf_counter() - start, "param_bytes": _param_bytes(pipe),
+            "rss_before_bytes": base, "rss_loaded_bytes": rss_loaded, "rss_touched_bytes": _rss_bytes()}
 
 
 def job_generate(path: str, dtype: str = "float32", steps: int = 1, side: int = 512, batch: int = 1,
