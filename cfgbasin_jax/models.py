@@ -9,9 +9,10 @@ is the NUMBER of attention heads per block (head width = block channels // atten
 `num_attention_heads` is refused by both. The parity tests check this on an SD2-style per-block
 tuple.
 
-The UNet is this project's own linen module (:mod:`cfgbasin_jax.unet`): diffusers' Flax UNet's
-parameter tree with the attention implementation chosen per backend (:mod:`cfgbasin_jax.attention`)
-and PyTorch's exact gelu. The VAE and text encoder are diffusers' / transformers' Flax modules.
+The UNet and the VAE are this project's own linen modules (:mod:`cfgbasin_jax.unet`,
+:mod:`cfgbasin_jax.vae`) with diffusers' Flax parameter trees (``FlaxUNet2DConditionModel``,
+``FlaxAutoencoderKL``), the attention implementation chosen per backend (:mod:`cfgbasin_jax.attention`)
+and PyTorch's exact gelu. Nothing here imports diffusers.
 
 Parameter shapes come from `jax.eval_shape` (`param_shapes`): nothing is initialised to learn them.
 """
@@ -157,7 +158,7 @@ def _check_fixed(config: Mapping, fixed: Mapping, what: str) -> None:
 def _check_known(config: Mapping, known, what: str) -> None:
     for key in config:
         if not key.startswith("_") and key not in known:
-            raise ConversionError(f"{what} config key {key!r} is unknown to the Flax model")
+            raise ConversionError(f"{what} config key {key!r} = {config[key]!r} is unknown to the Flax model")
 
 
 def _per_block(config: Mapping, key: str, n_blocks: int, what: str) -> None:
@@ -203,7 +204,8 @@ def unet_flax_kwargs(config: Mapping) -> dict:
 
 
 def vae_flax_kwargs(config: Mapping) -> dict:
-    """Validate a diffusers AutoencoderKL config; return FlaxAutoencoderKL kwargs."""
+    """Validate a diffusers AutoencoderKL config; return the Flax VAE's kwargs (accepted by both
+    :class:`cfgbasin_jax.vae.AutoencoderKL` and diffusers' FlaxAutoencoderKL)."""
     what = "VAE"
     _check_known(config, set(_VAE_FLAX_KEYS) | set(_VAE_FIXED) | set(_VAE_IGNORED), what)
     _check_fixed(config, _VAE_FIXED, what)
@@ -257,27 +259,28 @@ def build_unet(config: Mapping, dtype: Any = "float32", attention: str = "auto")
     attention: "auto" (per backend: chunked on CPU, cuDNN-fused on GPU, XLA on TPU) or one of
     :data:`cfgbasin_jax.attention.IMPLEMENTATIONS`.
     """
-    from cfgbasin_jax.attention import IMPLEMENTATIONS
     from cfgbasin_jax.unet import UNet2DConditionModel
+
+    return UNet2DConditionModel(**unet_flax_kwargs(config), attention=_attention(attention), dtype=resolve_dtype(dtype))
+
+
+def _attention(attention: str) -> str:
+    from cfgbasin_jax.attention import IMPLEMENTATIONS
 
     if attention not in IMPLEMENTATIONS:
         raise ConversionError(f"unknown attention implementation {attention!r}: use one of {', '.join(IMPLEMENTATIONS)}")
-    return UNet2DConditionModel(**unet_flax_kwargs(config), attention=attention, dtype=resolve_dtype(dtype))
+    return attention
 
 
-def build_diffusers_unet(config: Mapping, dtype: Any = "float32"):
-    """diffusers' own FlaxUNet2DConditionModel for the same config (same parameter tree as
-    :func:`build_unet`): the anchor the benchmarks compare against."""
-    from diffusers import FlaxUNet2DConditionModel
+def build_vae(config: Mapping, dtype: Any = "float32", attention: str = "auto"):
+    """The VAE (linen module, :class:`cfgbasin_jax.vae.AutoencoderKL`) computing in `dtype`, from a
+    diffusers AutoencoderKL config. Its parameter tree is diffusers' FlaxAutoencoderKL's.
 
-    return FlaxUNet2DConditionModel(**unet_flax_kwargs(config), dtype=resolve_dtype(dtype))
+    attention: the mid-block attention implementation, as for :func:`build_unet`.
+    """
+    from cfgbasin_jax.vae import AutoencoderKL
 
-
-def build_vae(config: Mapping, dtype: Any = "float32"):
-    """FlaxAutoencoderKL (linen module) computing in `dtype`, from a diffusers AutoencoderKL config."""
-    from diffusers import FlaxAutoencoderKL
-
-    return FlaxAutoencoderKL(**vae_flax_kwargs(config), dtype=resolve_dtype(dtype))
+    return AutoencoderKL(**vae_flax_kwargs(config), attention=_attention(attention), dtype=resolve_dtype(dtype))
 
 
 def build_text_encoder(config_dict: Mapping, dtype: Any = "float32"):

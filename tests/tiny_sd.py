@@ -58,6 +58,14 @@ def build_tiny_torch(variant: str = "sd1", seed: int = 0) -> tuple:
     return unet, vae, text_encoder
 
 
+def build_torch_vae(config: dict, seed: int = 0):
+    """PyTorch AutoencoderKL of `config` (eval, float32), seeded, 1-D parameters perturbed."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return _perturb_vectors(AutoencoderKL.from_config(config))
+
+
 def write_sd_folder(root, variant: str, unet, vae, text_encoder, weights: str = "safetensors") -> Path:
     """Write the modules as a diffusers SD folder at `root` (created); weights 'safetensors' | 'bin'."""
     if weights not in ("safetensors", "bin"):
