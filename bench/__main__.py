@@ -72,8 +72,7 @@ def run(args, log=print) -> dict:
     if core is not None:
         torch.set_num_threads(1)
 
-    import cfgbasin_jax  # noqa: F401  (quiets diffusers' Flax deprecation notices)
-    from bench import harness, measure, report
+    from bench import diffusers_flax, harness, measure, report
     from bench import models as M
 
     sections = args.sections.split(",")
@@ -96,6 +95,8 @@ def run(args, log=print) -> dict:
             "compile s: first call minus the median steady call",
         ],
     }
+    if not diffusers_flax.available():
+        result["notes"].append(f"(d) diffusers Flax and the per-call diffusers Flax UNet: {diffusers_flax.SKIP_NOTE}")
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         for name in args.sizes.split(","):

@@ -9,6 +9,9 @@
             (our model) and in PyTorch, both batch 1.
   percall   one UNet call, ours vs PyTorch (and diffusers' Flax UNet), pinned to one core with one
             thread and with the default threads, in child processes.
+
+The anchors built on diffusers' own Flax models ((d) and the per-call diffusers Flax UNet) run only
+where those classes exist (:mod:`bench.diffusers_flax`); elsewhere the report marks them skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import measure
+from bench import diffusers_flax, measure
 from bench import runners as R
 
 TABLE_RUNNERS = ("ours", "torch_loop", "torch_pipe", "flax_pipe")
@@ -86,7 +89,12 @@ def table(models, methods, batch: int, steps: int, loop_images: int, repeats: in
           sweep: bool = True, log=print) -> dict:
     """The main table for one size (see the module docstring); ``sweep``: also count our sampler's
     recompilations over the STP transition-point sweep."""
-    out = {"size": models.size.name, "batch": batch, "steps": steps, "loop_images": loop_images, "methods": {}}
+    out = {"size": models.size.name, "batch": batch, "steps": steps, "loop_images": loop_images, "methods": {},
+           "skipped": {}}
+    if "flax_pipe" in runners and not diffusers_flax.available():
+        runners = tuple(r for r in runners if r != "flax_pipe")
+        out["skipped"]["flax_pipe"] = diffusers_flax.SKIP_NOTE
+        log(f"  (d) diffusers Flax {diffusers_flax.SKIP_NOTE} ({diffusers_flax.missing()})")
     for method in methods:
         log(f"  table {models.size.name} {method}")
         calls = {r: R.make(r, models, method, batch, steps, loop_images) for r in runners

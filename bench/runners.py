@@ -4,7 +4,8 @@
   torch_loop    the official scripts' structure in PyTorch: batch 1, Python loop over steps, the
                 transition decided on the host every step (host sync each step) (b)
   torch_pipe    diffusers' StableDiffusionPipeline, constant CFG only (c)
-  flax_pipe     diffusers' FlaxStableDiffusionPipeline (its own Flax UNet), constant CFG only (d)
+  flax_pipe     diffusers' FlaxStableDiffusionPipeline (its own Flax models), constant CFG only (d);
+                classic stack only (diffusers < 0.40), else skipped
   flax_loop     the official structure on our Flax model: batch 1, jitted UNet call per step, host
                 decision each step (issue 4's Python-loop baseline)
 
@@ -342,14 +343,15 @@ def torch_pipe(models, method: str, batch: int, steps: int, seed: int = 0) -> Ca
 
 
 def flax_pipe(models, method: str, batch: int, steps: int, seed: int = 0) -> Callable[[], Output]:
-    """diffusers' FlaxStableDiffusionPipeline with its own Flax UNet (constant CFG, jit=True)."""
+    """diffusers' FlaxStableDiffusionPipeline with its own Flax UNet, VAE and text encoder on our
+    converted params (constant CFG, jit=True). Needs the classic stack (:mod:`bench.diffusers_flax`)."""
     import jax
     import jax.numpy as jnp
     from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionPipeline
     from flax.jax_utils import replicate
     from transformers import CLIPTextConfig, FlaxCLIPTextModel
 
-    from cfgbasin_jax.models import build_diffusers_unet
+    from bench import diffusers_flax
 
     if method != "constant":
         raise ValueError(f"flax_pipe cannot express method {method!r}")
@@ -358,7 +360,8 @@ def flax_pipe(models, method: str, batch: int, steps: int, seed: int = 0) -> Cal
     text = FlaxCLIPTextModel(CLIPTextConfig.from_dict(m.configs["text_encoder"]), _do_init=False, dtype=dtype)
     scheduler = FlaxDDIMScheduler.from_config(m.configs["scheduler"])
     pipe = FlaxStableDiffusionPipeline(
-        vae=comp.vae, text_encoder=text, tokenizer=m.tokenizer, unet=build_diffusers_unet(m.configs["unet"], dtype),
+        vae=diffusers_flax.vae(m.configs["vae"], dtype), text_encoder=text, tokenizer=m.tokenizer,
+        unet=diffusers_flax.unet(m.configs["unet"], dtype),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, dtype=dtype,
     )
     params = replicate({**{k: comp.params[k] for k in ("unet", "vae", "text_encoder")},

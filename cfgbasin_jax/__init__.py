@@ -6,12 +6,8 @@
     res.images, res.transition_index, res.noise_diff
 """
 
-from cfgbasin_jax._quiet import silence_flax_deprecation as _silence
-
-_silence()
-
-from cfgbasin_jax import guidance  # noqa: E402
-from cfgbasin_jax.pipeline import GenerationResult, Pipeline  # noqa: E402
+from cfgbasin_jax import guidance
+from cfgbasin_jax.pipeline import GenerationResult, Pipeline
 
 __version__ = "0.1.0"
 

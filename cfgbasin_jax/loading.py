@@ -52,7 +52,7 @@ class Components:
 
     unet: cfgbasin_jax.unet.UNet2DConditionModel (linen module, dtype set; the same parameter
         tree as diffusers' FlaxUNet2DConditionModel)
-    vae: diffusers FlaxAutoencoderKL (linen module)
+    vae: cfgbasin_jax.vae.AutoencoderKL (linen module; diffusers' FlaxAutoencoderKL parameter tree)
     text_encoder: transformers FlaxCLIPTextModule (bare linen module)
     tokenizer: transformers CLIPTokenizer
     params: {"unet": tree, "vae": tree, "text_encoder": tree}, jnp arrays in `dtype`

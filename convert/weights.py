@@ -4,7 +4,7 @@ for safetensors.
 Looked for in this order (first found wins): `<stem>.safetensors`, `<stem>.safetensors.index.json`
 (sharded), `<stem>.bin`, `<stem>.bin.index.json`, then a single `*.safetensors` or `*.bin` file of any
 name (e.g. a `.fp16.` variant). `.bin` files are read with torch.load(weights_only=True); torch is
-imported only there.
+imported only there (without it: one ConversionError naming the file).
 """
 
 from __future__ import annotations
@@ -95,7 +95,13 @@ def _read_safetensors(path: Path) -> dict:
 
 
 def _read_torch_bin(path: Path) -> dict:
-    import torch
+    try:
+        import torch
+    except ImportError as err:
+        raise ConversionError(
+            f"{path}: pickled PyTorch weights (.bin) need torch, which cannot be imported ({err}); install it "
+            "(pip install 'cfgbasin_jax[torch]') or use a folder with .safetensors weights"
+        ) from err
 
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
