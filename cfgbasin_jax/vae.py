@@ -51,8 +51,8 @@ class DiagonalGaussian:
         return jnp.exp(self.logvar)
 
     def sample(self, key: jax.Array) -> jnp.ndarray:
-        """mean + std * N(0, 1) noise drawn from `key`, [B,h,w,C]."""
-        return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
+        """mean + std * N(0, 1) noise drawn from `key` in float32 (as diffusers' Flax VAE), [B,h,w,C]."""
+        return self.mean + self.std * jax.random.normal(key, self.mean.shape, jnp.float32)
 
     def mode(self) -> jnp.ndarray:
         return self.mean
