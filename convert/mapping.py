@@ -96,10 +96,12 @@ def to_flax_layout(array: np.ndarray, leaf: str, flax_shape: tuple) -> np.ndarra
 
 
 def with_prefix(state: StateDict, prefix: str) -> StateDict:
-    """`state` with `prefix` + "." before every key, unless some key already starts with it."""
-    if any(key.startswith(prefix + ".") for key in state.tensors):
+    """`state` with `prefix` + "." before every key that lacks it, unless some parameter key (buffers
+    such as position_ids do not count) already starts with it."""
+    mark = prefix + "."
+    if any(key.startswith(mark) and not _is_ignored(key) for key in state.tensors):
         return state
-    rename = {key: f"{prefix}.{key}" for key in state.tensors}
+    rename = {key: key if key.startswith(mark) else mark + key for key in state.tensors}
     return StateDict(
         tensors={rename[key]: value for key, value in state.tensors.items()},
         files={rename[key]: path for key, path in state.files.items()},

@@ -286,11 +286,26 @@ def test_old_vae_attention_names_and_position_ids_buffer(tiny_sd1, tmp_path, loa
         old[key] = value
     assert "encoder.mid_block.attentions.0.query.weight" in old
     save_file(old, vae_file)
-    text_file = src / "text_encoder" / "model.safetensors"
-    text = load_file(text_file)
+    text_file = src / "text_encoder" / "model.safetensors"  # transformers < 5: `text_model.` keys + position_ids
+    text = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in load_file(text_file).items()}
     text["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
     save_file(text, text_file)
     assert tree_leaves_equal(load_components(src).params, loaded("sd1", "float32").params)
+
+
+def test_text_encoder_keys_with_or_without_the_text_model_prefix():
+    """transformers 5 saves CLIPTextModel without the `text_model.` prefix that every SD checkpoint has."""
+    from cfgbasin_jax.convert.mapping import with_prefix
+    from cfgbasin_jax.convert.weights import StateDict
+
+    def state(*keys):
+        return StateDict({k: np.zeros(1) for k in keys}, {k: Path("w") for k in keys}, Path("w"))
+
+    new = with_prefix(state("embeddings.token_embedding.weight", "text_model.embeddings.position_ids"), "text_model")
+    assert set(new.tensors) == set(new.files) == {"text_model.embeddings.token_embedding.weight",
+                                                   "text_model.embeddings.position_ids"}
+    old = state("text_model.embeddings.token_embedding.weight")
+    assert with_prefix(old, "text_model") is old
 
 
 def test_sharded_safetensors(tiny_sd1, tmp_path, loaded):
