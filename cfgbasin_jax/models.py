@@ -11,8 +11,7 @@ tuple.
 
 The UNet is this project's own linen module (:mod:`cfgbasin_jax.unet`): diffusers' Flax UNet's
 parameter tree with the attention implementation chosen per backend (:mod:`cfgbasin_jax.attention`)
-and PyTorch's exact gelu. The text encoder is our own (:mod:`cfgbasin_jax.clip`) with transformers'
-FlaxCLIPTextModule's parameter tree. The VAE is diffusers' Flax module.
+and PyTorch's exact gelu. The VAE and text encoder are diffusers' / transformers' Flax modules.
 
 Parameter shapes come from `jax.eval_shape` (`param_shapes`): nothing is initialised to learn them.
 """
