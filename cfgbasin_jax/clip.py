@@ -139,6 +139,12 @@ def _check_known(config: Mapping, known, what: str) -> None:
             raise ConversionError(f"{what} config key {key!r} = {value!r} is unknown to our CLIP implementation")
 
 
+def _check_fixed(config: Mapping, what: str) -> None:
+    for key, allowed in _FIXED.items():
+        if key in config and config[key] not in allowed:
+            _fail(what, key, config[key], f"need one of {', '.join(repr(v) for v in allowed)}")
+
+
 def _positive_int(config: Mapping, key: str, what: str) -> int:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -157,9 +163,7 @@ def _check_common(config: Mapping, what: str, model_type: str, architectures: tu
         _fail(what, "model_type", config["model_type"], f"need {model_type!r}")
     if architectures is not None and config.get("architectures") not in (None, [], list(architectures)):
         _fail(what, "architectures", config["architectures"], f"need {list(architectures)!r}")
-    for key, allowed in _FIXED.items():
-        if key in config and config[key] not in allowed:
-            _fail(what, key, config[key], f"need one of {', '.join(repr(v) for v in allowed)}")
+    _check_fixed(config, what)
     for key in int_keys:
         _positive_int(config, key, what)
     if config["hidden_size"] % config["num_attention_heads"]:
@@ -186,7 +190,7 @@ def text_config(config: Mapping, what: str = "text encoder", architectures=("CLI
 def vision_config(config: Mapping, what: str = "CLIP vision", architectures=None) -> VisionConfig:
     """Validate a transformers CLIPVisionConfig dict (missing keys take transformers' defaults)."""
     merged = _check_common({**VISION_DEFAULTS, **config}, what, "clip_vision_model", architectures,
-                           _VISION_INT_KEYS, VISION_DEFAULTS)
+                           _VISION_INT_KEYS, (*VISION_DEFAULTS, "eos_token_id"))  # transformers 4 writes eos
     return VisionConfig(**{field.name: merged[field.name] for field in dataclasses.fields(VisionConfig)})
 
 
@@ -197,7 +201,9 @@ def clip_config(config: Mapping, what: str = "CLIP") -> ClipConfig:
     transformers (their missing keys take the defaults).
     """
     towers_keys = ("text_config", "vision_config", "text_config_dict", "vision_config_dict")
-    _check_known(config, (*towers_keys, *CLIP_DEFAULTS, *_GENERIC_KEYS, *_IGNORED_MODEL_KEYS), what)
+    _check_known(config, (*towers_keys, *CLIP_DEFAULTS, *_GENERIC_KEYS, *_IGNORED_MODEL_KEYS, *_FIXED,
+                          "eos_token_id"), what)
+    _check_fixed(config, what)
     if config.get("model_type", "clip") != "clip":
         _fail(what, "model_type", config["model_type"], "need 'clip'")
     if config.get("architectures") not in (None, [], ["CLIPModel"]):

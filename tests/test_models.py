@@ -323,14 +323,28 @@ def test_unsupported_text_encoder_configs_name_key_and_value(key, value):
     assert message.startswith(f"text encoder config key {key!r} = {value!r}"), message
 
 
+# The keys of SD 2.1's text_encoder/config.json (written by transformers 4.25): OpenCLIP-H's text tower
+# with 23 of its 24 layers, gelu, the pre-4.31 eos_token_id = 2.
+SD21_TEXT_ENCODER = {
+    "_name_or_path": "hf-models/stable-diffusion-v2-768x768/text_encoder", "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2, "hidden_act": "gelu",
+    "hidden_size": 1024, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 4096,
+    "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
+    "num_attention_heads": 16, "num_hidden_layers": 23, "pad_token_id": 1, "projection_dim": 512,
+    "torch_dtype": "float32", "transformers_version": "4.25.0.dev0", "vocab_size": 49408,
+}
+
+
 def test_text_config_reads_what_transformers_reads():
     """Keys a config leaves out take transformers' defaults; generic keys written by transformers load."""
     from transformers import CLIPTextConfig
 
     from cfgbasin_jax.clip import TextConfig, text_config
 
-    for overrides in ({}, {"hidden_act": "gelu", "num_hidden_layers": 23, "eos_token_id": 2, "dropout": 0.0}):
+    for overrides in ({}, {"hidden_act": "gelu", "num_hidden_layers": 23, "eos_token_id": 2, "dropout": 0.0},
+                      SD21_TEXT_ENCODER):
         full = CLIPTextConfig(**overrides).to_dict()  # every key transformers writes
         ours = text_config(full)
         assert ours == text_config(overrides)
         assert all(getattr(ours, f.name) == full[f.name] for f in dataclasses.fields(TextConfig))
+    assert text_config(SD21_TEXT_ENCODER).num_hidden_layers == 23
