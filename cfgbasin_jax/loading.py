@@ -5,7 +5,7 @@ Converted directory (written by `save_components` / `cfgbasin-convert`; read wit
     DST/cfgbasin_jax.json                 format marker: {"format", "format_version", "dtype", "source"}
     DST/params/                           orbax checkpoint {"unet": tree, "vae": tree, "text_encoder": tree}
     DST/{unet,vae,text_encoder}/config.json   the diffusers / transformers configs
-    DST/tokenizer/                        CLIPTokenizer files
+    DST/tokenizer/                        CLIP tokenizer files (tokenizer.json, vocab.json, merges.txt, ...)
     DST/scheduler/scheduler_config.json
 
 A diffusers folder is converted in memory (safetensors need no torch; `.bin` weights import it).
@@ -27,6 +27,7 @@ import numpy as np
 from cfgbasin_jax.convert import sd_folder
 from cfgbasin_jax.convert.errors import ConversionError
 from cfgbasin_jax.models import build_module, check_compatible, component_param_shapes, resolve_dtype
+from cfgbasin_jax.tokenizer import save_tokenizer
 
 __all__ = [
     "COMPONENTS",
@@ -54,7 +55,7 @@ class Components:
         tree as diffusers' FlaxUNet2DConditionModel)
     vae: cfgbasin_jax.vae.AutoencoderKL (linen module; diffusers' FlaxAutoencoderKL parameter tree)
     text_encoder: transformers FlaxCLIPTextModule (bare linen module)
-    tokenizer: transformers CLIPTokenizer
+    tokenizer: transformers' CLIP tokenizer (:func:`cfgbasin_jax.tokenizer.load_tokenizer`)
     params: {"unet": tree, "vae": tree, "text_encoder": tree}, jnp arrays in `dtype`
     configs: {"unet": dict, "vae": dict, "text_encoder": dict}, the diffusers / transformers configs
     scheduler_config: dict, as in scheduler/scheduler_config.json
@@ -211,7 +212,7 @@ def save_components(components: Components, dst, overwrite: bool = False) -> Pat
             sd_folder.write_json(tmp / kind / "config.json", components.configs[kind])
         (tmp / "scheduler").mkdir()
         sd_folder.write_json(tmp / "scheduler" / sd_folder.SCHEDULER_CONFIG, components.scheduler_config)
-        components.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        save_tokenizer(components.tokenizer, tmp / "tokenizer")
         params = {kind: components.params[kind] for kind in COMPONENTS}
         local_only = ocp.options.MultiprocessingOptions(
             primary_host=None,

@@ -122,11 +122,6 @@ _VAE_FIXED = {
 # force_upcast only tells PyTorch pipelines to run the VAE in float32.
 _VAE_IGNORED = ("force_upcast",)
 
-# --- text encoder ----------------------------------------------------------------------------------
-
-_TEXT_ACTS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
-
-
 def resolve_dtype(dtype: Any) -> jnp.dtype:
     """'float32' | 'bfloat16' | 'float16' (or the jnp dtype itself) -> jnp.dtype."""
     if isinstance(dtype, str):
@@ -234,22 +229,10 @@ def vae_flax_kwargs(config: Mapping) -> dict:
 
 
 def text_encoder_config(config: Mapping):
-    """Validate a transformers CLIPTextModel config dict; return a CLIPTextConfig."""
-    from transformers import CLIPTextConfig
+    """Validate a transformers CLIPTextModel config dict; return :class:`cfgbasin_jax.clip.TextConfig`."""
+    from cfgbasin_jax.clip import text_config
 
-    what = "text encoder"
-    model_type = config.get("model_type", "clip_text_model")
-    if model_type != "clip_text_model":
-        raise ConversionError(f"{what} config key 'model_type' = {model_type!r}: need 'clip_text_model'")
-    architectures = config.get("architectures") or ["CLIPTextModel"]
-    if list(architectures) != ["CLIPTextModel"]:
-        raise ConversionError(
-            f"{what} config key 'architectures' = {architectures!r}: only CLIPTextModel is supported"
-        )
-    act = config.get("hidden_act", "quick_gelu")
-    if act not in _TEXT_ACTS:
-        raise ConversionError(f"{what} config key 'hidden_act' = {act!r} has no Flax implementation")
-    return CLIPTextConfig.from_dict(dict(config))
+    return text_config(config, "text encoder", architectures=("CLIPTextModel",))
 
 
 def build_unet(config: Mapping, dtype: Any = "float32", attention: str = "auto"):
@@ -284,10 +267,12 @@ def build_vae(config: Mapping, dtype: Any = "float32", attention: str = "auto"):
 
 
 def build_text_encoder(config_dict: Mapping, dtype: Any = "float32"):
-    """Bare transformers FlaxCLIPTextModule (not the FlaxPreTrainedModel wrapper) in `dtype`."""
-    from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
+    """The CLIP text encoder (linen module, :class:`cfgbasin_jax.clip.CLIPTextModel`) computing in
+    `dtype`, from a transformers CLIPTextModel config. Its parameter tree is transformers'
+    FlaxCLIPTextModule's."""
+    from cfgbasin_jax.clip import CLIPTextModel
 
-    return FlaxCLIPTextModule(config=text_encoder_config(config_dict), dtype=resolve_dtype(dtype))
+    return CLIPTextModel(config=text_encoder_config(config_dict), dtype=resolve_dtype(dtype))
 
 
 BUILDERS = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder}

@@ -37,6 +37,7 @@ import optax
 from cfgbasin_jax import schedulers
 from cfgbasin_jax.loading import Components
 from cfgbasin_jax.models import build_text_encoder, build_unet, component_param_shapes, resolve_dtype
+from cfgbasin_jax.tokenizer import load_tokenizer, save_tokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PIXEL_FORMAT = "cfgbasin_jax.pixel_model"
@@ -279,12 +280,6 @@ def _toy_vocab_size() -> int:
         return len(json.loads((Path(tmp) / "vocab.json").read_text(encoding="utf-8")))
 
 
-def _load_tokenizer(directory):
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(str(directory), local_files_only=True)
-
-
 def pixel_components(configs: dict, params: dict, tokenizer, dtype="float32", source: str = "toy") -> Components:
     """Components of a pixel-space model (``vae = None``) from configs {"unet", "text_encoder",
     "scheduler"} and params {"unet", "text_encoder"}."""
@@ -318,9 +313,9 @@ def init_toy_components(seed: int = 0, configs: dict | None = None, tokenizer_di
     }
     if tokenizer_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = _load_tokenizer(toy.write_toy_tokenizer(tmp))
+            tokenizer = load_tokenizer(toy.write_toy_tokenizer(tmp))
     else:
-        tokenizer = _load_tokenizer(tokenizer_dir)
+        tokenizer = load_tokenizer(tokenizer_dir)
     return pixel_components(configs, params, tokenizer, source=f"init:toy:seed={seed}")
 
 
@@ -367,7 +362,7 @@ def save_pixel_model(components: Components, dst, save_dtype: str = "float16", e
         **(extra or {}),
     }
     (dst / "model.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    components.tokenizer.save_pretrained(str(dst / "tokenizer"))
+    save_tokenizer(components.tokenizer, dst / "tokenizer")
     return dst
 
 
@@ -388,7 +383,7 @@ def load_pixel_components(path, dtype="float32") -> Components:
         raise TrainingError(f"{meta_path}: format {meta.get('format')!r} is not {PIXEL_FORMAT!r}")
     flat = load_file(str(path / "params.safetensors"))
     tree = _unflatten({k: v.astype(np.float32) for k, v in flat.items()})
-    return pixel_components(meta["configs"], tree, _load_tokenizer(path / "tokenizer"), dtype=dtype, source=str(path))
+    return pixel_components(meta["configs"], tree, load_tokenizer(path / "tokenizer"), dtype=dtype, source=str(path))
 
 
 def load_model(model: str, dtype="float32", seed: int = 0, toy_beta_schedule: str | None = None) -> Components:

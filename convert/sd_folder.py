@@ -4,7 +4,7 @@
     SRC/unet/config.json + weights
     SRC/vae/config.json + weights
     SRC/text_encoder/config.json + weights
-    SRC/tokenizer/vocab.json, merges.txt, ...
+    SRC/tokenizer/vocab.json, merges.txt (or tokenizer.json), ...
     SRC/scheduler/scheduler_config.json
 """
 
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from cfgbasin_jax.convert.errors import ConversionError
-from cfgbasin_jax.convert.mapping import VAE_ATTENTION_ALIASES, state_dict_to_flax
+from cfgbasin_jax.convert.mapping import VAE_ATTENTION_ALIASES, state_dict_to_flax, with_prefix
 from cfgbasin_jax.convert.weights import read_component_state_dict
 
 MODEL_FOLDERS = ("unet", "vae", "text_encoder")
@@ -64,20 +64,19 @@ def read_scheduler_config(folder: Path) -> dict:
 
 
 def load_tokenizer(folder: Path):
-    """CLIPTokenizer from local files only."""
-    from transformers import CLIPTokenizer
+    """The CLIP tokenizer of a tokenizer/ folder, local files only (:mod:`cfgbasin_jax.tokenizer`)."""
+    from cfgbasin_jax import tokenizer
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConversionError(f"missing folder {folder}")
     try:
-        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
-        raise ConversionError(f"{folder}: cannot load a CLIPTokenizer ({err})") from err
+        return tokenizer.load_tokenizer(folder)
+    except tokenizer.TokenizerError as err:
+        raise ConversionError(str(err)) from err
 
 
 def convert_weights(folder: Path, kind: str, target_shapes) -> dict:
     """Read `folder`'s PyTorch weights and map them onto the Flax tree `target_shapes` (float32 numpy)."""
     state = read_component_state_dict(Path(folder), kind)
+    if kind == "text_encoder":
+        state = with_prefix(state, "text_model")
     aliases = VAE_ATTENTION_ALIASES if kind == "vae" else None
     return state_dict_to_flax(state, target_shapes, aliases=aliases)

@@ -80,7 +80,12 @@ def write_sd_folder(root, variant: str, unet, vae, text_encoder, weights: str = 
     )
     unet.save_pretrained(root / "unet", safe_serialization=safe)
     vae.save_pretrained(root / "vae", safe_serialization=safe)
-    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=safe)
+    if safe:
+        text_encoder.save_pretrained(root / "text_encoder")
+    else:  # transformers 5 writes safetensors only: pickle by hand, with the checkpoints' `text_model.` prefix
+        text_encoder.config.save_pretrained(root / "text_encoder")
+        state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_encoder.state_dict().items()}
+        torch.save(state, root / "text_encoder" / "pytorch_model.bin")
     write_tiny_tokenizer(root / "tokenizer")
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
