@@ -117,3 +117,14 @@ def test_report_markdown_and_json(stp_table, tmp_path):
     loaded = json.loads(json_path.read_text())
     assert loaded["table"]["tiny"]["methods"]["stp"]["ours"]["n_images"] == 2
     assert np.isclose(loaded["percall"]["pinned_1_thread"]["results"][0]["ratio_vs_torch"]["ours"], 0.9)
+
+
+def test_import_time_targets_and_probe():
+    from bench import import_time
+
+    assert import_time.parse_target("before=/py@/src") == ("before", "/py", "/src")
+    assert import_time.parse_target("now=/py") == ("now", "/py", None)
+    with pytest.raises(SystemExit, match="LABEL=PYTHON"):
+        import_time.parse_target("/py")
+    (row,) = import_time.measure([("json", "import json", sys.executable, None)], runs=1)
+    assert row["imports"] == [] and row["median_s"] > 0 and row["runs"] == 1
