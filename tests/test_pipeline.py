@@ -1,12 +1,16 @@
-"""The compiled sampler against PyTorch diffusers on tiny random SD models built in the test."""
+"""The Pipeline (text, noise, chunking, the compiled sampler, decoding) against PyTorch diffusers on
+tiny random SD models built in the test, and its public surface: unet_fn, seeds as keys, the
+shipped toy, the conditioning hook, transition fallbacks."""
 
 import numpy as np
 import pytest
 import torch
 from reference import pt_embed, pt_guided_loop, pt_scheduler, rel_err
 
+import cfgbasin_jax
 from cfgbasin_jax import guidance as G
 from cfgbasin_jax import sampler as S
+from cfgbasin_jax.loading import ConversionError
 from cfgbasin_jax.pipeline import initial_noise
 
 PROMPTS = ["a red circle on the left", "two blue squares"]
@@ -195,3 +199,59 @@ def test_nonfinite_trajectory_is_flagged_per_sample(pipe_sd1):
                             scheduler="ddim", progress=False, decode=False)
     assert res.nonfinite.tolist() == [False, True]
     assert np.all(np.isfinite(res.latents[0])) and not np.all(np.isfinite(res.latents[1]))
+
+
+def test_seed_is_an_int_or_a_prng_key(pipe_sd1):
+    import jax
+
+    args = dict(num_inference_steps=3, scheduler="ddim", progress=False, decode=False)
+    by_int = pipe_sd1.generate(PROMPTS, G.constant(7.5), seed=5, **args)
+    by_key = pipe_sd1.generate(PROMPTS, G.constant(7.5), seed=jax.random.PRNGKey(5), **args)
+    np.testing.assert_array_equal(by_int.latents, by_key.latents)
+    typed = pipe_sd1.generate(PROMPTS, G.constant(7.5), seed=jax.random.key(5), **args)
+    np.testing.assert_array_equal(typed.latents, by_int.latents)  # same key bits, same noise
+    with pytest.raises(ValueError, match="seed must be an int or a PRNG key"):
+        pipe_sd1.generate(PROMPTS, G.constant(7.5), seed="five", **args)
+
+
+def test_public_unet_fn_is_the_sampler_model(pipe_sd1):
+    """pipe.unet_fn and pipe.params drive the functional sampler to the pipeline's result."""
+    import jax.numpy as jnp
+
+    noise = _noise(pipe_sd1, len(PROMPTS), seed=7)
+    res = pipe_sd1.generate(PROMPTS, G.static_transition(500, 0.0, 7.5), num_inference_steps=STEPS, latents=noise,
+                            scheduler="ddim", progress=False, decode=False)
+    sched = pipe_sd1.make_scheduler("ddim", STEPS)
+    plan = G.plan(G.static_transition(500, 0.0, 7.5), len(PROMPTS), sched.timesteps)
+    trace = S.sample(pipe_sd1.params["unet"], sched, jnp.asarray(noise) * sched.init_noise_sigma,
+                     pipe_sd1.encode_prompts(PROMPTS), pipe_sd1.encode_prompts([""] * len(PROMPTS)),
+                     plan.before, plan.after, plan.detector, unet_fn=pipe_sd1.unet_fn)
+    assert rel_err(trace.latents, res.latents) < 1e-5
+    assert int(np.sum(trace.unet_evals)) == res.unet_evals
+    np.testing.assert_array_equal(np.asarray(trace.scale), res.guidance_scale)
+
+
+def test_load_pipeline_opens_the_shipped_toy():
+    pipe = cfgbasin_jax.load_pipeline(cfgbasin_jax.TOY_MODEL)
+    assert pipe.vae is None and pipe.default_size == 16 and pipe.latent_shape() == (3, 16, 16)
+    with pytest.raises(ConversionError, match="unet_path"):
+        cfgbasin_jax.load_pipeline(cfgbasin_jax.TOY_MODEL, unet_path=cfgbasin_jax.TOY_MODEL)
+
+
+def test_conditioning_hook_is_generic(pipe_sd1):
+    class Shift(S.Conditioning):
+        """Adds a per-sample constant to the conditional embedding from step 0 on."""
+
+        cond_fn = staticmethod(lambda cond, t, j, aux: cond + aux[:, None, None])
+
+        def cond_aux(self, seed, sample_indices):
+            return np.asarray(sample_indices, np.float32) * 0.0 + 0.5
+
+    args = dict(num_inference_steps=3, scheduler="ddim", progress=False, decode=False, seed=1)
+    plain = pipe_sd1.generate(PROMPTS, G.constant(7.5), **args)
+    shifted = pipe_sd1.generate(PROMPTS, G.constant(7.5), conditioning=Shift(), **args)
+    embeds = np.asarray(pipe_sd1.encode_prompts(PROMPTS)) + 0.5
+    same = pipe_sd1.generate(PROMPTS, G.constant(7.5), prompt_embeds=embeds, **args)
+    assert rel_err(shifted.latents, same.latents) < 1e-5 and rel_err(shifted.latents, plain.latents) > 1e-3
+    with pytest.raises(ValueError, match="conditioning must be"):
+        pipe_sd1.generate(PROMPTS, G.constant(7.5), conditioning=lambda c: c, **args)
