@@ -107,7 +107,8 @@ def table(models, methods, batch: int, steps: int, loop_images: int, repeats: in
 # ------------------------------------------------------------------------------------------ overhead
 
 
-def _sampler_args(pipe, batch: int, steps: int, side: int):
+def sampler_args(pipe, batch: int, steps: int, side: int):
+    """Arguments of ``pipe.sampler()`` for constant CFG: (params, scheduler, x0, cond, uncond, before, after, detector)."""
     import jax.numpy as jnp
 
     from cfgbasin_jax import guidance as G
@@ -142,7 +143,7 @@ def overhead(models, batch: int, steps: int, repeats: int, log=print) -> dict:
     from cfgbasin_jax import sampler as S
 
     pipe = models.pipe
-    args = _sampler_args(pipe, batch, steps, models.size.latent)
+    args = sampler_args(pipe, batch, steps, models.size.latent)
     params, _, x0, cond, uncond = args[:5]
     loop = pipe.sampler(progress=False, skip_halves=True)
     x2, t2, c2 = jnp.concatenate([x0, x0]), jnp.full((2 * batch,), 500, jnp.int32), jnp.concatenate([uncond, cond])

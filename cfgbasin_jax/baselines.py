@@ -62,7 +62,7 @@ CADS_STREAM = 0x43414453
 
 __all__ = [
     "AUGMENTATIONS", "CADS", "METHODS", "NOISE_KINDS", "WenResult", "augment_prompt", "augment_prompts",
-    "cads_condition", "cads_gamma", "cads_keys", "cads_noisy_condition", "check_method", "detection_score",
+    "cads_condition", "cads_gamma", "cads_keys", "cads_noise", "cads_noisy_condition", "check_method", "detection_score",
     "wen_compile_count", "wen_generate", "wen_optimize",
 ]
 
@@ -185,7 +185,7 @@ def cads_noisy_condition(y, gamma, noise, s, psi) -> jnp.ndarray:
     return jnp.where(s > 0, psi * rescaled + (1.0 - psi) * y_hat, y)
 
 
-def _cads_noise(keys, j, shape, noise: str) -> jnp.ndarray:
+def cads_noise(keys, j, shape, noise: str) -> jnp.ndarray:
     """float32 [B,*shape]: step j's CADS noise of each sample (key fold_in(key_i, j))."""
     draw = jax.random.normal if noise == "gaussian" else jax.random.uniform
     return jax.vmap(lambda k: draw(jax.random.fold_in(k, j), shape, jnp.float32))(keys)
@@ -195,7 +195,7 @@ def cads_condition(cond, t, j, aux, *, noise: str = "gaussian") -> jnp.ndarray:
     """The sampler's ``cond_fn`` for CADS: cond [B,L,D] at timestep t, step j; ``aux`` holds
     per-sample ``key`` [B,2] and ``tau1``, ``tau2``, ``s``, ``psi`` [B] (traced). -> [B,L,D]."""
     gamma = cads_gamma(t, aux["tau1"], aux["tau2"])
-    n = _cads_noise(aux["key"], j, cond.shape[1:], noise)
+    n = cads_noise(aux["key"], j, cond.shape[1:], noise)
     return cads_noisy_condition(cond, gamma, n, aux["s"], aux["psi"]).astype(cond.dtype)
 
 

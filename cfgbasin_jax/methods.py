@@ -39,11 +39,11 @@ class Method:
 
     def guidance(self, **params) -> G.Guidance:
         """The method's :class:`~cfgbasin_jax.guidance.Guidance`; ``None`` values keep the defaults."""
+        params = {k: v for k, v in params.items() if v is not None}
         unknown = set(params) - set(self.defaults) - {"shape_before", "shape_after", "precision", "fallback"}
         if unknown:
             raise ValueError(f"methods: {self.name} takes {', '.join(sorted(self.defaults))}, not {', '.join(sorted(unknown))}")
-        merged = {**self.defaults, **{k: v for k, v in params.items() if v is not None}}
-        return self.build(**merged)
+        return self.build(**{**self.defaults, **params})
 
 
 def _constant(scale, **_shapes):

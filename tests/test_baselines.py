@@ -114,9 +114,9 @@ def test_cads_noise_per_sample_is_independent_of_batch_size():
             assert not np.allclose(full[0], full[1])
         other_step = np.asarray(fn(jnp.asarray(y), 901, 1, cads.cond_aux(7, [0, 1, 2])))
         assert not np.allclose(other_step, np.asarray(fn(jnp.asarray(y), 901, 0, cads.cond_aux(7, [0, 1, 2]))))
-    draws = np.asarray(B._cads_noise(B.cads_keys(0, range(64)), 0, (77, 8), "uniform"))
+    draws = np.asarray(B.cads_noise(B.cads_keys(0, range(64)), 0, (77, 8), "uniform"))
     assert draws.min() >= 0 and draws.max() < 1 and abs(draws.mean() - 0.5) < 0.01
-    gauss = np.asarray(B._cads_noise(B.cads_keys(0, range(64)), 0, (77, 8), "gaussian"))
+    gauss = np.asarray(B.cads_noise(B.cads_keys(0, range(64)), 0, (77, 8), "gaussian"))
     assert abs(gauss.mean()) < 0.02 and abs(gauss.std() - 1) < 0.02
     # a different stream from the sample's initial noise
     assert not np.allclose(np.asarray(initial_noise(0, [3], (77, 8)))[0], gauss[3])

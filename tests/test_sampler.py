@@ -150,3 +150,15 @@ def test_every_trace_has_finite_gradients_and_remat_agrees(batch):
     remat = jax.grad(lambda s, c: signals(s, c, remat=True), argnums=(0, 1))(0.0, cond)
     for a, b in zip(grads, remat):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_default_gradients_equal_those_of_the_path_that_runs_both_halves(batch):
+    params, sched, x0, cond, uncond = batch
+
+    def f(s, skip):
+        t = S.sample_loop(params, sched, x0, cond, uncond, jnp.full((B, STEPS), s), jnp.full((B, STEPS), s),
+                          unet_fn=stub.unet, skip_halves=skip)
+        return jnp.sum(t.latents ** 2)
+
+    for s in (0.0, 1.0):  # only one half runs in the forward pass of the default path
+        np.testing.assert_allclose(jax.grad(f)(s, True), jax.grad(f)(s, False), rtol=1e-5)
