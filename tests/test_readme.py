@@ -44,3 +44,4 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     for b, k in enumerate(res.transition_index):  # the documented rule, restated
         want = next((j for j, v in enumerate(d[b]) if v < 0.8), -1)
         assert k == want
+    assert res.transition_index.tolist() == [-1, -1, 0, 0]  # as the README says
