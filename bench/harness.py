@@ -103,8 +103,8 @@ def table(models, methods, batch: int, steps: int, loop_images: int, repeats: in
     if sweep and "ours" in runners and "stp" in methods:
         out["stp_sweep"] = stp_sweep_recompiles(models, steps)
         out["methods"]["stp"]["ours"]["recompiles_sweep"] = out["stp_sweep"]["recompiles"]
-    if "ours" in runners and "stp" in methods and "constant" in methods:
-        stp, const = out["methods"]["stp"]["ours"], out["methods"]["constant"]["ours"]
+    if "ours" in runners and "stp" in methods and "cfg" in methods:
+        stp, const = out["methods"]["stp"]["ours"], out["methods"]["cfg"]["ours"]
         out["stp_work"] = {  # the time ratio is not from interleaved rounds: indicative only
             "unet_evals_ratio": stp["unet_evals_per_image"] / const["unet_evals_per_image"],
             "time_ratio_not_interleaved": const["images_per_s"] / stp["images_per_s"],
@@ -115,7 +115,8 @@ def table(models, methods, batch: int, steps: int, loop_images: int, repeats: in
 # ------------------------------------------------------------------------------------------ overhead
 
 
-def _sampler_args(pipe, batch: int, steps: int, side: int):
+def sampler_args(pipe, batch: int, steps: int, side: int):
+    """Arguments of ``pipe.sampler()`` for constant CFG: (params, scheduler, x0, cond, uncond, before, after, detector)."""
     import jax.numpy as jnp
 
     from cfgbasin_jax import guidance as G
@@ -126,12 +127,12 @@ def _sampler_args(pipe, batch: int, steps: int, side: int):
     uncond = pipe.encode_prompts([""] * batch)
     x0 = jnp.asarray(np.random.default_rng(0).standard_normal((batch, pipe.latent_channels, side, side)), jnp.float32)
     return (pipe.params["unet"], sched, x0, cond, uncond, jnp.asarray(plan.before), jnp.asarray(plan.after),
-            jnp.asarray(plan.switch_index))
+            plan.detector)
 
 
 def host_callbacks_in_loop(pipe, args) -> int:
     """Host callbacks in the compiled sampler (progress off): 0 means no host round-trips per step."""
-    text = pipe.sampler("fixed", False, True).lower(*args).as_text()
+    text = pipe.sampler(progress=False, skip_halves=True).lower(*args).as_text()
     return sum(text.count(name) for name in ("callback", "host_compute", "SendToHost", "RecvFromHost"))
 
 
@@ -150,22 +151,22 @@ def overhead(models, batch: int, steps: int, repeats: int, log=print) -> dict:
     from cfgbasin_jax import sampler as S
 
     pipe = models.pipe
-    args = _sampler_args(pipe, batch, steps, models.size.latent)
+    args = sampler_args(pipe, batch, steps, models.size.latent)
     params, _, x0, cond, uncond = args[:5]
-    loop = pipe.sampler("fixed", False, True)
+    loop = pipe.sampler(progress=False, skip_halves=True)
     x2, t2, c2 = jnp.concatenate([x0, x0]), jnp.full((2 * batch,), 500, jnp.int32), jnp.concatenate([uncond, cond])
 
     @jax.jit
     def bare(params, x, t, c):
         def body(x, _):
-            return x + 1e-3 * pipe._unet_fn(params, x, t, c).astype(x.dtype), None
+            return x + 1e-3 * pipe.unet_fn(params, x, t, c).astype(x.dtype), None
 
         return jax.lax.scan(body, x, None, length=steps)[0]
 
     def stub(p, x, t, c):
         return x * 0.5 + jnp.mean(c) + t[:, None, None, None].astype(x.dtype) * 1e-3
 
-    stub_loop = jax.jit(functools.partial(S.sample_loop, unet_fn=stub, detector="fixed", skip_halves=True))
+    stub_loop = jax.jit(functools.partial(S.sample_loop, unet_fn=stub, skip_halves=True))
     fns = {"loop": lambda: loop(*args), "bare": lambda: bare(params, x2, t2, c2), "stub_loop": lambda: stub_loop(*args)}
     for fn in fns.values():
         measure.timed(fn)

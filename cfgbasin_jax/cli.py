@@ -43,11 +43,12 @@ from pathlib import Path
 
 from cfgbasin_jax import distributed as D
 from cfgbasin_jax import guidance as G
+from cfgbasin_jax import methods as M
 from cfgbasin_jax import prompts as P
 from cfgbasin_jax import runs as R
 
 PROG = "cfgbasin-generate"
-METHODS = ("cfg", "stp", "og-stp", "dtp", "og-dtp", "wen")
+METHODS = M.names(cli_only=True)  # cfg, stp, og-stp, dtp, og-dtp, wen (the registry's spellings)
 STATIC_METHODS = ("cfg", "stp", "og-stp", "wen")
 ENV_BASE_MODEL = "CFGBASIN_BASE_MODEL"
 HUB_DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -62,17 +63,20 @@ SCHEDULER_ALIASES = {
     "ddim": "ddim", "euler": "euler", "pndm": "pndm", "plms": "pndm",
 }
 
-_STP_DEFAULTS = dict(guidance_scale=7.5, guidance_scale_later=7.5, guidance_change_step=0.0,
-                     end_iter=10000, img_size=256, exp="laion10k")
-_DTP_DEFAULTS = dict(guidance_scale=1.0, guidance_scale_later=7.5, guidance_change_step=None,
-                     end_iter=200, img_size=512, exp="sdv1_pretrained")
+# The reference scripts' defaults; the methods' paper defaults come from the registry.
+_PAPER = {name: M.get(name).defaults for name in ("cfg", "og-stp", "dtp", "og-dtp")}
+_STP_DEFAULTS = dict(guidance_scale=_PAPER["cfg"]["scale"], guidance_scale_later=_PAPER["cfg"]["scale"],
+                     guidance_change_step=0.0, end_iter=10000, img_size=256, exp="laion10k")
+_DTP_DEFAULTS = dict(guidance_scale=_PAPER["dtp"]["before"], guidance_scale_later=_PAPER["dtp"]["scale"],
+                     guidance_change_step=None, end_iter=200, img_size=512, exp="sdv1_pretrained")
 METHOD_DEFAULTS = {
     "cfg": {**_STP_DEFAULTS, "guidance_scale_later": None},
     "wen": {**_STP_DEFAULTS, "guidance_scale_later": None},
     "stp": _STP_DEFAULTS,
-    "og-stp": {**_STP_DEFAULTS, "guidance_scale": -2.0, "guidance_change_step": 650.0},
+    "og-stp": {**_STP_DEFAULTS, "guidance_scale": _PAPER["og-stp"]["before"],
+               "guidance_change_step": float(_PAPER["og-stp"]["t"])},
     "dtp": _DTP_DEFAULTS,
-    "og-dtp": {**_DTP_DEFAULTS, "guidance_scale": 7.5, "guidance_scale_later": None},
+    "og-dtp": {**_DTP_DEFAULTS, "guidance_scale": abs(_PAPER["og-dtp"]["before"]), "guidance_scale_later": None},
 }
 # Flags a method does not use (a warning when given).
 UNUSED_FLAGS = {
@@ -546,7 +550,7 @@ def _execute(s: Settings, stats: CompileStats, handlers: list) -> int:
     t_load = time.perf_counter()
     try:
         pipe = cached_pipeline(s.model, s.unet_path, s.dtype)
-        pipe._latent_hw(s.img_size, s.img_size)
+        pipe.latent_hw(s.img_size, s.img_size)
     except ConversionError as err:
         raise CliError(f"cannot load the model: {err}") from None
     except ValueError as err:

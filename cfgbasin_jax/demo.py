@@ -25,13 +25,15 @@ from typing import Sequence
 
 import numpy as np
 
-from cfgbasin_jax import toy
+from cfgbasin_jax import TOY_MODEL, toy
+from cfgbasin_jax import methods as M
 
-SHIPPED_MODEL = Path(__file__).resolve().parent / "data" / "toy"
-METHODS = ("CFG", "STP", "OG+STP", "DTP", "OG+DTP", "Wen", "CADS", "Aug")
-# The last three are the inference-time baselines of cfgbasin_jax.baselines, all with constant CFG:
-# Wen et al.'s prompt-embedding optimisation, CADS, and rand_word_repeat prompt augmentation.
-BASELINES = ("Wen", "CADS", "Aug")
+SHIPPED_MODEL = TOY_MODEL
+# Every method of the registry, by its table label: the transition methods, then the inference-time
+# baselines of cfgbasin_jax.baselines, all with constant CFG (Wen et al.'s prompt-embedding
+# optimisation, CADS, and rand_word_repeat prompt augmentation).
+METHODS = tuple(M.get(name).label for name in M.names())
+BASELINES = tuple(M.get(name).label for name in M.names() if M.get(name).baseline)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -173,8 +175,8 @@ def alignment(image: np.ndarray, objects: Sequence[toy.ShapeSpec]) -> float:
 def load_demo_pipeline(model: str | None, log=print):
     """(Pipeline, description, is_toy): the shipped toy, a given pixel-model folder, or - when the
     shipped weights are missing - cfgbasin_jax.tiny.random_components() with a notice."""
+    from cfgbasin_jax.loading import is_pixel_model, load_pixel_components
     from cfgbasin_jax.pipeline import Pipeline
-    from cfgbasin_jax.training import is_pixel_model, load_pixel_components
 
     path = Path(model) if model else SHIPPED_MODEL
     if is_pixel_model(path):
@@ -192,30 +194,27 @@ def load_demo_pipeline(model: str | None, log=print):
 
 
 def method_guidance(name: str, scale: float, stp_t: int, og_t: int, og_scale: float):
-    from cfgbasin_jax import guidance as G
-
-    if name == "CFG" or name in BASELINES:
-        return G.constant(scale)
-    if name == "STP":
-        return G.static_transition(stp_t, 0.0, scale)
-    if name == "OG+STP":
-        return G.static_transition(og_t, og_scale, scale)
-    if name == "DTP":
-        return G.dynamic_transition(1.0, scale, signal="noise_diff")
-    if name == "OG+DTP":
-        return G.dynamic_transition(og_scale, scale, signal="latent_cosine", mode="exact")
-    raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    """The registry method ``name`` (:mod:`cfgbasin_jax.methods`) with the demo's settings: CFG scale
+    ``scale`` everywhere, STP at ``stp_t``, the opposite-guidance methods at ``og_scale`` (OG+STP at ``og_t``)."""
+    method = M.get(name)
+    params = {"scale": scale}
+    if method.name == "stp":
+        params["t"] = stp_t
+    if method.name in ("og-stp", "og-dtp"):
+        params.update(before=og_scale, t=og_t if method.name == "og-stp" else None)
+    return method.guidance(**params)
 
 
 def generate_method(pipe, name: str, prompts: list, guidance, **kwargs):
     """``pipe.generate`` for a transition method, or the baseline ``name`` (its UNet cost included)."""
     from cfgbasin_jax import baselines as B
 
-    if name == "Wen":
+    method = M.get(name).name
+    if method == "wen":
         return B.wen_generate(pipe, prompts, guidance, **kwargs)[0]
-    if name == "CADS":
-        return pipe.generate(prompts, guidance, cads=B.CADS(), **kwargs)
-    if name == "Aug":  # every sample draws its own 4 repeated words (keyed by its batch position)
+    if method == "cads":
+        return pipe.generate(prompts, guidance, conditioning=B.CADS(), **kwargs)
+    if method == "prompt-augmentation":  # every sample draws its own 4 repeated words (keyed by its batch position)
         prompts = B.augment_prompts(prompts, "rand_word_repeat", 4, seed=kwargs.get("seed", 0))
     return pipe.generate(prompts, guidance, **kwargs)
 

@@ -293,7 +293,7 @@ def clip_similarity(
 
     scorer = C.load_clip(clip_dir, precision=precision)
     crop = scorer.recipe.crop
-    fn = C._image_fn(scorer.model, precision)
+    fn = C.image_fn(scorer.model, precision)
     img = embed_paths(
         gen_paths,
         lambda p: I.clip_pixels(I.load_rgb(p), scorer.recipe),

@@ -9,10 +9,13 @@ Converted directory (written by `save_components` / `cfgbasin-convert`; read wit
     DST/scheduler/scheduler_config.json
 
 A diffusers folder is converted in memory (safetensors need no torch; `.bin` weights import it).
+A pixel-space model folder (the shipped toy; see the section at the end) loads too.
+`convert(src, dst)` is load + save (the `cfgbasin-convert` command).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -26,17 +29,24 @@ import numpy as np
 
 from cfgbasin_jax.convert import sd_folder
 from cfgbasin_jax.convert.errors import ConversionError
-from cfgbasin_jax.models import build_module, check_compatible, component_param_shapes, resolve_dtype
+from cfgbasin_jax.models import (build_module, build_text_encoder, build_unet, check_compatible, component_param_shapes,
+                                 resolve_dtype)
 from cfgbasin_jax.tokenizer import save_tokenizer
 
 __all__ = [
     "COMPONENTS",
     "Components",
     "ConversionError",
+    "PIXEL_FORMAT",
+    "convert",
     "is_converted",
+    "is_pixel_model",
     "load_components",
+    "load_pixel_components",
     "load_unet_folder",
+    "pixel_components",
     "save_components",
+    "save_pixel_model",
 ]
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -137,7 +147,8 @@ def _restore_params(params_dir: Path, modules: dict, dtype) -> dict:
 
 
 def load_components(path, dtype="float32", unet_path=None) -> Components:
-    """Components from a converted directory or a diffusers SD folder (converted in memory).
+    """Components from a converted directory, a diffusers SD folder (converted in memory) or a
+    pixel-space model folder (the shipped toy).
 
     dtype: 'float32' | 'bfloat16' | 'float16' for both params and module computation.
     unet_path: a diffusers `unet/` folder whose UNet replaces the pipeline's.
@@ -147,6 +158,10 @@ def load_components(path, dtype="float32", unet_path=None) -> Components:
     root = Path(path)
     if not root.is_dir():
         raise ConversionError(f"{root}: not a directory")
+    if is_pixel_model(root):
+        if unet_path is not None:
+            raise ConversionError(f"{root}: a pixel-space model takes no unet_path (got {unet_path})")
+        return load_pixel_components(root, dtype)
     converted = is_converted(root)
     swap = unet_path is not None
     if converted:
@@ -237,3 +252,116 @@ def _replace_dir(src: Path, dst: Path) -> None:
     os.rename(dst, old)
     os.rename(src, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def convert(src, dst, dtype="float32", unet_path=None, overwrite=False) -> Path:
+    """Convert the diffusers SD folder ``src`` (optionally with the UNet folder ``unet_path`` swapped
+    in) into the converted-checkpoint directory ``dst``, params stored in ``dtype``. Returns dst as a
+    Path. Nothing is written at ``dst`` unless the whole conversion succeeds (``cfgbasin-convert``)."""
+    if Path(dst).exists() and not overwrite:  # fail before the (slow) load; save re-checks
+        raise ConversionError(f"{Path(dst).absolute()} already exists (use overwrite=True / --overwrite to replace it)")
+    components = load_components(src, dtype=dtype, unet_path=unet_path)
+    return save_components(components, dst, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------------------------------------
+# The pixel-space model format (the shipped toy, cfgbasin_jax/data/toy; written by training):
+#     DST/model.json          {"format": "cfgbasin_jax.pixel_model", "format_version", "dtype",
+#                              "configs": {"unet", "text_encoder", "scheduler"}, ...}
+#     DST/params.safetensors  "unet/..." and "text_encoder/..." keys
+#     DST/tokenizer/          CLIPTokenizer files
+# A pixel-space model has no VAE (``Components.vae is None``): its UNet denoises RGB in [-1, 1].
+
+PIXEL_FORMAT = "cfgbasin_jax.pixel_model"
+
+
+def pixel_components(configs: dict, params: dict, tokenizer, dtype="float32", source: str = "toy") -> Components:
+    """Components of a pixel-space model (``vae = None``) from configs {"unet", "text_encoder",
+    "scheduler"} and params {"unet", "text_encoder"}."""
+    dtype = resolve_dtype(dtype)
+    cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(np.asarray(x, np.float32).astype(dtype)), tree)  # noqa: E731
+    return Components(
+        unet=build_unet(configs["unet"], dtype),
+        vae=None,
+        text_encoder=build_text_encoder(configs["text_encoder"], dtype),
+        tokenizer=tokenizer,
+        params={"unet": cast(params["unet"]), "vae": None, "text_encoder": cast(params["text_encoder"])},
+        configs={"unet": dict(configs["unet"]), "vae": None, "text_encoder": dict(configs["text_encoder"])},
+        scheduler_config=dict(configs["scheduler"]),
+        dtype=dtype,
+        source=source,
+    )
+
+
+def _flatten(tree, prefix="") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = np.asarray(v)
+    return out
+
+
+def _unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        parts = key.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def save_pixel_model(components: Components, dst, save_dtype: str = "float16", extra: dict | None = None) -> Path:
+    """Write a pixel-space model: model.json (format, configs), params.safetensors (``unet/...``,
+    ``text_encoder/...`` keys in ``save_dtype``), tokenizer/."""
+    from safetensors.numpy import save_file
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}[save_dtype]
+    flat = {}
+    for kind in ("unet", "text_encoder"):
+        for key, value in _flatten(components.params[kind]).items():
+            flat[f"{kind}/{key}"] = np.asarray(np.asarray(value, np.float32).astype(np_dtype))
+    save_file(flat, str(dst / "params.safetensors"))
+    meta = {
+        "format": PIXEL_FORMAT,
+        "format_version": 1,
+        "dtype": save_dtype,
+        "configs": {"unet": components.configs["unet"], "text_encoder": components.configs["text_encoder"], "scheduler": components.scheduler_config},
+        **(extra or {}),
+    }
+    (dst / "model.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    save_tokenizer(components.tokenizer, dst / "tokenizer")
+    return dst
+
+
+def is_pixel_model(path) -> bool:
+    """True when ``path`` holds a pixel-space model (model.json + params.safetensors)."""
+    return (Path(path) / "model.json").is_file() and (Path(path) / "params.safetensors").is_file()
+
+
+def load_pixel_components(path, dtype="float32") -> Components:
+    """Components (``vae = None``) from a folder written by :func:`save_pixel_model`."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    meta_path = path / "model.json"
+    if not meta_path.is_file():
+        raise ConversionError(f"{meta_path}: missing (not a pixel-space model folder)")
+    meta = sd_folder.read_json(meta_path)
+    if meta.get("format") != PIXEL_FORMAT:
+        raise ConversionError(f"{meta_path}: format {meta.get('format')!r} is not {PIXEL_FORMAT!r}")
+    weights = path / "params.safetensors"
+    if not weights.is_file():
+        raise ConversionError(f"missing file {weights} (the pixel model's params)")
+    try:
+        flat = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ConversionError(f"{weights}: cannot read ({err})") from err
+    tree = _unflatten({k: v.astype(np.float32) for k, v in flat.items()})
+    return pixel_components(meta["configs"], tree, sd_folder.load_tokenizer(path / "tokenizer"), dtype=dtype, source=str(path))

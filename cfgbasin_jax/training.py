@@ -35,12 +35,12 @@ import numpy as np
 import optax
 
 from cfgbasin_jax import schedulers
-from cfgbasin_jax.loading import Components
+from cfgbasin_jax.loading import (  # noqa: F401  (the pixel-model format lives in loading)
+    PIXEL_FORMAT, Components, is_pixel_model, load_pixel_components, pixel_components, save_pixel_model)
 from cfgbasin_jax.models import build_text_encoder, build_unet, component_param_shapes, resolve_dtype
-from cfgbasin_jax.tokenizer import load_tokenizer, save_tokenizer
+from cfgbasin_jax.tokenizer import load_tokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-PIXEL_FORMAT = "cfgbasin_jax.pixel_model"
 # Options that may change when a run is resumed (everything else must match the stored run).
 RESUME_FREE = ("max_train_steps", "checkpointing_steps", "eval_steps", "log_steps", "progress", "output_dir", "skip_bad_files")
 
@@ -280,22 +280,6 @@ def _toy_vocab_size() -> int:
         return len(json.loads((Path(tmp) / "vocab.json").read_text(encoding="utf-8")))
 
 
-def pixel_components(configs: dict, params: dict, tokenizer, dtype="float32", source: str = "toy") -> Components:
-    """Components of a pixel-space model (``vae = None``) from configs {"unet", "text_encoder",
-    "scheduler"} and params {"unet", "text_encoder"}."""
-    dtype = resolve_dtype(dtype)
-    cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(np.asarray(x, np.float32).astype(dtype)), tree)  # noqa: E731
-    return Components(
-        unet=build_unet(configs["unet"], dtype),
-        vae=None,
-        text_encoder=build_text_encoder(configs["text_encoder"], dtype),
-        tokenizer=tokenizer,
-        params={"unet": cast(params["unet"]), "vae": None, "text_encoder": cast(params["text_encoder"])},
-        configs={"unet": dict(configs["unet"]), "vae": None, "text_encoder": dict(configs["text_encoder"])},
-        scheduler_config=dict(configs["scheduler"]),
-        dtype=dtype,
-        source=source,
-    )
 
 
 def init_toy_components(seed: int = 0, configs: dict | None = None, tokenizer_dir=None) -> Components:
@@ -317,73 +301,6 @@ def init_toy_components(seed: int = 0, configs: dict | None = None, tokenizer_di
     else:
         tokenizer = load_tokenizer(tokenizer_dir)
     return pixel_components(configs, params, tokenizer, source=f"init:toy:seed={seed}")
-
-
-def _flatten(tree, prefix="") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = np.asarray(v)
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        parts = key.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return tree
-
-
-def save_pixel_model(components: Components, dst, save_dtype: str = "float16", extra: dict | None = None) -> Path:
-    """Write a pixel-space model: model.json (format, configs), params.safetensors (``unet/...``,
-    ``text_encoder/...`` keys in ``save_dtype``), tokenizer/."""
-    from safetensors.numpy import save_file
-
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}[save_dtype]
-    flat = {}
-    for kind in ("unet", "text_encoder"):
-        for key, value in _flatten(components.params[kind]).items():
-            flat[f"{kind}/{key}"] = np.asarray(np.asarray(value, np.float32).astype(np_dtype))
-    save_file(flat, str(dst / "params.safetensors"))
-    meta = {
-        "format": PIXEL_FORMAT,
-        "format_version": 1,
-        "dtype": save_dtype,
-        "configs": {"unet": components.configs["unet"], "text_encoder": components.configs["text_encoder"], "scheduler": components.scheduler_config},
-        **(extra or {}),
-    }
-    (dst / "model.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    save_tokenizer(components.tokenizer, dst / "tokenizer")
-    return dst
-
-
-def is_pixel_model(path) -> bool:
-    return (Path(path) / "model.json").is_file() and (Path(path) / "params.safetensors").is_file()
-
-
-def load_pixel_components(path, dtype="float32") -> Components:
-    """Components (``vae = None``) from a folder written by :func:`save_pixel_model`."""
-    from safetensors.numpy import load_file
-
-    path = Path(path)
-    meta_path = path / "model.json"
-    if not meta_path.is_file():
-        raise TrainingError(f"{meta_path}: missing (not a pixel-space model folder)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != PIXEL_FORMAT:
-        raise TrainingError(f"{meta_path}: format {meta.get('format')!r} is not {PIXEL_FORMAT!r}")
-    flat = load_file(str(path / "params.safetensors"))
-    tree = _unflatten({k: v.astype(np.float32) for k, v in flat.items()})
-    return pixel_components(meta["configs"], tree, load_tokenizer(path / "tokenizer"), dtype=dtype, source=str(path))
 
 
 def load_model(model: str, dtype="float32", seed: int = 0, toy_beta_schedule: str | None = None) -> Components:

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     if argv and argv[0] == SSCD_COMMAND:
         return _run_sscd(argv[1:])
     args = _parser().parse_args(argv)
-    from cfgbasin_jax.convert import convert
+    from cfgbasin_jax.loading import convert
     from cfgbasin_jax.models import resolve_dtype
 
     try:

@@ -114,9 +114,9 @@ def test_cads_noise_per_sample_is_independent_of_batch_size():
             assert not np.allclose(full[0], full[1])
         other_step = np.asarray(fn(jnp.asarray(y), 901, 1, cads.cond_aux(7, [0, 1, 2])))
         assert not np.allclose(other_step, np.asarray(fn(jnp.asarray(y), 901, 0, cads.cond_aux(7, [0, 1, 2]))))
-    draws = np.asarray(B._cads_noise(B.cads_keys(0, range(64)), 0, (77, 8), "uniform"))
+    draws = np.asarray(B.cads_noise(B.cads_keys(0, range(64)), 0, (77, 8), "uniform"))
     assert draws.min() >= 0 and draws.max() < 1 and abs(draws.mean() - 0.5) < 0.01
-    gauss = np.asarray(B._cads_noise(B.cads_keys(0, range(64)), 0, (77, 8), "gaussian"))
+    gauss = np.asarray(B.cads_noise(B.cads_keys(0, range(64)), 0, (77, 8), "gaussian"))
     assert abs(gauss.mean()) < 0.02 and abs(gauss.std() - 1) < 0.02
     # a different stream from the sample's initial noise
     assert not np.allclose(np.asarray(initial_noise(0, [3], (77, 8)))[0], gauss[3])
@@ -126,24 +126,24 @@ def test_cads_noise_per_sample_is_independent_of_batch_size():
 
 
 def test_cads_in_the_sampler(pipe_sd1, plain):
-    off = _generate(pipe_sd1, cads=B.CADS(s=0.0))
+    off = _generate(pipe_sd1, conditioning=B.CADS(s=0.0))
     np.testing.assert_array_equal(off.latents, plain.latents)
     assert off.unet_evals == plain.unet_evals == 2 * 3 * STEPS
-    on = _generate(pipe_sd1, cads=B.CADS())
+    on = _generate(pipe_sd1, conditioning=B.CADS())
     assert rel_err(on.latents, plain.latents) > 1e-2
     # the first steps (t = 901, 801 > tau2) see a noised condition, the last ones (t <= tau1) the clean one
     assert not np.allclose(on.noise_diff[:, 0], plain.noise_diff[:, 0], rtol=1e-3)
     assert on.unet_evals == plain.unet_evals
     # sweeping tau1, tau2, s, psi never recompiles
     before = pipe_sd1.compile_count()
-    swept = [_generate(pipe_sd1, cads=B.CADS(tau1=a, tau2=b, s=s, psi=p))
+    swept = [_generate(pipe_sd1, conditioning=B.CADS(tau1=a, tau2=b, s=s, psi=p))
              for a, b, s, p in [(300, 900, 0.25, 0.5), (0, 1000, 0.05, 1.0)]]
     assert pipe_sd1.compile_count() == before
     assert not np.allclose(swept[0].latents, on.latents) and not np.allclose(swept[1].latents, swept[0].latents)
     # a sample's CADS noise depends on (seed, its index), not on the batch: batch 1 == batch 3
-    single = _generate(pipe_sd1, [PROMPTS[2]], sample_indices=[2], cads=B.CADS())
+    single = _generate(pipe_sd1, [PROMPTS[2]], sample_indices=[2], conditioning=B.CADS())
     assert rel_err(single.latents[0], on.latents[2]) < 1e-4
-    chunked = _generate(pipe_sd1, batch_size=1, cads=B.CADS())
+    chunked = _generate(pipe_sd1, batch_size=1, conditioning=B.CADS())
     assert rel_err(chunked.latents, on.latents) < 1e-4
 
 
@@ -265,7 +265,7 @@ def test_wen_generate_samples_from_the_optimised_embeddings(pipe_sd1, plain, wen
         (lambda p: B.wen_optimize(p, ["x"], target_loss=float("nan")), "target_loss"),
         (lambda p: B.wen_optimize(p, ["x"], height=17), "height"),
         (lambda p: _generate(p, ["x"], prompt_embeds=np.zeros((1, 5, 32), np.float32)), "prompt_embeds"),
-        (lambda p: _generate(p, ["x"], cads={"s": 0.1}), "cads"),
+        (lambda p: _generate(p, ["x"], conditioning={"s": 0.1}), "conditioning"),
     ],
 )
 def test_bad_input_fails_before_compiling(pipe_sd1, call, match):

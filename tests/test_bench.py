@@ -74,7 +74,7 @@ def test_table_rows_agree_with_the_official_loop(stp_table):
 
 
 def test_no_host_round_trips_in_the_compiled_loop(bench_models, stp_table):
-    args = harness._sampler_args(bench_models.pipe, 2, STEPS, bench_models.size.latent)  # the table's shapes
+    args = harness.sampler_args(bench_models.pipe, 2, STEPS, bench_models.size.latent)  # the table's shapes
     assert harness.host_callbacks_in_loop(bench_models.pipe, args) == 0
 
 

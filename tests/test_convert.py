@@ -25,7 +25,8 @@ from safetensors.numpy import load_file, save_file
 from tiny_sd import write_sd_folder
 
 from cfgbasin_jax import tiny
-from cfgbasin_jax.convert import ConversionError, convert
+from cfgbasin_jax.convert import ConversionError
+from cfgbasin_jax.loading import convert
 from cfgbasin_jax.convert.__main__ import main as cli_main
 from cfgbasin_jax.loading import COMPONENTS, is_converted, load_components, save_components
 from cfgbasin_jax.models import build_unet, component_param_shapes, param_shapes

@@ -197,8 +197,8 @@ def _precision_ctx(precision: str):
 
 
 @functools.lru_cache(maxsize=8)
-def _image_fn(model: CLIPModel, precision: str):
-    """jit fn(params, pixels float32 [N,crop,crop,3]) -> unit image embeddings [N,P]."""
+def image_fn(model: CLIPModel, precision: str):
+    """Jitted ``fn(params, pixels [N,crop,crop,3]) -> [N,P]`` unit image embeddings (cached per model)."""
 
     def fn(params, pixels_nhwc):
         with _precision_ctx(precision):
@@ -226,7 +226,7 @@ def _pad_batch(x: np.ndarray, size: int) -> np.ndarray:
 
 def image_embeddings(scorer: ClipScorer, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """float32 [N,crop,crop,3] CLIP-normalised pixels -> float32 [N,P] unit image embeddings."""
-    fn = _image_fn(scorer.model, scorer.precision)
+    fn = image_fn(scorer.model, scorer.precision)
     n = pixels.shape[0]
     bs = min(batch_size, n)
     out = [np.asarray(fn(scorer.params, _pad_batch(pixels[i : i + bs], bs)))[: min(bs, n - i)] for i in range(0, n, bs)]
