@@ -24,6 +24,11 @@ import numpy as np
 SHAPES = ("static", "linear", "invlinear", "cosine", "sine", "v_shape", "a_shape")
 SIGNALS = ("noise_diff", "latent_cosine")
 MODES = ("exact", "causal")
+# How the latent-cosine signal is computed (see cfgbasin_jax.sampler.cosine_distance):
+#   "stable"    0.5 ||a/|a| - b/|b|||^2 in float32, smooth where consecutive latents are nearly parallel
+#   "official"  the official script's float32 1 - torch.nn.functional.cosine_similarity, bit for bit
+#               (cfgbasin_jax.official_cosine), with its 2^-24 steps and ties near convergence
+PRECISIONS = ("stable", "official")
 
 # Detector kinds, static in the compiled sampler:
 #   "fixed"          the switch step per sample is given (constant CFG, static transition, replay)
@@ -49,6 +54,7 @@ class Guidance:
       t: static rule: ``before`` applies while the step's timestep is ``> t``, ``after`` while ``<= t``.
       signal, mode: dynamic rule: "noise_diff" | "latent_cosine", and "exact" | "causal".
       fallback: causal latent-cosine rule: switch at this step if no minimum is confirmed by then.
+      precision: latent-cosine rule: how the signal is computed (one of :data:`PRECISIONS`).
     """
 
     before: float | np.ndarray
@@ -60,6 +66,7 @@ class Guidance:
     signal: str | None = None
     mode: str | None = None
     fallback: int | None = None
+    precision: str | None = None
 
     @property
     def detector(self) -> str:
@@ -144,6 +151,7 @@ def dynamic_transition(
     shape_before: str = "static",
     shape_after: str = "static",
     fallback: int | None | str = "official",
+    precision: str = "stable",
 ) -> Guidance:
     """Dynamic transition point (DTP), detected per sample during sampling.
 
@@ -158,6 +166,11 @@ def dynamic_transition(
       a minimum at index >= 2 (the step after it is observed); a sample with no such minimum by
       step ``fallback`` switches there ("official": the official rule's own fallback,
       :data:`LATENT_COSINE_FALLBACK_INDEX`; ``None``: never switch without a minimum).
+      precision="stable" (default) computes c as ``0.5 ||x_{j+1}/|x_{j+1}| - x_j/|x_j|||^2``, which
+      keeps float32 precision when consecutive latents are nearly parallel; precision="official"
+      computes it as the official script does (float32 ``1 - torch cosine_similarity``, whose values
+      near convergence are small multiples of 2^-24 with ties), so the official rule sees the
+      official script's ties and spurious minima.
     """
     if fallback == "official":
         causal = signal == "latent_cosine" and mode == "causal"
@@ -170,6 +183,10 @@ def dynamic_transition(
         raise ValueError(f"guidance: unknown signal {signal!r}; expected one of {', '.join(SIGNALS)}")
     if mode not in MODES:
         raise ValueError(f"guidance: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"guidance: unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision != "stable" and signal != "latent_cosine":
+        raise ValueError("guidance: precision applies only to signal='latent_cosine'")
     return Guidance(
         before=_finite_scale("before", before),
         after=_finite_scale("after", after),
@@ -179,6 +196,7 @@ def dynamic_transition(
         signal=signal,
         mode=mode if signal == "latent_cosine" else None,
         fallback=None if fallback is None else int(fallback),
+        precision=precision if signal == "latent_cosine" else None,
     )
 
 
@@ -228,6 +246,7 @@ class Plan(NamedTuple):
       detector, the fallback step (S = never).
     detector: static detector kind (one of :data:`DETECTORS`), the same for the whole batch.
     two_pass: the exact latent-cosine rule (record pass, then replay with the found index).
+    precision: how the sampler computes the latent-cosine signal (one of :data:`PRECISIONS`).
     """
 
     before: np.ndarray
@@ -235,6 +254,7 @@ class Plan(NamedTuple):
     switch_index: np.ndarray
     detector: str
     two_pass: bool = False
+    precision: str = "stable"
 
 
 def _static_switch_index(timesteps: np.ndarray, t: int) -> int:
@@ -282,6 +302,9 @@ def plan(guidance: Guidance | Sequence[Guidance], batch: int, timesteps: np.ndar
     kinds = {(g.detector, g.two_pass) for g in items}
     if len(kinds) > 1:
         raise ValueError(f"guidance: one batch cannot mix detector kinds {sorted(kinds)}")
+    precisions = {g.precision or "stable" for g in items}
+    if len(precisions) > 1:
+        raise ValueError(f"guidance: one batch cannot mix latent-cosine precisions {sorted(precisions)}")
     rows = [plan_one(g, timesteps, num_train_timesteps) for g in items]
     return Plan(
         before=np.stack([r[0] for r in rows]),
@@ -289,6 +312,7 @@ def plan(guidance: Guidance | Sequence[Guidance], batch: int, timesteps: np.ndar
         switch_index=np.asarray([r[2] for r in rows], dtype=np.int32),
         detector=items[0].detector,
         two_pass=items[0].two_pass,
+        precision=precisions.pop(),
     )
 
 

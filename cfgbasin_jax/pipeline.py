@@ -171,17 +171,20 @@ class Pipeline:
         x = x.astype(self.components.dtype)
         return self.unet.apply({"params": params}, x, t, context.astype(self.components.dtype)).sample
 
-    def sampler(self, detector: str, progress: bool = False, skip_halves: bool = True, devices=None, cond_fn=None):
+    def sampler(self, detector: str, progress: bool = False, skip_halves: bool = True, devices=None, cond_fn=None,
+                precision: str = "stable"):
         """The jitted, device-sharded :func:`cfgbasin_jax.sampler.sample_loop` (cached per static
         configuration; jit itself caches per shape). With ``cond_fn`` (static, hashable) the function
-        takes a ninth argument, the per-sample ``cond_aux`` pytree."""
+        takes a ninth argument, the per-sample ``cond_aux`` pytree. ``precision``: the latent-cosine
+        formula (:data:`cfgbasin_jax.guidance.PRECISIONS`)."""
         devices = parallel.resolve_devices(devices)
         key = (detector, bool(progress), bool(skip_halves), devices) + (() if cond_fn is None else (cond_fn,))
+        key += (() if precision == "stable" else (precision,))
         if key not in self._samplers:
             on_step = parallel.first_device_only(_progress_hook) if progress else None
             loop = functools.partial(
                 S.sample_loop, unet_fn=self._unet_fn, detector=detector, on_step=on_step, skip_halves=bool(skip_halves),
-                **({} if cond_fn is None else {"cond_fn": cond_fn}),
+                precision=precision, **({} if cond_fn is None else {"cond_fn": cond_fn}),
             )
             sharded = parallel.sharded_sample_loop(loop, parallel.data_mesh(devices), cond_aux=cond_fn is not None)
             self._samplers[key] = jax.jit(sharded)
@@ -207,7 +210,7 @@ class Pipeline:
 
     def _run(self, sched, x0, cond, uncond, plan: G.Plan, detector: str, opts: dict, cond_aux=None) -> S.Trace:
         devices = opts["devices"]
-        fn = self.sampler(detector, opts["progress"], opts["skip_halves"], devices, opts.get("cond_fn"))
+        fn = self.sampler(detector, opts["progress"], opts["skip_halves"], devices, opts.get("cond_fn"), plan.precision)
         mesh = parallel.data_mesh(devices)
         aux = () if opts.get("cond_fn") is None else (cond_aux,)
         data = parallel.shard_batch((x0, cond, uncond, plan.before, plan.after, plan.switch_index) + aux, mesh)

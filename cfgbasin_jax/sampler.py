@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from cfgbasin_jax import guidance as G
+from cfgbasin_jax import official_cosine
 
 # Which UNet halves a step runs (the lax.switch branch index).
 BOTH, UNCOND_ONLY, COND_ONLY = 0, 1, 2
@@ -66,6 +67,10 @@ def cosine_distance(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return 0.5 * jnp.sum(jnp.square(a2 - b2), axis=-1)
 
 
+# The latent-cosine signal per guidance.PRECISIONS: [B,...] x [B,...] -> [B] float32.
+COSINE_DISTANCE = {"stable": cosine_distance, "official": official_cosine.official_cosine_distance}
+
+
 def halves_needed(scale_if_no_switch: jnp.ndarray, signal_pending: jnp.ndarray) -> jnp.ndarray:
     """int32 branch for a step: only the unconditional half when every scale is 0, only the
     conditional half when every scale is 1, both otherwise or while a noise-difference signal
@@ -110,6 +115,7 @@ def sample_loop(
     skip_halves: bool = True,
     cond_fn: CondFn | None = None,
     cond_aux=None,
+    precision: str = "stable",
 ) -> Trace:
     """Denoise ``latents`` [B,C,h,w] (already scaled by init_noise_sigma).
 
@@ -122,9 +128,13 @@ def sample_loop(
     (the reference path; same results within float tolerance). ``cond_fn(cond, t, j, cond_aux)``, if
     given (static), replaces the conditional embedding at every step (e.g. CADS); ``cond_aux`` is a
     traced pytree of per-sample arrays [B,...]; the unconditional embedding is never changed.
+    ``precision`` (static) picks the latent-cosine formula (:data:`COSINE_DISTANCE`).
     """
     if detector not in G.DETECTORS:
         raise ValueError(f"sampler: unknown detector {detector!r}")
+    if precision not in COSINE_DISTANCE:
+        raise ValueError(f"sampler: unknown latent-cosine precision {precision!r}")
+    latent_cosine = COSINE_DISTANCE[precision]
     latents = latents.astype(jnp.float32)
     never = jnp.full_like(switch_index, jnp.iinfo(jnp.int32).max)
     if detector == "fixed":
@@ -155,7 +165,7 @@ def sample_loop(
         view = (-1,) + (1,) * (x.ndim - 1)
         eps = eps_u + s.reshape(view) * (eps_c - eps_u)
         x_next, sched_state = scheduler.step(sched_state, eps, j, x)
-        c = cosine_distance(x_next, x)
+        c = latent_cosine(x_next, x)
         if detector == "latent_cosine":
             det = G.latent_cosine_update(det, c, j)
         nonfinite = nonfinite | ~jnp.all(jnp.isfinite(x_next.reshape(x.shape[0], -1)), axis=-1)
