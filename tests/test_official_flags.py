@@ -231,7 +231,8 @@ def test_dtp_and_og_honour_flags_the_official_scripts_ignore(workdir):
 def _differences_rows() -> list:
     text = (REPO / "README.md").read_text()
     section = text.split("## Differences from the official scripts", 1)[1].split("\n## ", 1)[0]
-    rows = [re.split(r"(?<!\\)\|", line.strip().strip("|")) for line in section.splitlines() if line.startswith("|")]
+    table = section.split("\n|", 1)[1].split("\n\n", 1)[0]  # the first table of the section
+    rows = [re.split(r"(?<!\\)\|", line.strip().strip("|")) for line in ("|" + table).splitlines()]
     rows = [[cell.strip() for cell in row] for row in rows]
     assert rows[0] == ["behaviour", "official script", "here", "why", "test"], rows[0]
     assert all(len(row) == 5 for row in rows), [row[0] for row in rows if len(row) != 5]
