@@ -110,7 +110,7 @@ def torch_vector_norm(x: jnp.ndarray) -> jnp.ndarray:
     n_main = n - n % LANES
     squares = _rounded(x * x)
     vectors = jnp.moveaxis(squares[:, :n_main].reshape(b, n_main // LANES, LANES), 1, 0)
-    acc, _ = jax.lax.scan(lambda a, v: (a + v, None), jnp.zeros((b, LANES), x.dtype), vectors)
+    acc, _ = jax.lax.scan(lambda a, v: (a + v, None), jnp.zeros((b, LANES), x.dtype), vectors, unroll=8)
     total = acc[:, 0]
     for k in range(1, LANES):
         total = total + acc[:, k]
@@ -124,9 +124,8 @@ def torch_cosine_similarity(a: jnp.ndarray, b: jnp.ndarray, eps: float = EPS) ->
     eps=eps)`` for each sample, as torch 2.13 computes it on CPU."""
     a2 = a.reshape(a.shape[0], -1).astype(jnp.float32)
     b2 = b.reshape(b.shape[0], -1).astype(jnp.float32)
-    floor = jnp.float32(eps)
-    na = jnp.maximum(torch_vector_norm(a2), floor)[:, None]
-    nb = jnp.maximum(torch_vector_norm(b2), floor)[:, None]
+    norms = jnp.maximum(torch_vector_norm(jnp.concatenate([a2, b2])), jnp.float32(eps))[:, None]
+    na, nb = norms[: a2.shape[0]], norms[a2.shape[0]:]
     return torch_sum(_rounded(_divide(a2, na) * _divide(b2, nb)))
 
 
