@@ -15,14 +15,18 @@ Methods (see :mod:`cfgbasin_jax.guidance`):
   dtp     dynamic_transition(before=guidance_scale, after=guidance_scale_later, "noise_diff");
           defaults 1.0 (conditional only) then 7.5, as the reference DTP script
   og-dtp  dynamic_transition(before=-|guidance_scale|, after=guidance_scale_later (default:
-          guidance_scale), "latent_cosine", mode=--og_mode (exact: the reference's two passes))
+          guidance_scale), "latent_cosine", mode=--og_mode (exact: the reference's two passes),
+          precision=--og_precision (official: the reference's float32 torch cosine, bit for bit))
 
 Defaults follow the reference scripts: stp/og-stp/cfg: --img_size 256, --end_iter 10000, --exp
-laion10k (``--prompt_json``, default ./laion_combined_captions.json); dtp/og-dtp: --img_size 512,
---end_iter 200, --exp sdv1_pretrained (shipped with the package). --scheduler DPM,
+laion10k (``--prompt_json``, default ./laion_combined_captions.json), --outdir
+LAION_10k_DCR_with_text_100000_0_500_7_5_else_cosine_1; dtp/og-dtp: --img_size 512, --end_iter 200,
+--exp sdv1_pretrained (shipped with the package), --outdir output. --scheduler DPM,
 --num_inference_steps 50, --seed 42, --batch_size 1. The base model defaults to
 ``$CFGBASIN_BASE_MODEL`` or else "CompVis/stable-diffusion-v1-4" looked up in the local Hugging Face
 cache only (never downloaded); a local diffusers folder or a converted directory always works.
+Where a flag behaves differently from the reference script, its ``--help`` says so ("official: ...");
+README.md, "Differences from the official scripts", gives the whole list.
 
 Outputs, resume and the configuration check: :mod:`cfgbasin_jax.runs`. Multi-process runs
 (``--coordinator``, ``--num_processes``, ``--process_id`` or JAX's environment):
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import sys
@@ -56,6 +61,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 PLOT_MODES = ("none", "run", "images")
 PROGRESS_MODES = ("none", "images", "steps")
 OG_MODES = ("exact", "causal")
+OG_PRECISIONS = G.PRECISIONS
 
 # The reference scripts' --scheduler names (and ours) -> cfgbasin_jax.schedulers names.
 SCHEDULER_ALIASES = {
@@ -66,9 +72,10 @@ SCHEDULER_ALIASES = {
 # The reference scripts' defaults; the methods' paper defaults come from the registry.
 _PAPER = {name: M.get(name).defaults for name in ("cfg", "og-stp", "dtp", "og-dtp")}
 _STP_DEFAULTS = dict(guidance_scale=_PAPER["cfg"]["scale"], guidance_scale_later=_PAPER["cfg"]["scale"],
-                     guidance_change_step=0.0, end_iter=10000, img_size=256, exp="laion10k")
+                     guidance_change_step=0.0, end_iter=10000, img_size=256, exp="laion10k",
+                     outdir="LAION_10k_DCR_with_text_100000_0_500_7_5_else_cosine_1")
 _DTP_DEFAULTS = dict(guidance_scale=_PAPER["dtp"]["before"], guidance_scale_later=_PAPER["dtp"]["scale"],
-                     guidance_change_step=None, end_iter=200, img_size=512, exp="sdv1_pretrained")
+                     guidance_change_step=None, end_iter=200, img_size=512, exp="sdv1_pretrained", outdir="output")
 METHOD_DEFAULTS = {
     "cfg": {**_STP_DEFAULTS, "guidance_scale_later": None},
     "wen": {**_STP_DEFAULTS, "guidance_scale_later": None},
@@ -80,10 +87,10 @@ METHOD_DEFAULTS = {
 }
 # Flags a method does not use (a warning when given).
 UNUSED_FLAGS = {
-    "cfg": ("guidance_scale_later", "guidance_change_step", "CFG_scheduling_later", "og_mode"),
-    "wen": ("guidance_scale_later", "guidance_change_step", "CFG_scheduling_later", "og_mode"),
-    "stp": ("og_mode",), "og-stp": ("og_mode",),
-    "dtp": ("guidance_change_step", "og_mode"),
+    "cfg": ("guidance_scale_later", "guidance_change_step", "CFG_scheduling_later", "og_mode", "og_precision"),
+    "wen": ("guidance_scale_later", "guidance_change_step", "CFG_scheduling_later", "og_mode", "og_precision"),
+    "stp": ("og_mode", "og_precision"), "og-stp": ("og_mode", "og_precision"),
+    "dtp": ("guidance_change_step", "og_mode", "og_precision"),
     "og-dtp": ("guidance_change_step",),
 }
 
@@ -108,6 +115,15 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _use_json(text: str) -> bool:
+    """--use_json: true is the only behaviour (read the prompt set); false is refused."""
+    if not _bool(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: only true is supported (the prompt set is always read; the official scripts read "
+            "it for 'False' too, since type=bool parses any non-empty text as True)")
+    return True
+
+
 def default_compilation_cache() -> str:
     """$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME (or ~/.cache)/cfgbasin_jax/jax_cache."""
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
@@ -126,32 +142,48 @@ def build_parser(prog: str = PROG, method: str | None = None) -> argparse.Argume
     if method is None:
         p.add_argument("--method", required=True, choices=METHODS, help="guidance rule")
     add = p.add_argument
+    add("--use_json", type=_use_json, default=True,
+        help="read the prompt set (official: type=bool, so 'False' is True too; only true is accepted here)")
     add("--pretrained_model_name_or_path", default=None,
         help=f"diffusers SD folder or converted directory (default: ${ENV_BASE_MODEL}, else {HUB_DEFAULT_MODEL} "
-             "from the local Hugging Face cache)")
-    add("--unet_path", default=None, help="a fine-tuned diffusers unet/ folder replacing the base model's UNet")
-    add("--outdir", default="output", help="output folder (Images/, metadata.jsonl, config.json)")
-    add("--guidance_change_step", type=float, default=None, help="STP transition timestep t (stp 0, og-stp 650)")
+             "from the local Hugging Face cache; official stp: the authors' /scratch checkpoint)")
+    add("--unet_path", default=None,
+        help="a fine-tuned diffusers unet/ folder replacing the base model's UNet (default: none; official: "
+             f"{HUB_DEFAULT_MODEL}, which has no UNet config at its root; the official dtp script ignores it)")
+    add("--outdir", default=None,
+        help="output folder (Images/, metadata.jsonl, config.json); stp LAION_10k_DCR_with_text_100000_0_500_7_5"
+             "_else_cosine_1, dtp output")
+    add("--guidance_change_step", type=float, default=None,
+        help="STP transition timestep t: the earlier scale while the timestep > t (stp 0, og-stp 650)")
     add("--guidance_scale", type=float, default=None,
-        help="scale before the transition (cfg/stp 7.5, og-stp -2.0, dtp 1.0; og-dtp uses -|value|, default 7.5)")
+        help="scale before the transition (cfg/stp 7.5, og-stp -2.0, dtp 1.0, og-dtp 7.5 used as -|value|; "
+             "official dtp: 7.5 and unused, 1.0 is hard-coded; official og: flips sign every step)")
     add("--guidance_scale_later", type=float, default=None, help="scale from the transition on (default 7.5)")
-    add("--CFG_scheduling", default="static", help=f"shape before the transition: {', '.join(G.SHAPES)}")
+    add("--CFG_scheduling", default="static",
+        help=f"shape before the transition: {', '.join(G.SHAPES)} (official dtp/og: ignored, always static)")
     add("--CFG_scheduling_later", default="static", help="shape from the transition on")
-    add("--start_iter", type=int, default=0, help="first global prompt index")
+    add("--start_iter", type=int, default=0, help="first global prompt index (official dtp/og: ignored, 0)")
     add("--end_iter", type=int, default=None, help="end of the prompt index range (stp 10000, dtp 200)")
     add("--exp", default=None, choices=P.EXPERIMENTS, help="prompt set (stp: laion10k, dtp: sdv1_pretrained)")
-    add("--prompt_json", default=None, help="the prompt set's file or folder (laion10k: laion_combined_captions.json)")
+    add("--prompt_json", default=None,
+        help="the prompt set's file or folder (laion10k: ./laion_combined_captions.json; official stp: the "
+             "authors' /scratch copy)")
     add("--img_size", type=int, default=None, help="image height and width (stp 256, dtp 512)")
-    add("--scheduler", default="DPM", help="DPM (DPM-Solver++ 2M), DDIM, Euler or PNDM")
+    add("--scheduler", default="DPM",
+        help="DPM (DPM-Solver++ 2M), DDIM, Euler or PNDM (official: ignored, always DPM-Solver++)")
     add("--num_inference_steps", type=int, default=50)
     add("--batch_size", type=int, default=1, help="images per compiled batch")
     add("--seed", type=int, default=42, help="noise of image i is drawn from (seed, i)")
     add("--dtype", default="float32", choices=DTYPES)
     add("--og_mode", default=None, choices=OG_MODES, help="og-dtp: exact (two passes, default) or causal")
+    add("--og_precision", default=None, choices=OG_PRECISIONS,
+        help="og-dtp latent-cosine signal: stable (default, smooth float32 formula) or official (the official "
+             "script's float32 1 - torch cosine_similarity, bit for bit, with its ties near convergence)")
     add("--prompt_augmentation", default=None,
         help="baseline (Somepalli et al.): rand_numb_add | rand_word_add | rand_word_repeat, 4 insertions")
     add("--cads", type=_bool, nargs="?", const=True, default=False,
-        help="baseline: condition-annealed sampling (tau1 500, tau2 800, s 0.1, psi 1, Gaussian noise)")
+        help="baseline: condition-annealed sampling (tau1 500, tau2 800, s 0.1, psi 1, Gaussian noise); "
+             "'--cads False' is false (official: type=bool makes it True; stp ignores it, dtp's is undefined)")
     add("--coordinator", default=None, help=f"multi-process: coordinator HOST:PORT (or ${D.ENV_COORDINATOR})")
     add("--num_processes", type=int, default=None, help=f"multi-process: process count (or ${D.ENV_NUM_PROCESSES})")
     add("--process_id", type=int, default=None, help=f"multi-process: this process (or ${D.ENV_PROCESS_ID})")
@@ -167,6 +199,15 @@ def build_parser(prog: str = PROG, method: str | None = None) -> argparse.Argume
         help="tqdm bars: images, steps (also per denoising step; such executables are never stored in "
              "the persistent compilation cache) or none")
     return p
+
+
+def method_defaults(method: str) -> dict:
+    """{flag dest: default} of ``--method method`` after :func:`resolve` fills the method-dependent
+    ones (:data:`METHOD_DEFAULTS`)."""
+    parser = build_parser(PROG, method)
+    defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    defaults.update(METHOD_DEFAULTS[method])
+    return defaults
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -299,9 +340,10 @@ def _build_guidance(method: str, a) -> tuple[G.Guidance, float, float]:
             return g, a.guidance_scale, a.guidance_scale
         if method in ("stp", "og-stp"):
             t = a.guidance_change_step
-            if not float(t).is_integer():
-                raise CliError(f"--guidance_change_step {t:g} must be a whole timestep")
-            g = G.static_transition(int(t), a.guidance_scale, a.guidance_scale_later, a.CFG_scheduling,
+            if not (math.isfinite(t) and 0 <= t < 1000):
+                raise CliError(f"--guidance_change_step {t:g} is outside [0, 1000)")
+            # timesteps are whole numbers, so "t > step" and "t <= step" hold exactly as for floor(step)
+            g = G.static_transition(math.floor(t), a.guidance_scale, a.guidance_scale_later, a.CFG_scheduling,
                                     a.CFG_scheduling_later)
             return g, a.guidance_scale, a.guidance_scale_later
         if method == "dtp":
@@ -311,7 +353,8 @@ def _build_guidance(method: str, a) -> tuple[G.Guidance, float, float]:
         before = -abs(a.guidance_scale)
         after = a.guidance_scale_later if a.guidance_scale_later is not None else abs(a.guidance_scale)
         g = G.dynamic_transition(before, after, signal="latent_cosine", mode=a.og_mode or "exact",
-                                 shape_before=a.CFG_scheduling, shape_after=a.CFG_scheduling_later)
+                                 shape_before=a.CFG_scheduling, shape_after=a.CFG_scheduling_later,
+                                 precision=a.og_precision or "stable")
         return g, before, after
     except CliError:
         raise

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from cfgbasin_jax import official_cosine
 from cfgbasin_jax.arrays import Latents, Mask, PerSample, PerStep, Scalar
 
 EPS_SIGNALS = ("j", "t", "x", "eps_u", "eps_c", "noise_diff")
@@ -101,9 +102,15 @@ def cosine_distance(a: Latents, b: Latents) -> PerSample:
     return 0.5 * jnp.sum(jnp.square(_unit(a) - _unit(b)), axis=-1)
 
 
-COSINE_FORMULAS: dict[str, Callable[[Latents, Latents], PerSample]] = {"stable": cosine_distance}
-"""Formulas of the latent-cosine signal by precision name; ``"stable"`` is the default. A new
-formula is one entry here (``fn(x_next, x) -> [B]``) and is then accepted as ``precision=``."""
+COSINE_FORMULAS: dict[str, Callable[[Latents, Latents], PerSample]] = {
+    "stable": cosine_distance,
+    "official": official_cosine.official_cosine_distance,
+}
+"""Formulas of the latent-cosine signal by precision name. ``"stable"`` (the default) stays smooth
+where consecutive latents are nearly parallel; ``"official"`` is the official script's float32
+``1 - torch cosine_similarity``, bit for bit (:mod:`cfgbasin_jax.official_cosine`), whose values
+near convergence are small multiples of 2^-24 with ties. A new formula is one entry here
+(``fn(x_next, x) -> [B]``) and is then accepted as ``precision=``."""
 
 
 def cosine_formula(precision: str) -> Callable[[Latents, Latents], PerSample]:

@@ -27,6 +27,9 @@ from cfgbasin_jax.arrays import PerSample, PerStep, Timesteps
 SHAPES = ("static", "linear", "invlinear", "cosine", "sine", "v_shape", "a_shape")
 SIGNALS = ("noise_diff", "latent_cosine")
 MODES = ("exact", "causal")
+PRECISIONS = tuple(D.COSINE_FORMULAS)
+"""Formulas of the latent-cosine signal (:data:`cfgbasin_jax.detectors.COSINE_FORMULAS`): "stable" (default)
+and "official" (the official script's float32 ``1 - torch cosine_similarity``, bit for bit)."""
 
 # The official opposite-guidance script falls back to this index when c has no local minimum.
 LATENT_COSINE_FALLBACK_INDEX = D.LATENT_COSINE_FALLBACK_INDEX
@@ -193,7 +196,11 @@ def dynamic_transition(
       a minimum at index >= 2 (the step after it is observed); a sample with no such minimum by
       step ``fallback`` switches there ("official": the official rule's own fallback,
       :data:`LATENT_COSINE_FALLBACK_INDEX`; ``None``: never switch without a minimum).
-      ``precision`` names the formula of c (:data:`cfgbasin_jax.detectors.COSINE_FORMULAS`).
+      ``precision`` names the formula of c (:data:`cfgbasin_jax.detectors.COSINE_FORMULAS`):
+      "stable" (default) computes ``0.5 ||x_{j+1}/|x_{j+1}| - x_j/|x_j|||^2``, which keeps float32 precision
+      when consecutive latents are nearly parallel; "official" computes it as the official script does
+      (float32 ``1 - torch cosine_similarity``, whose values near convergence are small multiples of
+      2^-24 with ties), so the official rule sees the official script's ties and spurious minima.
     signal=<a Detector>: a user-defined rule (see :mod:`cfgbasin_jax.detectors`); ``mode``,
       ``fallback`` and ``precision`` do not apply.
     """
