@@ -116,7 +116,7 @@ near convergence are small multiples of 2^-24 with ties. A new formula is one en
 def cosine_formula(precision: str) -> Callable[[Latents, Latents], PerSample]:
     """The latent-cosine formula named ``precision`` (ValueError naming the known ones)."""
     if precision not in COSINE_FORMULAS:
-        raise ValueError(f"detectors: unknown latent-cosine precision {precision!r}; expected one of "
+        raise ValueError(f"guidance: unknown precision {precision!r} of the latent-cosine signal; expected one of "
                          f"{', '.join(COSINE_FORMULAS)}")
     return COSINE_FORMULAS[precision]
 

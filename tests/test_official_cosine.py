@@ -296,9 +296,9 @@ def test_precision_option_validation():
     with pytest.raises(ValueError, match="unknown precision"):
         G.dynamic_transition(-7.5, 7.5, signal="latent_cosine", precision="float64")
     mixed = [g, G.dynamic_transition(-7.5, 7.5, signal="latent_cosine")]
-    with pytest.raises(ValueError, match="cannot mix latent-cosine precisions"):
+    with pytest.raises(ValueError, match="cannot mix detector kinds"):  # precision is a static detector field
         G.plan(mixed, 2, np.arange(10)[::-1] * 100)
-    assert G.plan(g, 2, np.arange(10)[::-1] * 100).precision == "official"
+    assert G.plan(g, 2, np.arange(10)[::-1] * 100).detector.pass_detector().precision == "official"
 
 
 def test_pipeline_official_precision(pipe_sd1):
