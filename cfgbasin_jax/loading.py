@@ -2,7 +2,8 @@
 
 Converted directory (written by `save_components` / `cfgbasin-convert`; read without torch):
 
-    DST/cfgbasin_jax.json                 format marker: {"format", "format_version", "dtype", "source"}
+    DST/cfgbasin_jax.json                 format marker: {"format", "format_version", "dtype", "source",
+                                          "fingerprint"} (see cfgbasin_jax.fingerprint)
     DST/params/                           orbax checkpoint {"unet": tree, "vae": tree, "text_encoder": tree}
     DST/{unet,vae,text_encoder}/config.json   the diffusers / transformers configs
     DST/tokenizer/                        CLIPTokenizer files
@@ -13,6 +14,8 @@ A diffusers folder is converted in memory (safetensors need no torch; `.bin` wei
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
 import uuid
@@ -35,6 +38,8 @@ __all__ = [
     "is_converted",
     "load_components",
     "load_unet_folder",
+    "check_destination",
+    "remove_stale_partials",
     "save_components",
 ]
 
@@ -184,28 +189,122 @@ def load_components(path, dtype="float32", unet_path=None) -> Components:
     )
 
 
-def save_components(components: Components, dst, overwrite: bool = False) -> Path:
+PARTIAL_TAG = ".partial-"  # .DST.partial-HOST-PID-RANDOM: a save in progress
+OLD_TAG = ".old-"  # .DST.old-HOST-PID-RANDOM: a replaced DST being removed
+
+
+def check_destination(dst, sources=(), overwrite: bool = False) -> Path:
+    """Absolute ``dst`` after checking that a converted directory may be written there; writes
+    nothing. Refused: ``dst`` equal to, inside or containing one of ``sources`` (existing paths:
+    the SD folder, a --unet folder); an existing ``dst`` without ``overwrite``; with ``overwrite``,
+    an existing ``dst`` that is not a converted directory (no marker file) and not empty; a parent
+    that cannot be written. Raises ConversionError naming the paths."""
+    from cfgbasin_jax import files
+
+    dst = Path(dst).absolute()
+    for src in sources:
+        if src is None or not Path(src).exists():
+            continue
+        if files.is_within(dst, src):
+            where = "is" if dst.resolve() == Path(src).resolve() else "lies inside"
+            raise ConversionError(f"destination {dst} {where} the source {src}; choose another destination")
+        if files.is_within(src, dst):
+            raise ConversionError(f"destination {dst} contains the source {src}; choose another destination")
+    if dst.exists() or dst.is_symlink():
+        if not dst.is_dir():
+            raise ConversionError(f"{dst} exists and is not a directory")
+        if not overwrite:
+            raise ConversionError(f"{dst} already exists (use overwrite=True / --overwrite to replace it)")
+        if not is_converted(dst) and any(dst.iterdir()):
+            raise ConversionError(
+                f"{dst} is not a converted directory (no {FORMAT_FILE}) and is not empty; --overwrite only "
+                "replaces a directory that cfgbasin-convert wrote, so it is left alone")
+    try:
+        files.check_writable_dir(dst.parent, "destination")
+    except files.FileError as err:
+        raise ConversionError(str(err)) from None
+    return dst
+
+
+def _owner_tag() -> str:
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(owner: str) -> bool:
+    """Was a partial/old folder whose name ends in ``owner`` (HOST-PID-RANDOM) left by a process
+    that is gone? Only a process on this host can be checked; the names of older versions
+    (RANDOM only) count as stale."""
+    import socket
+
+    host_pid = owner.rpartition("-")[0]
+    host, _, pid = host_pid.rpartition("-")
+    if not host:  # .DST.partial-RANDOM, written before owners were recorded
+        return True
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def remove_stale_partials(dst) -> list[Path]:
+    """Remove the ``.DST.partial-*`` / ``.DST.old-*`` folders that killed saves to ``dst`` left
+    (gigabytes for SD). Folders of running saves are kept. Returns the removed paths."""
+    dst = Path(dst).absolute()
+    removed = []
+    if not dst.parent.is_dir():
+        return removed
+    for tag in (PARTIAL_TAG, OLD_TAG):
+        prefix = f".{dst.name}{tag}"
+        for path in dst.parent.glob(f"{glob.escape(prefix)}*"):
+            if path.is_dir() and _stale(path.name[len(prefix):]):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _note(log, message: str) -> None:
+    if log is not None:
+        log(message)
+    else:
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
+
+
+def save_components(components: Components, dst, overwrite: bool = False, sources=(), log=None) -> Path:
     """Write `components` as a converted directory at `dst` (see the module docstring).
 
-    Everything goes to a temporary sibling directory first and is renamed to `dst` at the end, so
-    an error leaves nothing at `dst`. An existing `dst` is an error unless `overwrite`.
+    Checks first (:func:`check_destination`, with ``components.source`` and ``sources``). Everything
+    goes to a hidden sibling ``.DST.partial-HOST-PID-RANDOM`` and is renamed to `dst` at the end, so
+    `dst` is never partial. On an error, KeyboardInterrupt or SIGTERM (under
+    :func:`cfgbasin_jax.files.terminate_raises`) the partial folder is removed once orbax's writer
+    has stopped; a partial folder of a killed save is removed by the next save to `dst`. An I/O
+    error inside orbax is raised as OSError naming the folder. The marker file holds the model's
+    content fingerprint (:mod:`cfgbasin_jax.fingerprint`). ``log(message)`` gets the notes (a
+    parameter with NaN/Inf values, stale folders removed); default: ``warnings.warn``.
     """
     import orbax.checkpoint as ocp
 
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst} already exists (use overwrite=True / --overwrite to replace it)")
+    from cfgbasin_jax import files
+    from cfgbasin_jax import fingerprint as fp
+
+    dst = check_destination(dst, [components.source, *sources], overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:12]}"
+    for path in remove_stale_partials(dst):
+        _note(log, f"removed {path}, left by an interrupted conversion")
+    tmp = dst.parent / f".{dst.name}{PARTIAL_TAG}{_owner_tag()}"
     tmp.mkdir()
+    checkpointer = None
     try:
-        marker = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "dtype": jnp.dtype(components.dtype).name,
-            "source": components.source,
-        }
-        sd_folder.write_json(tmp / FORMAT_FILE, marker)
         for kind in COMPONENTS:
             (tmp / kind).mkdir()
             sd_folder.write_json(tmp / kind / "config.json", components.configs[kind])
@@ -213,26 +312,72 @@ def save_components(components: Components, dst, overwrite: bool = False) -> Pat
         sd_folder.write_json(tmp / "scheduler" / sd_folder.SCHEDULER_CONFIG, components.scheduler_config)
         components.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         params = {kind: components.params[kind] for kind in COMPONENTS}
+
+        def nonfinite(key, count, size):
+            _note(log, f"warning: parameter {key} has {count} non-finite value(s) (NaN/Inf) of {size}; "
+                       "the model will produce NaN images")
+
+        marker = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dtype": jnp.dtype(components.dtype).name,
+            "source": components.source,
+            fp.MARKER_KEY: fp.content_fingerprint(params, components.configs, components.scheduler_config,
+                                                  tmp / "tokenizer", nonfinite),
+        }
+        sd_folder.write_json(tmp / FORMAT_FILE, marker)
         local_only = ocp.options.MultiprocessingOptions(
             primary_host=None,
             active_processes={jax.process_index()},
             barrier_sync_key_prefix=f"restore_p{jax.process_index()}",
         )
-        with ocp.StandardCheckpointer(multiprocessing_options=local_only) as checkpointer:
+        with _quiet_orbax_errors():
+            checkpointer = ocp.StandardCheckpointer(multiprocessing_options=local_only)
             checkpointer.save(tmp / PARAMS_DIR, params)
             checkpointer.wait_until_finished()
+            checkpointer.close()
+            checkpointer = None
         _replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        with files.signals_deferred():
+            if checkpointer is not None:  # let orbax's writer stop before removing its folder
+                with _quiet_orbax_errors(), contextlib.suppress(Exception):
+                    checkpointer.wait_until_finished()
+                with _quiet_orbax_errors(), contextlib.suppress(Exception):
+                    checkpointer.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        io_error = None if isinstance(err, OSError) or not isinstance(err, Exception) else files.as_os_error(err, dst)
+        if io_error is not None:
+            raise io_error from None
         raise
     return dst
+
+
+@contextlib.contextmanager
+def _quiet_orbax_errors():
+    """orbax logs every failed background write with a full traceback, and asyncio each of its
+    futures whose error nobody read (thousands of lines on a full disk); the error is raised to the
+    caller anyway."""
+    import gc
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    old = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        gc.collect()  # futures report unread errors when collected: collect them while quiet
+        for logger, level in zip(loggers, old):
+            logger.setLevel(level)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
     if not dst.exists():
         os.rename(src, dst)
         return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
+    old = dst.parent / f".{dst.name}{OLD_TAG}{_owner_tag()}"
     os.rename(dst, old)
     os.rename(src, dst)
     shutil.rmtree(old, ignore_errors=True)
