@@ -109,9 +109,12 @@ def check_writable_file(path, flag: str) -> Path:
     out = Path(path).absolute()
     if out.is_dir():
         raise FileError(f"{flag} {path}: is a directory")
-    check_writable_dir(out.parent, flag)
+    try:
+        check_writable_dir(out.parent, flag)
+    except FileError as err:
+        raise FileError(f"{flag} {path}: {str(err).split(': ', 1)[1]}") from None
     if out.exists() and not os.access(out, os.W_OK):
-        raise FileError(f"{flag} {path}: is not writable")
+        raise FileError(f"{flag} {path}: is not writable{_why_not_writable(out)}")
     return out
 
 
@@ -187,6 +190,49 @@ def signals_deferred():
             signal.signal(s, h)
         for s in dict.fromkeys(held):
             os.kill(os.getpid(), s)
+
+
+# ------------------------------------------------------------------------------------ stderr
+
+
+class _Captured:
+    def __init__(self, buffer):
+        self.buffer = buffer
+        self.keep = True
+
+    def drop(self) -> None:
+        """Discard what was captured instead of passing it on at the end of the block."""
+        self.keep = False
+
+    def text(self) -> str:
+        self.buffer.seek(0)
+        return self.buffer.read().decode("utf-8", errors="replace")
+
+
+@contextlib.contextmanager
+def stderr_captured():
+    """Everything written to file descriptor 2 inside the block, by Python or by C code in any
+    thread, goes to a temporary file, and is written to the real stderr at the end unless the
+    block called ``captured.drop()``. For noisy libraries (orbax/tensorstore background writers)."""
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryFile() as buffer:
+        captured = _Captured(buffer)
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(buffer.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if captured.keep:
+                text = captured.text()
+                if text:
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
 
 
 # ------------------------------------------------------------------------------------ lock file

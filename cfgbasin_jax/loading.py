@@ -15,7 +15,9 @@ A diffusers folder is converted in memory (safetensors need no torch; `.bin` wei
 from __future__ import annotations
 
 import contextlib
+import gc
 import glob
+import logging
 import os
 import shutil
 import uuid
@@ -292,8 +294,6 @@ def save_components(components: Components, dst, overwrite: bool = False, source
     content fingerprint (:mod:`cfgbasin_jax.fingerprint`). ``log(message)`` gets the notes (a
     parameter with NaN/Inf values, stale folders removed); default: ``warnings.warn``.
     """
-    import orbax.checkpoint as ocp
-
     from cfgbasin_jax import files
     from cfgbasin_jax import fingerprint as fp
 
@@ -303,7 +303,6 @@ def save_components(components: Components, dst, overwrite: bool = False, source
         _note(log, f"removed {path}, left by an interrupted conversion")
     tmp = dst.parent / f".{dst.name}{PARTIAL_TAG}{_owner_tag()}"
     tmp.mkdir()
-    checkpointer = None
     try:
         for kind in COMPONENTS:
             (tmp / kind).mkdir()
@@ -326,51 +325,82 @@ def save_components(components: Components, dst, overwrite: bool = False, source
                                                   tmp / "tokenizer", nonfinite),
         }
         sd_folder.write_json(tmp / FORMAT_FILE, marker)
-        local_only = ocp.options.MultiprocessingOptions(
-            primary_host=None,
-            active_processes={jax.process_index()},
-            barrier_sync_key_prefix=f"restore_p{jax.process_index()}",
-        )
-        with _quiet_orbax_errors():
-            checkpointer = ocp.StandardCheckpointer(multiprocessing_options=local_only)
-            checkpointer.save(tmp / PARAMS_DIR, params)
-            checkpointer.wait_until_finished()
-            checkpointer.close()
-            checkpointer = None
+        _save_params(tmp / PARAMS_DIR, params, dst)
         _replace_dir(tmp, dst)
-    except BaseException as err:
+    except BaseException:
         with files.signals_deferred():
-            if checkpointer is not None:  # let orbax's writer stop before removing its folder
-                with _quiet_orbax_errors(), contextlib.suppress(Exception):
-                    checkpointer.wait_until_finished()
-                with _quiet_orbax_errors(), contextlib.suppress(Exception):
-                    checkpointer.close()
             shutil.rmtree(tmp, ignore_errors=True)
-        io_error = None if isinstance(err, OSError) or not isinstance(err, Exception) else files.as_os_error(err, dst)
-        if io_error is not None:
-            raise io_error from None
         raise
     return dst
 
 
-@contextlib.contextmanager
-def _quiet_orbax_errors():
-    """orbax logs every failed background write with a full traceback, and asyncio each of its
-    futures whose error nobody read (thousands of lines on a full disk); the error is raised to the
-    caller anyway."""
-    import gc
-    import logging
+def _save_params(directory: Path, params: dict, dst: Path) -> None:
+    """The orbax checkpoint of ``params`` at ``directory``. However this ends (an error, Ctrl-C,
+    SIGTERM), orbax's writer threads have stopped when it returns. An I/O error (full disk) is
+    raised as one OSError naming ``dst``; the background writers' tracebacks and log records about
+    it (thousands of lines, some printed by C code) are dropped."""
+    import orbax.checkpoint as ocp
 
+    from cfgbasin_jax import files
+
+    local_only = ocp.options.MultiprocessingOptions(
+        primary_host=None,
+        active_processes={jax.process_index()},
+        barrier_sync_key_prefix=f"restore_p{jax.process_index()}",
+    )
+    with files.stderr_captured() as captured, _quiet_orbax_logs(directory):
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=local_only)
+        try:
+            checkpointer.save(directory, params)
+            checkpointer.wait_until_finished()
+        except BaseException as err:
+            with files.signals_deferred():  # let the writer stop before the caller removes its folder
+                with contextlib.suppress(Exception):
+                    checkpointer.wait_until_finished()
+                with contextlib.suppress(Exception):
+                    checkpointer.close()
+                gc.collect()  # futures report unread errors when collected: let that happen here
+            io_error = files.as_os_error(err, dst) if isinstance(err, Exception) else None
+            if io_error is not None or not isinstance(err, Exception):
+                captured.drop()
+            if io_error is not None and io_error is not err:
+                raise io_error from None
+            raise
+        checkpointer.close()
+
+
+class _DropRecordsAbout(logging.Filter):
+    """Drops log records that mention ``text`` (a partial folder's unique name)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot be formatted is not ours to drop
+            return True
+        return self.text not in message and self.text not in str(record.exc_info or "")
+
+
+@contextlib.contextmanager
+def _quiet_orbax_logs(folder: Path):
+    """orbax's notices (absl INFO/WARNING) are hidden during the save; records about ``folder`` (a
+    failed write's traceback, asyncio's unread future errors) are dropped during the save, and for
+    good when it failed (asyncio reports some only when the futures are collected)."""
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-    old = [logger.level for logger in loggers]
+    drop = _DropRecordsAbout(folder.parent.name)
+    absl_level = loggers[0].level
+    loggers[0].setLevel(logging.ERROR)
     for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
+        logger.addFilter(drop)
     try:
         yield
     finally:
-        gc.collect()  # futures report unread errors when collected: collect them while quiet
-        for logger, level in zip(loggers, old):
-            logger.setLevel(level)
+        loggers[0].setLevel(absl_level)
+    for logger in loggers:
+        logger.removeFilter(drop)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
