@@ -85,7 +85,7 @@ def check_writable_dir(path, flag: str) -> Path:
     writes nothing. ``flag`` names it in the error ("--outdir")."""
     out = Path(path).absolute()
     if out.exists() and not out.is_dir():
-        raise FileError(f"{flag} {path}: exists and is not a directory")
+        raise FileError(f"{flag} {path}: {out} exists and is not a directory")
     anchor = nearest_existing(out)
     if not anchor.is_dir():
         raise FileError(f"{flag} {path}: {anchor} is not a directory")

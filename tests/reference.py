@@ -67,17 +67,20 @@ def pt_embed(text_encoder, tokenizer, prompts):
 
 
 @torch.no_grad()
-def pt_guided_loop(unet, scheduler, noise, cond, uncond, steps, scale_rule):
+def pt_guided_loop(unet, scheduler, noise, cond, uncond, steps, scale_rule, cond_at=None):
     """Official-structure loop. ``scale_rule(j, t, d_history) -> (scale, stop_signal)``.
 
-    noise [B,C,h,w] (before init_noise_sigma). Returns (final latents, per-step d [S,B], scales [S,B]).
+    noise [B,C,h,w] (before init_noise_sigma). ``cond_at(j, t) -> cond`` replaces the conditional
+    embedding at step j (e.g. CADS); the unconditional one never changes.
+    Returns (final latents, per-step d [S,B], scales [S,B]).
     """
     scheduler.set_timesteps(steps)
     x = torch.as_tensor(np.asarray(noise)) * scheduler.init_noise_sigma
     ds, scales = [], []
     for j, t in enumerate(scheduler.timesteps):
         inp = scheduler.scale_model_input(torch.cat([x, x]), t)
-        eps = unet(inp, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        cond_j = cond if cond_at is None else cond_at(j, int(t))
+        eps = unet(inp, t, encoder_hidden_states=torch.cat([uncond, cond_j])).sample
         eu, ec = eps.chunk(2)
         d = torch.linalg.vector_norm((ec - eu).reshape(x.shape[0], -1), dim=-1).numpy()
         ds.append(d)

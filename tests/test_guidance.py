@@ -62,14 +62,15 @@ def test_noise_diff_rule_hand_made(name):
 
 def test_noise_diff_branches_hit():
     """The hand-made set covers: none, a transition at 2 (minimum at 1), plateau (no strict min
-    at the plateau), several minima (first wins), a minimum at the last-but-one step."""
-    idx = {k: official_dtp_index(np.asarray(v, float)) for k, v in HAND_MADE.items()}
-    assert idx["monotone_down"] is None and idx["monotone_up"] is None and idx["all_equal"] is None
-    assert idx["min_at_1"] == 2
-    assert idx["plateau_then_rise"] is None  # 3 == 3 is no strict minimum, and 4 > 3 == 3 is neither
-    assert idx["flat_bottom_plateau"] == 5
-    assert idx["several_minima"] == 3
-    assert idx["min_at_end"] == 9
+    at the plateau), several minima (first wins), a minimum at the last-but-one step. The library's
+    detector gives the stated index in each case (the oracle too)."""
+    want = {"monotone_down": None, "monotone_up": None, "all_equal": None, "min_at_1": 2,
+            "plateau_then_rise": None,  # 3 == 3 is no strict minimum, and 4 > 3 == 3 is neither
+            "flat_bottom_plateau": 5, "several_minima": 3, "min_at_end": 9}
+    d = np.asarray([HAND_MADE[k] for k in want], np.float32).T  # [S, B]
+    got = np.asarray(_run_noise_diff(jnp.asarray(d))).tolist()
+    assert got == [-1 if w is None else w for w in want.values()]
+    assert {k: official_dtp_index(np.asarray(HAND_MADE[k], float)) for k in want} == want
 
 
 @pytest.mark.parametrize("name", sorted(HAND_MADE))
@@ -83,11 +84,15 @@ def test_latent_cosine_rules_hand_made(name):
         assert got == (-1 if want is None else want), fallback
 
 
-def test_latent_cosine_official_branches():
-    assert official_og_index([5, 1, 4, 3, 2, 3]) == 4  # min at 1 and a second: the second
-    assert official_og_index([5, 1, 4, 5, 6, 7]) == 1  # min at 1 only
-    assert official_og_index([1, 2, 3, 4, 5, 6, 7]) == 5  # none: fallback 5
-    assert official_og_index([9, 8, 7, 5, 6, 4, 8]) == 3  # first of several
+@pytest.mark.parametrize("c, want", [
+    ([5, 1, 4, 3, 2, 3], 4),  # min at 1 and a second: the second
+    ([5, 1, 4, 5, 6, 7], 1),  # min at 1 only
+    ([1, 2, 3, 4, 5, 6, 7], 5),  # none: fallback 5
+    ([9, 8, 7, 5, 6, 4, 8], 3),  # first of several
+])
+def test_latent_cosine_official_branches(c, want):
+    assert G.latent_cosine_transition_index(c) == want
+    assert official_og_index(c) == want
 
 
 def test_detectors_random_batches_match_official():
@@ -143,25 +148,36 @@ def test_cfg_shapes_match_formula(shape):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_static_transition_rule():
-    g = G.static_transition(500, 0.0, 7.5)
-    before, after, switch = G.plan_one(g, SD_TIMESTEPS, 1000)
-    applied = np.where(np.arange(len(SD_TIMESTEPS)) >= switch, after, before)
-    want = [0.0 if t > 500 else 7.5 for t in SD_TIMESTEPS]
-    np.testing.assert_array_equal(applied, want)
-    # OG + STP, shaped after
-    g = G.static_transition(650, -2.0, 7.5, shape_after="linear")
-    before, after, switch = G.plan_one(g, SD_TIMESTEPS, 1000)
-    applied = np.where(np.arange(len(SD_TIMESTEPS)) >= switch, after, before)
-    want = [-2.0 if t > 650 else official_shape("linear", 7.5, t) for t in SD_TIMESTEPS]
-    np.testing.assert_allclose(applied, want, rtol=1e-6)
+def applied_scales(g, timesteps):
+    before, after, switch = G.plan_one(g, timesteps, 1000)
+    return np.where(np.arange(len(timesteps)) >= switch, after, before)
+
+
+@pytest.mark.parametrize("t", [981, 501, 1, 500, 0, 999])
+def test_static_transition_rule(t):
+    """before while the step's timestep > t, after from the step whose timestep is <= t. t = 981,
+    501 and 1 are on the grid (there `<` and `<=` differ), 500 between two steps, 0 and 999 outside."""
+    assert (t in SD_TIMESTEPS) == (t in (981, 501, 1))
+    want = [0.0 if ts > t else 7.5 for ts in SD_TIMESTEPS]
+    np.testing.assert_array_equal(applied_scales(G.static_transition(t, 0.0, 7.5), SD_TIMESTEPS), want)
+
+
+def test_og_static_transition_with_shaped_after():
+    t = 641  # on the grid
+    assert t in SD_TIMESTEPS
+    want = [-2.0 if ts > t else official_shape("linear", 7.5, ts) for ts in SD_TIMESTEPS]
+    got = applied_scales(G.static_transition(t, -2.0, 7.5, shape_after="linear"), SD_TIMESTEPS)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_plan_stacks_per_sample_and_rejects_mixed():
-    gs = [G.static_transition(t, 0.0, 7.5) for t in (300, 500, 700)]
+    ts = (301, 500, 701)  # 301 and 701 on the grid
+    gs = [G.static_transition(t, 0.0, 7.5) for t in ts]
     p = G.plan(gs, 3, SD_TIMESTEPS)
     assert p.before.shape == (3, 50) and p.detector == "fixed"
-    assert list(p.switch_index) == [G._static_switch_index(SD_TIMESTEPS, t) for t in (300, 500, 700)]
+    first_at_or_below = [next(j for j, step_t in enumerate(SD_TIMESTEPS) if step_t <= t) for t in ts]
+    assert first_at_or_below == [34, 25, 14]
+    assert list(p.switch_index) == first_at_or_below
     with pytest.raises(ValueError, match="mix"):
         G.plan([G.constant(7.5), G.dynamic_transition()], 2, SD_TIMESTEPS)
     with pytest.raises(ValueError, match="2 schedules for 3"):
