@@ -28,10 +28,13 @@ cache only (never downloaded); a local diffusers folder or a converted directory
 Where a flag behaves differently from the reference script, its ``--help`` says so ("official: ...");
 README.md, "Differences from the official scripts", gives the whole list.
 
-Outputs, resume and the configuration check: :mod:`cfgbasin_jax.runs`. Multi-process runs
-(``--coordinator``, ``--num_processes``, ``--process_id`` or JAX's environment):
-:mod:`cfgbasin_jax.distributed`. Exit status: 0 done, 2 bad input (one line on stderr, nothing
-written).
+Outputs, resume, the configuration check and the one-run-per-OUTDIR lock: :mod:`cfgbasin_jax.runs`.
+Every flag is checked before anything is written, against the model's own scheduler config too (the
+transition timestep, the step count). A resume must match the stored run's identity, which includes
+the model's fingerprint (:mod:`cfgbasin_jax.fingerprint`), the seed and the batch size. Multi-process
+runs (``--coordinator``, ``--num_processes``, ``--process_id`` or JAX's environment):
+:mod:`cfgbasin_jax.distributed`. Exit status: 0 done, 2 bad input or an I/O error (one line on
+stderr naming the flag or path; nothing half-written, and nothing at all when the input is bad).
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
 
 from cfgbasin_jax import distributed as D
+from cfgbasin_jax import files as F
 from cfgbasin_jax import guidance as G
 from cfgbasin_jax import methods as M
 from cfgbasin_jax import prompts as P
@@ -62,6 +67,7 @@ PLOT_MODES = ("none", "run", "images")
 PROGRESS_MODES = ("none", "images", "steps")
 OG_MODES = ("exact", "causal")
 OG_PRECISIONS = G.PRECISIONS
+SEED_RANGE = (0, 2**32 - 1)  # jax.random.PRNGKey keeps 32 bits: 2**32 would repeat seed 0
 
 # The reference scripts' --scheduler names (and ours) -> cfgbasin_jax.schedulers names.
 SCHEDULER_ALIASES = {
@@ -221,6 +227,8 @@ class Settings:
     label: str  # the method recorded in metadata (stp with a negative scale -> og-stp)
     model: Path
     unet_path: Path | None
+    model_fingerprint: str
+    unet_fingerprint: str | None
     outdir: Path
     guidance: G.Guidance
     scale_before: float
@@ -245,11 +253,15 @@ class Settings:
     argv: list
 
     def identity(self) -> dict:
-        """What must match for a resume (paths absolute)."""
+        """What must match for a resume (paths absolute). The batch size is part of it: XLA's
+        kernels depend on the batch shape, so another batch size may change a pixel by one level."""
         return {
             "method": self.label,
             "model": str(self.model),
+            "model_fingerprint": self.model_fingerprint,
             "unet_path": None if self.unet_path is None else str(self.unet_path),
+            "unet_fingerprint": self.unet_fingerprint,
+            "batch_size": self.batch_size,
             "dtype": self.dtype,
             "guidance": self.guidance.describe(),
             "scheduler": self.scheduler,
@@ -374,21 +386,64 @@ def _baselines(a) -> dict:
     return {"prompt_augmentation": a.prompt_augmentation, "cads": bool(a.cads)}
 
 
+def given_flags(argv) -> set:
+    """Names of the flags written on the command line (``--name`` or ``--name=value``)."""
+    return {arg[2:].split("=", 1)[0] for arg in argv if isinstance(arg, str) and arg.startswith("--")}
+
+
+def _check_numbers(a) -> None:
+    """Flags whose range does not depend on the model."""
+    for flag in ("num_inference_steps", "batch_size", "img_size"):
+        if getattr(a, flag) < 1:
+            raise CliError(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    if not SEED_RANGE[0] <= a.seed <= SEED_RANGE[1]:
+        raise CliError(f"--seed {a.seed} must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (JAX's 32-bit PRNG seed)")
+    if not a.distributed_timeout > 0 or a.distributed_timeout == float("inf"):
+        raise CliError(f"--distributed_timeout must be a finite number > 0, got {a.distributed_timeout:g}")
+
+
+def check_schedule(model: Path, scheduler: str, num_inference_steps: int, guidance: G.Guidance) -> None:
+    """Check --scheduler, --num_inference_steps and the guidance schedule (a static transition
+    timestep included) against ``model``'s scheduler config, as sampling would; host-side only."""
+    from cfgbasin_jax import schedulers
+    from cfgbasin_jax.convert import sd_folder
+
+    config = sd_folder.read_scheduler_config(model / "scheduler")
+    try:
+        num_train = schedulers.resolve_config(scheduler, config)["num_train_timesteps"]
+    except ValueError as err:
+        raise CliError(f"--scheduler {scheduler}: {err} ({model / 'scheduler'})") from None
+    if not 1 <= num_inference_steps <= num_train:
+        raise CliError(f"--num_inference_steps {num_inference_steps} must be in [1, {num_train}] "
+                       f"(the model's num_train_timesteps)")
+    try:
+        timesteps = schedulers.scheduler_tables(scheduler, config, num_inference_steps)[2]
+    except ValueError as err:
+        raise CliError(f"--num_inference_steps {num_inference_steps}: {err}") from None
+    if guidance.rule == "static" and not 0 <= guidance.t < num_train:
+        raise CliError(f"--guidance_change_step {guidance.t} must be in [0, {num_train - 1}] "
+                       f"(a timestep of the model's {num_train})")
+    try:
+        G.plan(guidance, 1, timesteps, num_train)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
 def resolve(a: argparse.Namespace, method: str | None, argv: list, env=None) -> Settings:
     """Validate everything that can be checked without writing or touching a JAX backend."""
+    from cfgbasin_jax import fingerprint as FP
+
     method = method or a.method
     if method not in METHODS:
         raise CliError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    warnings = [f"--{flag} is not used by --method {method}" for flag in UNUSED_FLAGS[method]
-                if getattr(a, flag) is not None]
+    given = given_flags(argv)
+    warnings = [f"--{flag} is not used by --method {method}" for flag in UNUSED_FLAGS[method] if flag in given]
     for key, value in METHOD_DEFAULTS[method].items():
         if getattr(a, key) is None:
             setattr(a, key, value)
     guidance, before, after = _build_guidance(method, a)
     label = "og-stp" if method in ("stp", "og-stp") and before < 0 else ("stp" if method == "og-stp" else method)
-    for flag in ("num_inference_steps", "batch_size", "img_size"):
-        if getattr(a, flag) < 1:
-            raise CliError(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    _check_numbers(a)
     if guidance.rule == "dynamic" and a.num_inference_steps < 3:
         raise CliError(f"--num_inference_steps {a.num_inference_steps}: a dynamic transition needs at least 3 steps")
     scheduler = _scheduler_name(a.scheduler)
@@ -397,16 +452,18 @@ def resolve(a: argparse.Namespace, method: str | None, argv: list, env=None) -> 
         process = D.resolve(a.coordinator, a.num_processes, a.process_id, auto=a.distributed, env=env)
     except D.DistributedError as err:
         raise CliError(str(err)) from None
-    if a.distributed_timeout <= 0:
-        raise CliError(f"--distributed_timeout must be > 0, got {a.distributed_timeout:g}")
     prompt_set = P.load_prompt_set(a.exp, a.prompt_json, n_draw=a.end_iter if a.exp == "laion10k" else None)
     start, end = P.select_range(prompt_set, a.start_iter, a.end_iter)
     model = resolve_model(a.pretrained_model_name_or_path, env)
     unet = resolve_unet(a.unet_path)
+    check_schedule(model, scheduler, a.num_inference_steps, guidance)
     outdir = R.check_outdir(a.outdir)
+    if a.compilation_cache and not a.no_compilation_cache:
+        F.check_writable_dir(a.compilation_cache, "--compilation_cache")
     cache = None if a.no_compilation_cache else (a.compilation_cache or default_compilation_cache())
     settings = Settings(
-        method=method, label=label, model=model, unet_path=unet, outdir=outdir, guidance=guidance,
+        method=method, label=label, model=model, unet_path=unet, model_fingerprint=FP.model_fingerprint(model),
+        unet_fingerprint=None if unet is None else FP.unet_fingerprint(unet), outdir=outdir, guidance=guidance,
         scale_before=before, scale_after=after, scheduler=scheduler, num_inference_steps=a.num_inference_steps,
         img_size=a.img_size, seed=a.seed, dtype=a.dtype, batch_size=a.batch_size, prompt_set=prompt_set,
         start=start, end=end, process=process, distributed_timeout=a.distributed_timeout, compilation_cache=cache,
@@ -421,17 +478,20 @@ def resolve(a: argparse.Namespace, method: str | None, argv: list, env=None) -> 
 _PIPELINES: dict = {}
 
 
-def cached_pipeline(model: Path, unet_path: Path | None, dtype: str):
+def cached_pipeline(model: Path, unet_path: Path | None, dtype: str, fingerprint=None):
     """One loaded Pipeline per (model, unet, dtype) per process, so repeated in-process runs reuse
-    its compiled samplers."""
+    its compiled samplers. A ``fingerprint`` other than the cached pipeline's (another model now
+    at the same path) loads it again."""
     import cfgbasin_jax
 
     key = (str(model), None if unet_path is None else str(unet_path), dtype)
+    if key in _PIPELINES and fingerprint is not None and _PIPELINES[key][0] != fingerprint:
+        del _PIPELINES[key]
     if key not in _PIPELINES:
         if len(_PIPELINES) >= 2:
             _PIPELINES.pop(next(iter(_PIPELINES)))
-        _PIPELINES[key] = cfgbasin_jax.load_pipeline(model, dtype=dtype, unet_path=unet_path)
-    return _PIPELINES[key]
+        _PIPELINES[key] = (fingerprint, cfgbasin_jax.load_pipeline(model, dtype=dtype, unet_path=unet_path))
+    return _PIPELINES[key][1]
 
 
 class CompileStats:
@@ -508,6 +568,14 @@ def _restore_cache(old: dict) -> None:
         jax.config.update(name, value)
 
 
+class _LogFile(logging.FileHandler):
+    """run.log: a record that cannot be written (full disk) is dropped without the logging module's
+    traceback; the run's own writes report the error."""
+
+    def handleError(self, record):
+        pass
+
+
 def _log_handler(handler: logging.Handler, process: D.ProcessInfo) -> logging.Handler:
     handler.setFormatter(logging.Formatter(f"%(asctime)s [p{process.process_id}] %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
@@ -572,27 +640,45 @@ def execute(s: Settings) -> int:
     """Run a validated :class:`Settings`: start processes, load, generate what is missing, merge."""
     old_cache = _configure_cache(s.compilation_cache)
     handlers = [_log_handler(logging.StreamHandler(sys.stderr), s.process)]
+    lock = None
     try:
+        if not s.process.auto:  # the process id is known: lock before any peer waits on this process
+            lock = lock_outdir(s)
         try:
             s.process = D.initialize(s.process, s.distributed_timeout)
         except D.DistributedError as err:
             raise CliError(str(err)) from None
+        if lock is None:
+            lock = lock_outdir(s)
         with CompileStats() as stats:
             return _execute(s, stats, handlers)
     finally:
         _log_teardown(handlers)
         _restore_cache(old_cache)
+        if lock is not None:
+            lock.release()
+
+
+def lock_outdir(s: Settings) -> R.RunLock:
+    """Take OUTDIR's run lock (see :mod:`cfgbasin_jax.runs`), then check the stored configuration
+    again: another run may have written it since :func:`resolve` looked."""
+    lock = R.RunLock(s.outdir, s.process.process_id).acquire()
+    try:
+        if lock.stale_owner:
+            log.warning("warning: took over the lock of a run that is gone (%s)", F.describe_owner(lock.stale_owner))
+        s.resume = R.check_config(s.outdir, s.identity())
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _execute(s: Settings, stats: CompileStats, handlers: list) -> int:
-    from tqdm.auto import tqdm
-
     from cfgbasin_jax.loading import ConversionError
 
-    pid, nproc = s.process.process_id, s.process.num_processes
     t_load = time.perf_counter()
     try:
-        pipe = cached_pipeline(s.model, s.unet_path, s.dtype)
+        pipe = cached_pipeline(s.model, s.unet_path, s.dtype, (s.model_fingerprint, s.unet_fingerprint))
         pipe.latent_hw(s.img_size, s.img_size)
     except ConversionError as err:
         raise CliError(f"cannot load the model: {err}") from None
@@ -609,9 +695,22 @@ def _execute(s: Settings, stats: CompileStats, handlers: list) -> int:
             prompts, list(range(len(prompts))), seed=s.seed, tokenizer=pipe.tokenizer, **s.baselines)
 
     # From here on OUTDIR is written.
+    try:
+        return _write_run(s, stats, handlers, pipe, prompts, extra_kwargs, load_s)
+    except OSError as err:
+        raise R.RunError(f"{F.describe(err)}; every finished image is kept: fix this and rerun the same "
+                         "command to resume") from None
+
+
+def _write_run(s: Settings, stats: CompileStats, handlers: list, pipe, prompts: list, extra_kwargs: dict,
+               load_s: float) -> int:
+    """Generate the missing images of the run into OUTDIR (the part of a run that writes)."""
+    from tqdm.auto import tqdm
+
+    pid, nproc = s.process.process_id, s.process.num_processes
     R.make_dirs(s.outdir, plots=s.plot == "images")
     log_file = s.outdir / R.log_name(pid, nproc)
-    handlers.append(_log_handler(logging.FileHandler(log_file, encoding="utf-8"), s.process))
+    handlers.append(_log_handler(_LogFile(log_file, encoding="utf-8"), s.process))
     if s.process.is_main:
         R.write_config(s.outdir, s.identity(), s.run_info(), pid)
     R.clean_temp_files(s.outdir, pid)
@@ -703,12 +802,21 @@ def main(argv=None, method: str | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or PROG
     try:
-        args = build_parser(prog, method).parse_args(argv)
-        settings = resolve(args, method, argv)
-        return execute(settings)
-    except (CliError, P.PromptError, R.RunError, D.DistributedError, ConversionError) as err:
+        with F.terminate_raises():
+            args = build_parser(prog, method).parse_args(argv)
+            settings = resolve(args, method, argv)
+            return execute(settings)
+    except (CliError, P.PromptError, R.RunError, D.DistributedError, ConversionError, F.FileError) as err:
         print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except OSError as err:  # an I/O error: a read-only or full file system, no permission
+        print(f"{prog}: error: {F.describe(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:  # SIGINT, or SIGTERM via terminate_raises: the lock is released
+        terminated = isinstance(err, F.Terminated)
+        print(f"{prog}: {'terminated' if terminated else 'interrupted'}; every finished image is kept "
+              "(rerun the same command to resume)", file=sys.stderr)
+        return 128 + int(signal.SIGTERM if terminated else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -491,14 +491,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class DemoError(ValueError):
+    """Bad demo input (one line naming the flag)."""
+
+
+def check_config(cfg: DemoConfig) -> None:
+    """Every flag, checked before anything is computed or written (DemoError naming the flag)."""
+    from cfgbasin_jax import files as F
+    from cfgbasin_jax.training import is_pixel_model
+
+    for name in ("num_mem_prompts", "num_plain_prompts", "samples_per_prompt", "steps"):
+        minimum = 3 if name == "steps" else (1 if name == "samples_per_prompt" else 0)
+        if getattr(cfg, name) < minimum:
+            raise DemoError(f"--{name} must be >= {minimum}, got {getattr(cfg, name)}")
+    if cfg.num_mem_prompts + cfg.num_plain_prompts < 1:
+        raise DemoError("--num_mem_prompts and --num_plain_prompts are both 0: nothing to sample")
+    for name in ("guidance", "og_scale"):
+        if not np.isfinite(getattr(cfg, name)):
+            raise DemoError(f"--{name} must be a finite number, got {getattr(cfg, name)}")
+    path = Path(cfg.model) if cfg.model else SHIPPED_MODEL
+    if cfg.model and not is_pixel_model(path):
+        raise DemoError(f"--model {cfg.model}: not a pixel-model folder (needs model.json + params.safetensors)")
+    num_train = 1000
+    if is_pixel_model(path):
+        try:
+            meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
+            num_train = int(meta["configs"]["scheduler"].get("num_train_timesteps", 1000))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise DemoError(f"{path / 'model.json'}: cannot read the scheduler config ({err})") from None
+    if cfg.steps > num_train:
+        raise DemoError(f"--steps {cfg.steps} must be <= {num_train} (the model's num_train_timesteps)")
+    for name in ("stp_t", "og_t"):
+        value = getattr(cfg, name)
+        if value is not None and not 0 <= value < num_train:
+            raise DemoError(f"--{name} {value} must be a timestep in [0, {num_train - 1}]")
+    try:
+        F.check_writable_dir(cfg.outdir, "--outdir")
+    except F.FileError as err:
+        raise DemoError(str(err)) from None
+
+
 def main(argv=None) -> int:
+    from cfgbasin_jax import files as F
+
     args = build_parser().parse_args(argv)
     cfg = DemoConfig(**{**vars(args), "methods": tuple(args.methods)})
-    for name in ("num_mem_prompts", "num_plain_prompts", "samples_per_prompt", "steps"):
-        if getattr(cfg, name) < (3 if name == "steps" else 0):
-            print(f"error: --{name} is too small", file=sys.stderr)
-            return 2
-    result = run_demo(cfg)
+    try:
+        check_config(cfg)
+        result = run_demo(cfg)
+    except DemoError as err:
+        print(f"cfgbasin-demo: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"cfgbasin-demo: error: {F.describe(err)}", file=sys.stderr)
+        return 2
     print(result["table"])
     print(f"\nreport: {result['report']}")
     return 0

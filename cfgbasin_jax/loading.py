@@ -2,7 +2,8 @@
 
 Converted directory (written by `save_components` / `cfgbasin-convert`; read without torch):
 
-    DST/cfgbasin_jax.json                 format marker: {"format", "format_version", "dtype", "source"}
+    DST/cfgbasin_jax.json                 format marker: {"format", "format_version", "dtype", "source",
+                                          "fingerprint"} (see cfgbasin_jax.fingerprint)
     DST/params/                           orbax checkpoint {"unet": tree, "vae": tree, "text_encoder": tree}
     DST/{unet,vae,text_encoder}/config.json   the diffusers / transformers configs
     DST/tokenizer/                        CLIP tokenizer files (tokenizer.json, vocab.json, merges.txt, ...)
@@ -15,7 +16,11 @@ A pixel-space model folder (the shipped toy; see the section at the end) loads t
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import glob
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -44,6 +49,8 @@ __all__ = [
     "load_components",
     "load_pixel_components",
     "load_unet_folder",
+    "check_destination",
+    "remove_stale_partials",
     "pixel_components",
     "save_components",
     "save_pixel_model",
@@ -200,28 +207,119 @@ def load_components(path, dtype="float32", unet_path=None) -> Components:
     )
 
 
-def save_components(components: Components, dst, overwrite: bool = False) -> Path:
-    """Write `components` as a converted directory at `dst` (see the module docstring).
+PARTIAL_TAG = ".partial-"  # .DST.partial-HOST-PID-RANDOM: a save in progress
+OLD_TAG = ".old-"  # .DST.old-HOST-PID-RANDOM: a replaced DST being removed
 
-    Everything goes to a temporary sibling directory first and is renamed to `dst` at the end, so
-    an error leaves nothing at `dst`. An existing `dst` is an error unless `overwrite`.
-    """
-    import orbax.checkpoint as ocp
+
+def check_destination(dst, sources=(), overwrite: bool = False) -> Path:
+    """Absolute ``dst`` after checking that a converted directory may be written there; writes
+    nothing. Refused: ``dst`` equal to, inside or containing one of ``sources`` (existing paths:
+    the SD folder, a --unet folder); an existing ``dst`` without ``overwrite``; with ``overwrite``,
+    an existing ``dst`` that is not a converted directory (no marker file) and not empty; a parent
+    that cannot be written. Raises ConversionError naming the paths."""
+    from cfgbasin_jax import files
 
     dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst} already exists (use overwrite=True / --overwrite to replace it)")
+    for src in sources:
+        if src is None or not Path(src).exists():
+            continue
+        if files.is_within(dst, src):
+            where = "is" if dst.resolve() == Path(src).resolve() else "lies inside"
+            raise ConversionError(f"destination {dst} {where} the source {src}; choose another destination")
+        if files.is_within(src, dst):
+            raise ConversionError(f"destination {dst} contains the source {src}; choose another destination")
+    if dst.exists() or dst.is_symlink():
+        if not dst.is_dir():
+            raise ConversionError(f"{dst} exists and is not a directory")
+        if not overwrite:
+            raise ConversionError(f"{dst} already exists (use overwrite=True / --overwrite to replace it)")
+        if not is_converted(dst) and any(dst.iterdir()):
+            raise ConversionError(
+                f"{dst} is not a converted directory (no {FORMAT_FILE}) and is not empty; --overwrite only "
+                "replaces a directory that cfgbasin-convert wrote, so it is left alone")
+    try:
+        files.check_writable_dir(dst.parent, "destination")
+    except files.FileError as err:
+        raise ConversionError(str(err)) from None
+    return dst
+
+
+def _owner_tag() -> str:
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(owner: str) -> bool:
+    """Was a partial/old folder whose name ends in ``owner`` (HOST-PID-RANDOM) left by a process
+    that is gone? Only a process on this host can be checked; the names of older versions
+    (RANDOM only) count as stale."""
+    import socket
+
+    host_pid = owner.rpartition("-")[0]
+    host, _, pid = host_pid.rpartition("-")
+    if not host:  # .DST.partial-RANDOM, written before owners were recorded
+        return True
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def remove_stale_partials(dst) -> list[Path]:
+    """Remove the ``.DST.partial-*`` / ``.DST.old-*`` folders that killed saves to ``dst`` left
+    (gigabytes for SD). Folders of running saves are kept. Returns the removed paths."""
+    dst = Path(dst).absolute()
+    removed = []
+    if not dst.parent.is_dir():
+        return removed
+    for tag in (PARTIAL_TAG, OLD_TAG):
+        prefix = f".{dst.name}{tag}"
+        for path in dst.parent.glob(f"{glob.escape(prefix)}*"):
+            if path.is_dir() and _stale(path.name[len(prefix):]):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _note(log, message: str) -> None:
+    if log is not None:
+        log(message)
+    else:
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
+
+
+def save_components(components: Components, dst, overwrite: bool = False, sources=(), log=None) -> Path:
+    """Write `components` as a converted directory at `dst` (see the module docstring).
+
+    Checks first (:func:`check_destination`, with ``components.source`` and ``sources``). Everything
+    goes to a hidden sibling ``.DST.partial-HOST-PID-RANDOM`` and is renamed to `dst` at the end, so
+    `dst` is never partial. On an error, KeyboardInterrupt or SIGTERM (under
+    :func:`cfgbasin_jax.files.terminate_raises`) the partial folder is removed once orbax's writer
+    has stopped; a partial folder of a killed save is removed by the next save to `dst`. An I/O
+    error inside orbax is raised as OSError naming the folder. The marker file holds the model's
+    content fingerprint (:mod:`cfgbasin_jax.fingerprint`). ``log(message)`` gets the notes (a
+    parameter with NaN/Inf values, stale folders removed); default: ``warnings.warn``.
+    """
+    from cfgbasin_jax import files
+    from cfgbasin_jax import fingerprint as fp
+
+    dst = check_destination(dst, [components.source, *sources], overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:12]}"
+    for path in remove_stale_partials(dst):
+        _note(log, f"removed {path}, left by an interrupted conversion")
+    tmp = dst.parent / f".{dst.name}{PARTIAL_TAG}{_owner_tag()}"
     tmp.mkdir()
     try:
-        marker = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "dtype": jnp.dtype(components.dtype).name,
-            "source": components.source,
-        }
-        sd_folder.write_json(tmp / FORMAT_FILE, marker)
         for kind in COMPONENTS:
             (tmp / kind).mkdir()
             sd_folder.write_json(tmp / kind / "config.json", components.configs[kind])
@@ -229,39 +327,121 @@ def save_components(components: Components, dst, overwrite: bool = False) -> Pat
         sd_folder.write_json(tmp / "scheduler" / sd_folder.SCHEDULER_CONFIG, components.scheduler_config)
         save_tokenizer(components.tokenizer, tmp / "tokenizer")
         params = {kind: components.params[kind] for kind in COMPONENTS}
-        local_only = ocp.options.MultiprocessingOptions(
-            primary_host=None,
-            active_processes={jax.process_index()},
-            barrier_sync_key_prefix=f"restore_p{jax.process_index()}",
-        )
-        with ocp.StandardCheckpointer(multiprocessing_options=local_only) as checkpointer:
-            checkpointer.save(tmp / PARAMS_DIR, params)
-            checkpointer.wait_until_finished()
+
+        def nonfinite(key, count, size):
+            _note(log, f"warning: parameter {key} has {count} non-finite value(s) (NaN/Inf) of {size}; "
+                       "the model will produce NaN images")
+
+        marker = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dtype": jnp.dtype(components.dtype).name,
+            "source": components.source,
+            fp.MARKER_KEY: fp.content_fingerprint(params, components.configs, components.scheduler_config,
+                                                  tmp / "tokenizer", nonfinite),
+        }
+        sd_folder.write_json(tmp / FORMAT_FILE, marker)
+        _save_params(tmp / PARAMS_DIR, params, dst)
         _replace_dir(tmp, dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with files.signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _save_params(directory: Path, params: dict, dst: Path) -> None:
+    """The orbax checkpoint of ``params`` at ``directory``. However this ends (an error, Ctrl-C,
+    SIGTERM), orbax's writer threads have stopped when it returns. An I/O error (full disk) is
+    raised as one OSError naming ``dst``; the background writers' tracebacks and log records about
+    it (thousands of lines, some printed by C code) are dropped."""
+    import orbax.checkpoint as ocp
+
+    from cfgbasin_jax import files
+
+    local_only = ocp.options.MultiprocessingOptions(
+        primary_host=None,
+        active_processes={jax.process_index()},
+        barrier_sync_key_prefix=f"restore_p{jax.process_index()}",
+    )
+    with files.stderr_captured() as captured, _quiet_orbax_logs(directory):
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=local_only)
+        try:
+            checkpointer.save(directory, params)
+            checkpointer.wait_until_finished()
+        except BaseException as err:
+            with files.signals_deferred():  # let the writer stop before the caller removes its folder
+                with contextlib.suppress(Exception):
+                    checkpointer.wait_until_finished()
+                with contextlib.suppress(Exception):
+                    checkpointer.close()
+                gc.collect()  # futures report unread errors when collected: let that happen here
+            io_error = files.as_os_error(err, dst) if isinstance(err, Exception) else None
+            if io_error is not None or not isinstance(err, Exception):
+                captured.drop()
+            if io_error is not None and io_error is not err:
+                raise io_error from None
+            raise
+        checkpointer.close()
+
+
+class _DropRecordsAbout(logging.Filter):
+    """Drops log records that mention ``text`` (a partial folder's unique name)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot be formatted is not ours to drop
+            return True
+        return self.text not in message and self.text not in str(record.exc_info or "")
+
+
+@contextlib.contextmanager
+def _quiet_orbax_logs(folder: Path):
+    """orbax's notices (absl INFO/WARNING) are hidden during the save; records about ``folder`` (a
+    failed write's traceback, asyncio's unread future errors) are dropped during the save, and for
+    good when it failed (asyncio reports some only when the futures are collected)."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    drop = _DropRecordsAbout(folder.parent.name)
+    absl_level = loggers[0].level
+    loggers[0].setLevel(logging.ERROR)
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        loggers[0].setLevel(absl_level)
+    for logger in loggers:
+        logger.removeFilter(drop)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
     if not dst.exists():
         os.rename(src, dst)
         return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
+    old = dst.parent / f".{dst.name}{OLD_TAG}{_owner_tag()}"
     os.rename(dst, old)
     os.rename(src, dst)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def convert(src, dst, dtype="float32", unet_path=None, overwrite=False) -> Path:
+def convert(src, dst, dtype="float32", unet_path=None, overwrite=False, log=None) -> Path:
     """Convert the diffusers SD folder ``src`` (optionally with the UNet folder ``unet_path`` swapped
     in) into the converted-checkpoint directory ``dst``, params stored in ``dtype``. Returns dst as a
-    Path. Nothing is written at ``dst`` unless the whole conversion succeeds (``cfgbasin-convert``)."""
-    if Path(dst).exists() and not overwrite:  # fail before the (slow) load; save re-checks
-        raise ConversionError(f"{Path(dst).absolute()} already exists (use overwrite=True / --overwrite to replace it)")
+    Path (``cfgbasin-convert``).
+
+    Nothing is written at ``dst`` unless the whole conversion succeeds; ``dst`` may not be, contain or
+    lie inside ``src`` or ``unet_path``, and ``overwrite`` replaces only a converted directory (see
+    :func:`save_components`, which also describes ``log``).
+    """
+    sources = [src, unet_path]
+    check_destination(dst, sources, overwrite)  # fail before the (slow) load; save re-checks
     components = load_components(src, dtype=dtype, unet_path=unet_path)
-    return save_components(components, dst, overwrite=overwrite)
+    return save_components(components, dst, overwrite=overwrite, sources=sources, log=log)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -89,6 +90,20 @@ class TrainConfig:
 
     def check(self) -> None:
         positive = ("max_train_steps", "train_batch_size", "checkpointing_steps", "log_steps", "repeats")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainingError(f"--{f.name} must be a finite number, got {value}")
+        if self.lr_warmup_steps < 0:
+            raise TrainingError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.resolution is not None and self.resolution < 1:
+            raise TrainingError(f"--resolution must be >= 1, got {self.resolution}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise TrainingError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_weight_decay < 0 or self.max_grad_norm <= 0:
+            raise TrainingError("--adam_weight_decay must be >= 0 and --max_grad_norm > 0, got "
+                                f"{self.adam_weight_decay} and {self.max_grad_norm}")
         if self.eval_steps < 0:
             raise TrainingError(f"--eval_steps must be >= 0 (0: no probe loss), got {self.eval_steps}")
         for name in positive:
@@ -466,11 +481,14 @@ def _split_params(components: Components, train_text_encoder: bool, alphas: np.n
 
 
 def _check_resume(output_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a run stored in ``output_dir`` with another configuration; reads only."""
     stored_path = output_dir / "train_config.json"
     if not stored_path.is_file():
-        stored_path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2), encoding="utf-8")
         return
-    stored = json.loads(stored_path.read_text(encoding="utf-8"))
+    try:
+        stored = json.loads(stored_path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise TrainingError(f"{stored_path}: not valid JSON ({err}); use another --output_dir") from None
     mine = cfg.identity()
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     diffs = [f"{k}: stored {stored.get(k, defaults.get(k))!r}, now {v!r}" for k, v in mine.items() if stored.get(k, defaults.get(k)) != v]
@@ -479,8 +497,13 @@ def _check_resume(output_dir: Path, cfg: TrainConfig) -> None:
             f"{output_dir}: refusing to resume a run with a different configuration ({'; '.join(diffs)}); "
             "use another --output_dir"
         )
-    stored["max_train_steps"] = cfg.max_train_steps
-    stored_path.write_text(json.dumps(stored, indent=2), encoding="utf-8")
+
+
+def _store_config(output_dir: Path, cfg: TrainConfig) -> None:
+    """Write train_config.json (the stored run's step count follows the latest --max_train_steps)."""
+    from cfgbasin_jax import files as F
+
+    F.atomic_write_text(output_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
 
 def _checkpoint_manager(output_dir: Path):
@@ -510,9 +533,13 @@ def train(cfg: TrainConfig, components: Components | None = None, log=print) -> 
     checkpoints/, model/}``."""
     import orbax.checkpoint as ocp
 
-    cfg.check()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from cfgbasin_jax import files as F
+
+    cfg.check()  # everything is checked before output_dir is written
+    try:
+        out = F.check_writable_dir(cfg.output_dir, "--output_dir")
+    except F.FileError as err:
+        raise TrainingError(str(err)) from None
     _check_resume(out, cfg)
     data = read_folder(cfg.data, cfg.resolution, cfg.skip_bad_files)
     if data.skipped:
@@ -521,6 +548,8 @@ def train(cfg: TrainConfig, components: Components | None = None, log=print) -> 
     n_dev = jax.local_device_count()
     if cfg.train_batch_size % n_dev:
         raise TrainingError(f"--train_batch_size {cfg.train_batch_size} must be a multiple of the {n_dev} local devices")
+    out.mkdir(parents=True, exist_ok=True)
+    _store_config(out, cfg)
     epoch, _ = epoch_indices(len(data.captions), cfg.end, cfg.repeats, cfg.non_mem_ratio)
     pixels = to_model_pixels(data.images)
     ids = tokenize(comps.tokenizer, data.captions)
@@ -716,20 +745,22 @@ def build_parser():
 def main(argv=None) -> int:
     import sys
 
+    from cfgbasin_jax import files as F
+    from cfgbasin_jax.convert.errors import ConversionError
+
     args = vars(build_parser().parse_args(argv))
     args["progress"] = not args.pop("no_progress")
     export_raw = args.pop("export_raw")
-    if args.pop("export_only"):
-        try:
-            print(f"exported {export_checkpoint(args['output_dir'], use_ema=not export_raw)}")
-        except TrainingError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        return 0
     try:
+        if args.pop("export_only"):
+            print(f"exported {export_checkpoint(args['output_dir'], use_ema=not export_raw)}")
+            return 0
         result = train(TrainConfig(**args))
-    except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (TrainingError, ConversionError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {F.describe(err)}", file=sys.stderr)
         return 2
     print(f"trained {result['steps']} steps, final loss {result['final_loss']:.4f}; model in {result['output']}")
     return 0

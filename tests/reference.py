@@ -77,12 +77,13 @@ def cosine_distance_f64(a, b) -> np.ndarray:
 def official_pass(backend, ctx, x, steps: int, scale_at: Callable) -> tuple:
     """One official-structure pass over B samples: both halves every step, then
     ``scale_at(j, t, d_history [j+1, B]) -> scale (number or [B])`` on the host, then the step.
+    ``ctx`` is the [uncond; cond] embedding, or ``ctx(j, t)`` giving it per step.
     Returns (final latents, d [S,B], c [S,B], scales [S,B], UNet evaluations)."""
     timesteps = backend.timesteps(steps)
     state = backend.init_state(x)
     ds, cs, scales = [], [], []
     for j, t in enumerate(timesteps):
-        eu, ec = backend.eps_pair(state, x, j, t, ctx)
+        eu, ec = backend.eps_pair(state, x, j, t, ctx(j, int(t)) if callable(ctx) else ctx)
         ds.append(backend.diff_norm(eu, ec))  # host sync, every step
         s = np.broadcast_to(np.asarray(scale_at(j, t, np.asarray(ds)), np.float32), ds[-1].shape).copy()
         scales.append(s)
@@ -208,18 +209,21 @@ def pt_embed(text_encoder, tokenizer, prompts):
         return text_encoder(ids)[0]
 
 
-def pt_guided_loop(unet, scheduler, noise, cond, uncond, steps, scale_rule):
+def pt_guided_loop(unet, scheduler, noise, cond, uncond, steps, scale_rule, cond_at=None):
     """The official-structure loop in PyTorch. ``scale_rule(j, t, d_history) -> scale``.
 
-    noise [B,C,h,w] (before init_noise_sigma). Returns (final latents, per-step d [S,B], scales [S,B]).
+    noise [B,C,h,w] (before init_noise_sigma). ``cond_at(j, t) -> cond`` replaces the conditional
+    embedding at step j (e.g. CADS); the unconditional one never changes.
+    Returns (final latents, per-step d [S,B], scales [S,B]).
     """
     import torch
 
     backend = TorchBackend(unet, scheduler)
     backend.timesteps(steps)
     x = torch.as_tensor(np.asarray(noise)) * scheduler.init_noise_sigma
+    ctx = torch.cat([uncond, cond]) if cond_at is None else (lambda j, t: torch.cat([uncond, cond_at(j, t)]))
     with torch.no_grad():
-        x, d, _, scales, _ = official_pass(backend, torch.cat([uncond, cond]), x, steps, scale_rule)
+        x, d, _, scales, _ = official_pass(backend, ctx, x, steps, scale_rule)
     return x.numpy(), d, scales
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from reference import rel_err
+from reference import pt_guided_loop, pt_scheduler, rel_err
 
 from cfgbasin_jax import baselines as B
 from cfgbasin_jax import guidance as G
@@ -147,6 +147,46 @@ def test_cads_in_the_sampler(pipe_sd1, plain):
     assert rel_err(chunked.latents, on.latents) < 1e-4
 
 
+def test_cads_noises_only_the_conditional_embedding(tiny_sd1, pipe_sd1):
+    """The sampler with CADS against the official loop in PyTorch in which only the conditional
+    embedding is noised (per step, with the library's CADS update) and the unconditional one stays."""
+    cads = B.CADS(s=0.5)
+    ours = _generate(pipe_sd1, cads=cads)
+    h = pipe_sd1.default_size // pipe_sd1.vae_scale_factor
+    noise = np.asarray(initial_noise(RUN["seed"], [0, 1, 2], (pipe_sd1.latent_channels, h, h)))
+    cond = pipe_sd1.encode_prompts(PROMPTS)
+    uncond = torch.as_tensor(np.array(pipe_sd1.encode_prompts([""] * 3)))
+    aux = cads.cond_aux(RUN["seed"], [0, 1, 2])
+    fn = jax.jit(cads.cond_fn)
+    noised = lambda j, t: torch.as_tensor(np.array(fn(cond, t, j, aux)))  # noqa: E731
+
+    def loop(uncond_at):
+        sched = pt_scheduler("ddim", tiny_sd1.scheduler_config)
+        with torch.no_grad():
+            return pt_guided_loop(_Both(tiny_sd1.unet, uncond_at), sched, noise, torch.as_tensor(np.asarray(cond)),
+                                  uncond, STEPS, lambda j, t, d: 7.5, cond_at=noised)[0]
+
+    assert rel_err(ours.latents, loop(None)) < 1e-3
+    # the comparison can tell: noising the unconditional embedding as well gives another result
+    assert rel_err(ours.latents, loop(noised)) > 1e-2
+
+
+class _Both(torch.nn.Module):
+    """The UNet of pt_guided_loop's batch [uncond; cond], with the uncond half's embedding
+    replaced by ``uncond_at(j, t)`` at step j when given (a deliberately wrong CADS)."""
+
+    def __init__(self, unet, uncond_at):
+        super().__init__()
+        self.unet, self.uncond_at, self.step = unet, uncond_at, 0
+
+    def forward(self, x, t, encoder_hidden_states):
+        if self.uncond_at is not None:
+            b = x.shape[0] // 2
+            encoder_hidden_states = torch.cat([self.uncond_at(self.step, int(t))[:b], encoder_hidden_states[b:]])
+        self.step += 1
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
+
+
 def test_prompt_embeds_replace_the_encoded_prompts(pipe_sd1, plain):
     same = _generate(pipe_sd1, prompt_embeds=np.asarray(pipe_sd1.encode_prompts(PROMPTS)))
     np.testing.assert_array_equal(same.latents, plain.latents)
@@ -170,6 +210,15 @@ def test_wen_lowers_the_targeted_norm(pipe_sd1, plain, wen_free):
     # position 0 gets no gradient, only AdamW's decoupled weight decay (as torch's AdamW does)
     np.testing.assert_allclose(wen_free.prompt_embeds[:, 0], original[:, 0] * (1 - LR * 0.01) ** ITERS, rtol=1e-6)
     assert np.all(np.abs(wen_free.prompt_embeds[:, 1:] - original[:, 1:]).max(axis=(1, 2)) > 0.1)
+
+
+def test_wen_loss_is_the_samplers_first_step_under_euler(pipe_sd1):
+    """Under Euler, scale_model_input divides the input by sqrt(sigma^2 + 1) (under DDIM it is the
+    identity): Wen et al.'s loss must see the same scaled input as the sampler's first step."""
+    run = {**RUN, "scheduler": "euler"}
+    plain = pipe_sd1.generate(PROMPTS[:2], G.constant(7.5), progress=False, decode=False, **run)
+    wen = B.wen_optimize(pipe_sd1, PROMPTS[:2], lr=LR, iterations=0, **run)
+    np.testing.assert_allclose(wen.loss_initial, plain.noise_diff[:, 0], rtol=1e-4)
 
 
 def test_wen_stops_each_sample_at_its_target(pipe_sd1, wen_free):

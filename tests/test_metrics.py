@@ -775,3 +775,37 @@ def test_evaluate_script_entry_point(tmp_path):
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2 and "--sscd" in proc.stderr
+
+
+def test_evaluate_refuses_bad_flags_before_computing_and_writes_atomically(tmp_path, eval_folders, tiny_sscd, capsys,
+                                                                         monkeypatch):
+    """Issue 15: `--threshold nan` reported 0.0% copies; an unwritable --out failed only after every
+    metric was computed (no row printed); eval.json was written in place, not atomically."""
+    from cfgbasin_jax import evaluate as E
+
+    gen, train = eval_folders
+    args = ["--gen", gen, "--train", train, "--sscd", tiny_sscd[2]]
+    real = E.sscd_similarity
+    monkeypatch.setattr(E, "sscd_similarity", lambda *a, **k: pytest.fail("computed a metric"))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    cases = [
+        (["--threshold", "nan"], "--threshold must be a number in [-1, 1]"),
+        (["--threshold", "2"], "--threshold must be a number in [-1, 1]"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--out", str(not_a_dir / "eval.json")], f"--out {not_a_dir / 'eval.json'}: {not_a_dir} exists and is not"),
+        (["--out", str(tmp_path)], "is a directory"),
+    ]
+    for extra, message in cases:
+        assert evaluate_main(args + extra) == 2, extra
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.strip().splitlines() == [f"error: {out.err.strip()[7:]}"] and message in out.err
+    monkeypatch.setattr(E, "sscd_similarity", real)
+
+    report = tmp_path / "eval.json"
+    report.write_text("old")
+    inode = report.stat().st_ino
+    assert evaluate_main(args + ["--out", str(report)]) == 0
+    assert json.loads(report.read_text())["n_generated"] == 4
+    assert report.stat().st_ino != inode  # a new file renamed over the old one, not rewritten in place
+    assert sorted(os.listdir(tmp_path)) == ["eval.json", "file"]  # no temporary file left

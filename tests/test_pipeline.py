@@ -160,6 +160,40 @@ def test_noise_depends_only_on_seed_and_index():
     assert not np.allclose(a[0], np.asarray(initial_noise(1, [0], (4, 8, 8)))[0])
 
 
+def test_generate_draws_noise_from_seed_and_sample_index(pipe_sd1):
+    """Through the caller: generate(seed, sample_indices) samples from initial_noise(seed, index)
+    of each sample, not from its position in the batch (nor the seed alone)."""
+    prompts = PROMPTS + ["a green triangle"]
+    h = pipe_sd1.default_size // pipe_sd1.vae_scale_factor
+    shape = (pipe_sd1.latent_channels, h, h)
+    kw = dict(num_inference_steps=STEPS, scheduler="ddim", progress=False, decode=False)
+    for seed, indices in ((5, [7, 3, 9]), (6, [7, 3, 9]), (5, [0, 1, 2])):
+        drawn = pipe_sd1.generate(prompts, G.constant(7.5), seed=seed, sample_indices=indices, **kw)
+        given = pipe_sd1.generate(prompts, G.constant(7.5), latents=initial_noise(seed, indices, shape), **kw)
+        np.testing.assert_array_equal(drawn.latents, given.latents)
+        np.testing.assert_array_equal(drawn.sample_indices, indices)
+
+
+def test_bfloat16_sampling_end_to_end(tiny_sd1, pipe_sd1):
+    """Params and compute in bfloat16 (scheduler state and detector signals in float32): DTP runs
+    end to end, finite, close to float32 sampling from the same noise."""
+    import cfgbasin_jax
+
+    bf16 = cfgbasin_jax.load_pipeline(tiny_sd1.path, dtype="bfloat16")
+    noise = _noise(pipe_sd1, len(PROMPTS), seed=8)
+    kw = dict(num_inference_steps=STEPS, latents=noise, scheduler="dpm++2m", progress=False)
+    g = G.dynamic_transition(1.0, 7.5)
+    low, ref = bf16.generate(PROMPTS, g, **kw), pipe_sd1.generate(PROMPTS, g, **kw)
+    assert low.latents.dtype == np.float32 and low.noise_diff.dtype == np.float32
+    assert np.all(np.isfinite(low.latents)) and not low.nonfinite.any()
+    assert low.images.dtype == np.uint8 and low.images.shape == ref.images.shape
+    assert rel_err(low.latents, ref.latents) < 5e-2
+    assert rel_err(low.noise_diff[:, :2], ref.noise_diff[:, :2]) < 5e-2
+    diff = np.abs(low.images.astype(np.int16) - ref.images)
+    assert diff.mean() < 4 and diff.max() < 64, (diff.mean(), diff.max())
+    assert low.unet_evals == ref.unet_evals == 2 * len(PROMPTS) * STEPS
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
