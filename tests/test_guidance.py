@@ -52,12 +52,20 @@ def _first_below(t):  # plain restatement: the first step whose timestep is <= t
     return next((j for j, ts in enumerate(SD_TIMESTEPS) if ts <= t), len(SD_TIMESTEPS))
 
 
-def test_static_transition_rule():
-    p = G.plan(G.static_transition(500, 0.0, 7.5), 1, SD_TIMESTEPS)
-    np.testing.assert_array_equal(_applied(p)[0], [0.0 if t > 500 else 7.5 for t in SD_TIMESTEPS])
-    # OG + STP, shaped after
-    p = G.plan(G.static_transition(650, -2.0, 7.5, shape_after="linear"), 1, SD_TIMESTEPS)
-    want = [-2.0 if t > 650 else official_shape("linear", 7.5, t) for t in SD_TIMESTEPS]
+@pytest.mark.parametrize("t", [981, 501, 1, 500, 0, 999])
+def test_static_transition_rule(t):
+    """before while the step's timestep > t, after from the step whose timestep is <= t. t = 981,
+    501 and 1 are on the grid (there `<` and `<=` differ), 500 between two steps, 0 and 999 outside."""
+    assert (t in SD_TIMESTEPS) == (t in (981, 501, 1))
+    p = G.plan(G.static_transition(t, 0.0, 7.5), 1, SD_TIMESTEPS)
+    np.testing.assert_array_equal(_applied(p)[0], [0.0 if ts > t else 7.5 for ts in SD_TIMESTEPS])
+
+
+def test_og_static_transition_with_shaped_after():
+    t = 641  # on the grid
+    assert t in SD_TIMESTEPS
+    p = G.plan(G.static_transition(t, -2.0, 7.5, shape_after="linear"), 1, SD_TIMESTEPS)
+    want = [-2.0 if ts > t else official_shape("linear", 7.5, ts) for ts in SD_TIMESTEPS]
     np.testing.assert_allclose(_applied(p)[0], want, rtol=1e-6)
 
 
