@@ -24,7 +24,7 @@ import pytest
 from cfgbasin_jax import cli
 from cfgbasin_jax import files as F
 from cfgbasin_jax import runs as R
-from cfgbasin_jax.convert import convert
+from cfgbasin_jax.loading import convert
 from cfgbasin_jax.convert.__main__ import main as convert_main
 
 REPO = Path(__file__).resolve().parents[1]
