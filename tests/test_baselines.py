@@ -151,7 +151,7 @@ def test_cads_noises_only_the_conditional_embedding(tiny_sd1, pipe_sd1):
     """The sampler with CADS against the official loop in PyTorch in which only the conditional
     embedding is noised (per step, with the library's CADS update) and the unconditional one stays."""
     cads = B.CADS(s=0.5)
-    ours = _generate(pipe_sd1, cads=cads)
+    ours = _generate(pipe_sd1, conditioning=cads)
     h = pipe_sd1.default_size // pipe_sd1.vae_scale_factor
     noise = np.asarray(initial_noise(RUN["seed"], [0, 1, 2], (pipe_sd1.latent_channels, h, h)))
     cond = pipe_sd1.encode_prompts(PROMPTS)
@@ -281,8 +281,10 @@ def test_wen_matches_torch_adamw_restatement(tiny_sd1, pipe_sd1, wen_free):
         np.testing.assert_allclose(wen_free.loss_final[i], losses[-1], rtol=1e-3)
         diff = np.abs(emb[0] - wen_free.prompt_embeds[i])
         # the embeddings move by ~0.2; Adam normalises each coordinate's gradient, so a coordinate
-        # whose gradient is ~0 can step differently: allow a few small outliers
-        assert np.mean(diff > 1e-3) < 1e-3 and diff.max() < 5e-3, (i, diff.max(), np.mean(diff > 1e-3))
+        # whose gradient is ~0 can step differently: allow a few small outliers. With diffusers 0.42's
+        # PyTorch UNet as the oracle the largest outlier is 7.3e-3 (5e-3 held on diffusers 0.39; the
+        # same 7.9e-3 appears when both sides start from PyTorch's own text embeddings)
+        assert np.mean(diff > 1e-3) < 1e-3 and diff.max() < 1e-2, (i, diff.max(), np.mean(diff > 1e-3))
 
 
 def test_wen_generate_samples_from_the_optimised_embeddings(pipe_sd1, plain, wen_free):
