@@ -25,6 +25,7 @@ from jax.custom_derivatives import SymbolicZero
 from cfgbasin_jax import detectors as D
 from cfgbasin_jax.arrays import Embeddings, Latents, Mask, PerSample, PerStep, StepIndex
 from cfgbasin_jax.detectors import cosine_distance, l2_norm  # noqa: F401  (re-exported)
+from cfgbasin_jax.schedulers import Scheduler
 
 # Which UNet halves a step runs (the lax.switch branch index).
 BOTH, UNCOND_ONLY, COND_ONLY = 0, 1, 2
@@ -136,8 +137,6 @@ def _unet_halves_jvp(unet_fn, primals, tangents):
 
 def _validate(scheduler, latents, cond, uncond, before, after, detector) -> None:
     """One-line ValueErrors for the functional API (shapes are static, so this runs under jit)."""
-    from cfgbasin_jax.schedulers import Scheduler
-
     if not isinstance(scheduler, Scheduler):
         raise ValueError(f"sampler: scheduler must be a cfgbasin_jax.schedulers.Scheduler (make one with "
                          f"schedulers.make_scheduler(name, config, steps)), got {type(scheduler).__name__}")

@@ -38,7 +38,7 @@ import optax
 from cfgbasin_jax import schedulers
 from cfgbasin_jax.loading import (  # noqa: F401  (the pixel-model format lives in loading)
     PIXEL_FORMAT, Components, is_pixel_model, load_pixel_components, pixel_components, save_pixel_model)
-from cfgbasin_jax.models import build_text_encoder, build_unet, component_param_shapes, resolve_dtype
+from cfgbasin_jax.models import build_text_encoder, build_unet, component_param_shapes
 from cfgbasin_jax.tokenizer import load_tokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
