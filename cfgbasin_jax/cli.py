@@ -424,7 +424,7 @@ def check_schedule(model: Path, scheduler: str, num_inference_steps: int, guidan
         raise CliError(f"--guidance_change_step {guidance.t} must be in [0, {num_train - 1}] "
                        f"(a timestep of the model's {num_train})")
     try:
-        G.plan(guidance, 1, timesteps, num_train)
+        G.check_steps(guidance, len(timesteps), num_train)  # host only: no JAX backend before distributed init
     except ValueError as err:
         raise CliError(str(err)) from None
 
@@ -642,14 +642,11 @@ def execute(s: Settings) -> int:
     handlers = [_log_handler(logging.StreamHandler(sys.stderr), s.process)]
     lock = None
     try:
-        if not s.process.auto:  # the process id is known: lock before any peer waits on this process
-            lock = lock_outdir(s)
-        try:
+        try:  # first: a peer that never comes ends this process (watchdog) with nothing written
             s.process = D.initialize(s.process, s.distributed_timeout)
         except D.DistributedError as err:
             raise CliError(str(err)) from None
-        if lock is None:
-            lock = lock_outdir(s)
+        lock = lock_outdir(s)
         with CompileStats() as stats:
             return _execute(s, stats, handlers)
     finally:

@@ -305,7 +305,9 @@ def _per_sample(name: str, value, batch: int, xp) -> Any:
     return arr[:, None] if arr.ndim == 1 else arr
 
 
-def _check_concrete(g: Guidance, steps: int, num_train_timesteps: int) -> None:
+def check_steps(g: Guidance, steps: int, num_train_timesteps: int) -> None:
+    """Host-side checks of ``g`` against a run of ``steps`` steps (ValueError, one line); touches no
+    device, so it may run before ``jax.distributed.initialize``."""
     if g.rule == "static" and not _traced(g.t):
         t = np.asarray(g.t)
         if np.any(t < 0) or np.any(t >= num_train_timesteps):
@@ -326,7 +328,7 @@ def plan_batch(g: Guidance, batch: int, timesteps: Timesteps, num_train_timestep
     if not isinstance(g, Guidance):
         raise ValueError(f"guidance: expected a cfgbasin_jax.guidance.Guidance, got {type(g).__name__}")
     steps = int(np.shape(timesteps)[0])
-    _check_concrete(g, steps, num_train_timesteps)
+    check_steps(g, steps, num_train_timesteps)
     xp = jnp if _traced(g.before, g.after, g.t, timesteps) or isinstance(g.before, jax.Array) else np
     ts = xp.asarray(timesteps)[None, :]
     if g.rule == "per_step":
