@@ -101,7 +101,7 @@ def _synthetic_result(stp_table) -> dict:
 
 def test_report_markdown_and_json(stp_table, tmp_path):
     result = _synthetic_result(stp_table)
-    result["table"]["tiny"] = {**stp_table, "methods": {"constant": stp_table["methods"]["stp"], **stp_table["methods"]}}
+    result["table"]["tiny"] = {**stp_table, "methods": {"cfg": stp_table["methods"]["stp"], **stp_table["methods"]}}
     result["percall"]["pinned_1_thread"]["skipped"] = {"diffusers_flax": diffusers_flax.SKIP_NOTE}
     md_path, json_path = report.write(result, tmp_path / "results")
     text = md_path.read_text()
