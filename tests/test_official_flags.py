@@ -195,7 +195,7 @@ def test_stp_defaults_and_a_float_transition_step(workdir):
     # officially a float, compared with whole-number timesteps: 500.5 switches where 500 does
     half = _settings(["--guidance_change_step", "500.5"], "stp").guidance
     ts = np.asarray(schedulers.make_scheduler("dpm++2m", SD1_SCHEDULER, 50).timesteps)
-    assert G.plan(half, 1, ts).switch_index[0] == int(np.argmax(ts <= 500.5)) == int(np.argmax(ts <= 500))
+    assert int(np.asarray(G.plan(half, 1, ts).detector.index)[0]) == int(np.argmax(ts <= 500.5)) == int(np.argmax(ts <= 500))
     for bad in ("1000", "-1", "nan"):
         with pytest.raises(cli.CliError, match=re.escape(f"--guidance_change_step {float(bad):g} is outside")):
             _settings(["--guidance_change_step", bad], "stp")
@@ -208,7 +208,7 @@ def test_stp_switch_keeps_the_one_schedule():
     ts = np.asarray(schedulers.make_scheduler("dpm++2m", SD1_SCHEDULER, 50).timesteps)
     t = int(ts[20])  # a transition step that is exactly one of the timesteps
     p = G.plan(G.static_transition(t, 0.0, 7.5), 1, ts)
-    assert p.before.shape == (1, 50) and p.switch_index[0] == 20
+    assert p.before.shape == (1, 50) and int(np.asarray(p.detector.index)[0]) == 20
 
 
 def test_dtp_and_og_honour_flags_the_official_scripts_ignore(workdir):
