@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", default="tiny,sd", help="comma-separated model sizes: tiny, sd")
     p.add_argument("--sections", default=None,
                    help=f"comma-separated: {', '.join(SECTIONS)}; with --config: {', '.join(full.SECTIONS)}")
-    p.add_argument("--methods", default="constant,stp,dtp,og_dtp", help="table methods")
+    p.add_argument("--methods", default="cfg,stp,dtp,og-dtp", help="table methods (names of cfgbasin_jax.methods)")
     p.add_argument("--runners", default=None, help=f"table runners (default {SMALL_DEFAULTS['runners']}; "
                                                     f"with --config {FULL_DEFAULTS['runners']})")
     p.add_argument("--batch", type=int, default=None,
@@ -104,9 +104,9 @@ def run(args, log=print) -> dict:
     if core is not None:
         torch.set_num_threads(1)
 
-    import cfgbasin_jax  # noqa: F401  (quiets diffusers' Flax deprecation notices)
-    from bench import harness, measure, report
+    from bench import diffusers_flax, harness, measure, report
     from bench import models as M
+    from cfgbasin_jax import methods as Registry
 
     sections = args.sections.split(",")
     info = measure.machine()
@@ -127,6 +127,8 @@ def run(args, log=print) -> dict:
             "compile s: first call minus the median steady call",
         ],
     }
+    if not diffusers_flax.available():
+        result["notes"].append(f"(d) diffusers Flax and the per-call diffusers Flax UNet: {diffusers_flax.SKIP_NOTE}")
     started = time.time()
     if args.config:
         from bench import full
@@ -145,7 +147,7 @@ def run(args, log=print) -> dict:
                                      "unet_params_m": models.unet_params_m, "parity": models.parity}
             if "table" in sections:
                 result.setdefault("table", {})[name] = harness.table(
-                    models, args.methods.split(","), batch, steps, args.loop_images, args.repeats,
+                    models, [Registry.get(m).name for m in args.methods.split(",")], batch, steps, args.loop_images, args.repeats,
                     tuple(args.runners.split(",")), log=log)
             if "overhead" in sections:
                 result.setdefault("overhead", {})[name] = harness.overhead(models, batch, steps, args.repeats, log=log)

@@ -38,9 +38,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("constant", "stp", "dtp", "og_dtp")
-LABELS = {"constant": "CFG 7.5", "stp": "STP (0 above t=500, then 7.5)", "dtp": "DTP (1.0, then 7.5)",
-          "og_dtp": "OG+DTP (-2.0, exact 2-pass, then 7.5)"}
+METHODS = ("cfg", "stp", "dtp", "og-dtp")  # names of cfgbasin_jax.methods (bench.runners.guidance)
+LABELS = {"cfg": "CFG 7.5", "stp": "STP (0 above t=500, then 7.5)", "dtp": "DTP (1.0, then 7.5)",
+          "og-dtp": "OG+DTP (-2.0, exact 2-pass, then 7.5)"}
 PARITY_SEED = 0
 
 
@@ -93,7 +93,7 @@ def our_unet_output(pipe, inputs) -> np.ndarray:
     import jax
 
     with jax.default_matmul_precision("highest"):
-        out = jax.jit(pipe._unet_fn)(pipe.params["unet"], *(jax.numpy.asarray(a) for a in inputs))
+        out = jax.jit(pipe.unet_fn)(pipe.params["unet"], *(jax.numpy.asarray(a) for a in inputs))
         return np.asarray(out, np.float32)
 
 

@@ -9,6 +9,9 @@
             (our model) and in PyTorch, both batch 1.
   percall   one UNet call, ours vs PyTorch (and diffusers' Flax UNet), pinned to one core with one
             thread and with the default threads, in child processes.
+
+The anchors built on diffusers' own Flax models ((d) and the per-call diffusers Flax UNet) run only
+where those classes exist (:mod:`bench.diffusers_flax`); elsewhere the report marks them skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import measure
+from bench import diffusers_flax, measure
 from bench import runners as R
 
 TABLE_RUNNERS = ("ours", "torch_loop", "torch_pipe", "flax_pipe")
@@ -86,7 +89,12 @@ def table(models, methods, batch: int, steps: int, loop_images: int, repeats: in
           sweep: bool = True, log=print) -> dict:
     """The main table for one size (see the module docstring); ``sweep``: also count our sampler's
     recompilations over the STP transition-point sweep."""
-    out = {"size": models.size.name, "batch": batch, "steps": steps, "loop_images": loop_images, "methods": {}}
+    out = {"size": models.size.name, "batch": batch, "steps": steps, "loop_images": loop_images, "methods": {},
+           "skipped": {}}
+    if "flax_pipe" in runners and not diffusers_flax.available():
+        runners = tuple(r for r in runners if r != "flax_pipe")
+        out["skipped"]["flax_pipe"] = diffusers_flax.SKIP_NOTE
+        log(f"  (d) diffusers Flax {diffusers_flax.SKIP_NOTE} ({diffusers_flax.missing()})")
     for method in methods:
         log(f"  table {models.size.name} {method}")
         calls = {r: R.make(r, models, method, batch, steps, loop_images) for r in runners
@@ -95,8 +103,8 @@ def table(models, methods, batch: int, steps: int, loop_images: int, repeats: in
     if sweep and "ours" in runners and "stp" in methods:
         out["stp_sweep"] = stp_sweep_recompiles(models, steps)
         out["methods"]["stp"]["ours"]["recompiles_sweep"] = out["stp_sweep"]["recompiles"]
-    if "ours" in runners and "stp" in methods and "constant" in methods:
-        stp, const = out["methods"]["stp"]["ours"], out["methods"]["constant"]["ours"]
+    if "ours" in runners and "stp" in methods and "cfg" in methods:
+        stp, const = out["methods"]["stp"]["ours"], out["methods"]["cfg"]["ours"]
         out["stp_work"] = {  # the time ratio is not from interleaved rounds: indicative only
             "unet_evals_ratio": stp["unet_evals_per_image"] / const["unet_evals_per_image"],
             "time_ratio_not_interleaved": const["images_per_s"] / stp["images_per_s"],
@@ -107,7 +115,8 @@ def table(models, methods, batch: int, steps: int, loop_images: int, repeats: in
 # ------------------------------------------------------------------------------------------ overhead
 
 
-def _sampler_args(pipe, batch: int, steps: int, side: int):
+def sampler_args(pipe, batch: int, steps: int, side: int):
+    """Arguments of ``pipe.sampler()`` for constant CFG: (params, scheduler, x0, cond, uncond, before, after, detector)."""
     import jax.numpy as jnp
 
     from cfgbasin_jax import guidance as G
@@ -118,12 +127,12 @@ def _sampler_args(pipe, batch: int, steps: int, side: int):
     uncond = pipe.encode_prompts([""] * batch)
     x0 = jnp.asarray(np.random.default_rng(0).standard_normal((batch, pipe.latent_channels, side, side)), jnp.float32)
     return (pipe.params["unet"], sched, x0, cond, uncond, jnp.asarray(plan.before), jnp.asarray(plan.after),
-            jnp.asarray(plan.switch_index))
+            plan.detector)
 
 
 def host_callbacks_in_loop(pipe, args) -> int:
     """Host callbacks in the compiled sampler (progress off): 0 means no host round-trips per step."""
-    text = pipe.sampler("fixed", False, True).lower(*args).as_text()
+    text = pipe.sampler(progress=False, skip_halves=True).lower(*args).as_text()
     return sum(text.count(name) for name in ("callback", "host_compute", "SendToHost", "RecvFromHost"))
 
 
@@ -142,22 +151,22 @@ def overhead(models, batch: int, steps: int, repeats: int, log=print) -> dict:
     from cfgbasin_jax import sampler as S
 
     pipe = models.pipe
-    args = _sampler_args(pipe, batch, steps, models.size.latent)
+    args = sampler_args(pipe, batch, steps, models.size.latent)
     params, _, x0, cond, uncond = args[:5]
-    loop = pipe.sampler("fixed", False, True)
+    loop = pipe.sampler(progress=False, skip_halves=True)
     x2, t2, c2 = jnp.concatenate([x0, x0]), jnp.full((2 * batch,), 500, jnp.int32), jnp.concatenate([uncond, cond])
 
     @jax.jit
     def bare(params, x, t, c):
         def body(x, _):
-            return x + 1e-3 * pipe._unet_fn(params, x, t, c).astype(x.dtype), None
+            return x + 1e-3 * pipe.unet_fn(params, x, t, c).astype(x.dtype), None
 
         return jax.lax.scan(body, x, None, length=steps)[0]
 
     def stub(p, x, t, c):
         return x * 0.5 + jnp.mean(c) + t[:, None, None, None].astype(x.dtype) * 1e-3
 
-    stub_loop = jax.jit(functools.partial(S.sample_loop, unet_fn=stub, detector="fixed", skip_halves=True))
+    stub_loop = jax.jit(functools.partial(S.sample_loop, unet_fn=stub, skip_halves=True))
     fns = {"loop": lambda: loop(*args), "bare": lambda: bare(params, x2, t2, c2), "stub_loop": lambda: stub_loop(*args)}
     for fn in fns.values():
         measure.timed(fn)

@@ -152,7 +152,7 @@ def unet_parity(pipe, torch_unet, latent: int, device: str) -> float:
     x = rng.standard_normal((2, 4, latent, latent)).astype(np.float32)
     t = np.array([10, 700], np.int32)
     c = rng.standard_normal((2, 77, cross)).astype(np.float32)
-    ours = np.asarray(jax.jit(pipe._unet_fn)(pipe.params["unet"], jnp.asarray(x), jnp.asarray(t), jnp.asarray(c)),
+    ours = np.asarray(jax.jit(pipe.unet_fn)(pipe.params["unet"], jnp.asarray(x), jnp.asarray(t), jnp.asarray(c)),
                       np.float32)
     with torch.no_grad():
         ref = torch_unet(torch.from_numpy(x).to(device), torch.from_numpy(t).long().to(device),

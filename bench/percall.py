@@ -1,4 +1,5 @@
-"""One UNet call, our Flax UNet against its PyTorch twin (and diffusers' Flax UNet), same weights.
+"""One UNet call, our Flax UNet against its PyTorch twin (and diffusers' Flax UNet where the classic
+stack provides it, see :mod:`bench.diffusers_flax`), same weights.
 
 Run by the harness in a child process so that the thread setting is real:
 
@@ -32,8 +33,8 @@ def measure_config(size_name: str, batch: int, latent: int, repeats: int, workdi
 
     from bench import measure
     from bench.models import SIZES, build_torch_modules, configs_for, torch_device
+    from bench import diffusers_flax
     from cfgbasin_jax.loading import load_unet_folder
-    from cfgbasin_jax.models import build_diffusers_unet
 
     configs = configs_for(SIZES[size_name])
     unet, _, _ = build_torch_modules(configs)
@@ -42,7 +43,9 @@ def measure_config(size_name: str, batch: int, latent: int, repeats: int, workdi
     folder = Path(tempfile.mkdtemp(dir=workdir))
     unet.save_pretrained(folder)
     ours, _, params = load_unet_folder(folder)  # our converter, our UNet
-    modules = {"ours": ours, "diffusers_flax": build_diffusers_unet(configs["unet"])}
+    modules = {"ours": ours}
+    if "diffusers_flax" in impls:
+        modules["diffusers_flax"] = diffusers_flax.unet(configs["unet"])
 
     rng = np.random.default_rng(0)
     cross = configs["unet"]["cross_attention_dim"]
@@ -95,19 +98,22 @@ def main(argv=None) -> int:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     import torch
 
-    import cfgbasin_jax  # noqa: F401  (quiets diffusers' Flax deprecation notices)
+    from bench import diffusers_flax
 
+    impls, skipped = tuple(args.impls.split(",")), {}
+    if "diffusers_flax" in impls and not diffusers_flax.available():
+        impls = tuple(i for i in impls if i != "diffusers_flax")
+        skipped["diffusers_flax"] = diffusers_flax.SKIP_NOTE
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_percall_") as tmp:
         for name in args.configs.split(","):
-            results.append(measure_config(name, args.batch, args.latent, args.repeats, Path(tmp),
-                                          tuple(args.impls.split(","))))
+            results.append(measure_config(name, args.batch, args.latent, args.repeats, Path(tmp), impls))
             print(f"percall {name}: {results[-1]['ratio_vs_torch']}", file=sys.stderr, flush=True)
     setting = {"torch_threads": torch.get_num_threads(), "affinity": affinity, "load_avg": list(os.getloadavg())}
-    print(json.dumps({"setting": setting, "results": results}))
+    print(json.dumps({"setting": setting, "results": results, "skipped": skipped}))
     return 0
 
 

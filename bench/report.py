@@ -49,6 +49,9 @@ def main_table(result: dict) -> list:
                     _f(row.get("recompiles_sweep"), "{}", "0 (eager)" if runner.startswith("torch") else "-"),
                     _f(row["peak_rss_mb"], "{:.0f}"), _f(row.get("max_pixel_diff_vs_anchor"), "{}"),
                 ] + ([_f(device, "{:.0f}")] if on_device else []))
+            for runner, note in tab.get("skipped", {}).items():
+                if method in R.RUNNER_METHODS[runner]:
+                    rows.append(["", SHORT[runner], "-", note] + ["-"] * (6 + on_device))
         lines += _table(["method", "runner", "batch", "images/s", "vs (b)", "UNet evals/image", "compile s",
                          "recompiles, 10-point t sweep", "peak RSS +MB", "max abs pixel diff vs (b)"]
                         + (["device peak MB"] if on_device else []), rows)
@@ -58,8 +61,9 @@ def main_table(result: dict) -> list:
 def percall_table(result: dict) -> list:
     if "percall" not in result:
         return []
-    rows = []
+    rows, skipped = [], {}
     for mode, run in result["percall"].items():
+        skipped.update(run.get("skipped", {}))
         for r in run["results"]:
             s, ratio = r["seconds"], r["ratio_vs_torch"]
             rows.append([r["config"], f"{r['unet_params_m']:.2f}M", mode.replace("_", " "),
@@ -68,7 +72,7 @@ def percall_table(result: dict) -> list:
                          _f(ratio.get("diffusers_flax"), "{:.2f}x"), _f(r["rel_err_vs_torch"].get("ours"), "{:.1e}")])
     return ["", "#### One UNet call (ours vs PyTorch, same weights)", ""] + _table(
         ["config", "params", "setting", "input", "torch s", "ours s", "ours / torch", "diffusers Flax s",
-         "diffusers Flax / torch", "ours parity"], rows)
+         "diffusers Flax / torch", "ours parity"], rows) + [f"\ndiffusers Flax columns: {note}" for note in skipped.values()]
 
 
 def dtp_table(result: dict) -> list:

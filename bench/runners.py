@@ -4,16 +4,22 @@
   torch_loop    the official scripts' structure in PyTorch: batch 1, Python loop over steps, the
                 transition decided on the host every step (host sync each step) (b)
   torch_pipe    diffusers' StableDiffusionPipeline, constant CFG only (c)
-  flax_pipe     diffusers' FlaxStableDiffusionPipeline (its own Flax UNet), constant CFG only (d)
+  flax_pipe     diffusers' FlaxStableDiffusionPipeline (its own Flax models), constant CFG only (d);
+                classic stack only (diffusers < 0.40), else skipped
   flax_loop     the official structure on our Flax model: batch 1, jitted UNet call per step, host
                 decision each step (issue 4's Python-loop baseline)
 
-Methods (the same schedule in every runner that can express it):
-  constant  CFG 7.5 at every step
+Methods (registry names, :mod:`cfgbasin_jax.methods`; the same schedule in every runner that can
+express it):
+  cfg       CFG 7.5 at every step
   stp       static transition point: scale 0 while t > 500, 7.5 from t <= 500
   dtp       dynamic transition point: 1.0 until the first local minimum of ||eps_c - eps_u||, 7.5 after
-  og_dtp    opposite guidance + DTP: -2.0 until the first local minimum of the latents' cosine
-            distance (exact rule: a recording pass, then the replay), 7.5 after
+  og-dtp    opposite guidance + DTP: -2.0 (the registry's default is the official -7.5) until the first
+            local minimum of the latents' cosine distance (exact rule: a recording pass, then the
+            replay), 7.5 after
+
+The official-structure loops and rules are the tests' reference (``tests/reference.py``), never the
+library's detector code.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
+
+from cfgbasin_jax import methods as Registry
+from tests import reference as ref
 
 PROMPTS = [
     "a photo of a cat",
@@ -42,24 +51,31 @@ PROMPTS = [
     "a blue car at the beach",
 ]
 
-METHODS = ("constant", "stp", "dtp", "og_dtp")
+METHODS = ("cfg", "stp", "dtp", "og-dtp")
 METHOD_LABELS = {
-    "constant": "constant CFG 7.5",
+    "cfg": "constant CFG 7.5",
     "stp": "STP (0 above t=500, then 7.5)",
     "dtp": "DTP (1.0 until the noise-difference minimum, then 7.5)",
-    "og_dtp": "OG+DTP (-2.0 until the latent-cosine minimum, exact 2-pass, then 7.5)",
+    "og-dtp": "OG+DTP (-2.0 until the latent-cosine minimum, exact 2-pass, then 7.5)",
 }
-SCALE = 7.5
-STP_T, STP_BEFORE = 500, 0.0
-DTP_BEFORE = 1.0
-OG_BEFORE = -2.0
+SCALE = Registry.get("cfg").defaults["scale"]
+STP_T, STP_BEFORE = Registry.get("stp").defaults["t"], Registry.get("stp").defaults["before"]
+DTP_BEFORE = Registry.get("dtp").defaults["before"]
+OG_BEFORE = -2.0  # our choice for OG+DTP in the benchmark (the official script's default is -7.5)
+# method -> (rule of the reference loop, before, after, t)
+REFERENCE_RULES = {
+    "cfg": ("constant", SCALE, SCALE, None),
+    "stp": ("static", STP_BEFORE, SCALE, STP_T),
+    "dtp": ("noise_diff", DTP_BEFORE, SCALE, None),
+    "og-dtp": ("latent_cosine", OG_BEFORE, SCALE, None),
+}
 
 # runner -> methods it can express
 RUNNER_METHODS = {
     "ours": METHODS,
     "torch_loop": METHODS,
-    "torch_pipe": ("constant",),
-    "flax_pipe": ("constant",),
+    "torch_pipe": ("cfg",),
+    "flax_pipe": ("cfg",),
     "flax_loop": METHODS,
 }
 RUNNER_LABELS = {
@@ -80,18 +96,11 @@ class Output:
 
 
 def guidance(method: str):
-    """The cfgbasin_jax Guidance of a method."""
-    from cfgbasin_jax import guidance as G
-
-    if method == "constant":
-        return G.constant(SCALE)
-    if method == "stp":
-        return G.static_transition(STP_T, STP_BEFORE, SCALE)
-    if method == "dtp":
-        return G.dynamic_transition(DTP_BEFORE, SCALE)
-    if method == "og_dtp":
-        return G.dynamic_transition(OG_BEFORE, SCALE, signal="latent_cosine", mode="exact")
-    raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    """The cfgbasin_jax Guidance of a method (from the registry)."""
+    method = Registry.get(method).name
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    return Registry.guidance(method, scale=SCALE, before=OG_BEFORE if method == "og-dtp" else None)
 
 
 def noise(models, n: int, seed: int = 0) -> np.ndarray:
@@ -124,73 +133,26 @@ def ours(models, method: str, batch: int, steps: int, seed: int = 0) -> Callable
 # -------------------------------------------------------------------------- official-structure loops
 
 
-def official_dtp_switch(d_history: list) -> bool:
-    """The official DTP rule on the host: True at the first step j with d[j] > d[j-1] and
-    d[j-2] > d[j-1] (d[-1] = d[-2] = -1)."""
-    padded = [-1.0, -1.0] + list(d_history)
-    return padded[-1] > padded[-2] and padded[-3] > padded[-2]
-
-
-def official_og_index(c: list) -> int:
-    """The official opposite-guidance rule: first strict local minimum of c (the second if the
-    first is at index 1), 5 when there is none."""
-    from cfgbasin_jax import guidance as G
-
-    return int(G.latent_cosine_transition_index(np.asarray(c)))
-
-
-def _one_pass(backend, ctx, x, steps: int, scale_at: Callable) -> tuple:
-    """One official-structure denoising pass. scale_at(j, t, d_history) -> scale.
-    Returns (final latents, cosine distances per step, UNet evaluations)."""
-    timesteps = backend.timesteps(steps)
-    state = backend.init_state(x)
-    ds, cs = [], []
-    for j, t in enumerate(timesteps):
-        eu, ec = backend.eps_pair(state, x, j, t, ctx)
-        ds.append(backend.diff_norm(eu, ec))  # host sync, every step
-        s = scale_at(j, t, ds)
-        x_next, state = backend.step(state, eu, ec, s, j, t, x)
-        cs.append(backend.cosine(x_next, x))
-        x = x_next
-    return x, cs, 2 * len(timesteps)
+official_dtp_switch = ref.official_dtp_switch
+official_og_index = ref.official_og_index
 
 
 def official_trajectory(backend, prompt: str, x0, method: str, steps: int) -> tuple:
-    """(final latents, UNet evals) of one sample, decided on the host as the official scripts do."""
-    ctx = backend.encode(prompt)
-    if method == "constant":
-        x, _, evals = _one_pass(backend, ctx, x0, steps, lambda j, t, d: SCALE)
-    elif method == "stp":
-        x, _, evals = _one_pass(backend, ctx, x0, steps, lambda j, t, d: STP_BEFORE if t > STP_T else SCALE)
-    elif method == "dtp":
-        switched = []
-
-        def dtp_scale(j, t, d):
-            if not switched and official_dtp_switch(d):
-                switched.append(j)
-            return SCALE if switched else DTP_BEFORE
-
-        x, _, evals = _one_pass(backend, ctx, x0, steps, dtp_scale)
-    elif method == "og_dtp":
-        _, c, first = _one_pass(backend, ctx, x0, steps, lambda j, t, d: OG_BEFORE)
-        index = official_og_index(c)
-        x, _, second = _one_pass(backend, ctx, x0, steps, lambda j, t, d: SCALE if j >= index else OG_BEFORE)
-        evals = first + second
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    """(final latents, UNet evals) of one sample, decided on the host as the official scripts do
+    (:func:`tests.reference.official_trajectory`)."""
+    rule, before, after, t = REFERENCE_RULES[method]
+    x, evals, *_ = ref.official_trajectory(backend, backend.encode(prompt), x0, steps, rule, before, after, t)
     return x, evals
 
 
-class TorchBackend:
-    """PyTorch UNet / DDIM / VAE on the PyTorch copy of the weights (``models.torch_*``)."""
+class TorchBackend(ref.TorchBackend):
+    """The reference PyTorch backend on the PyTorch copy of the weights (``models.torch_*``), DDIM."""
 
     def __init__(self, models):
-        import torch
         from diffusers import DDIMScheduler
 
-        self.torch = torch
+        super().__init__(models.torch_unet, DDIMScheduler.from_config(models.configs["scheduler"]))
         self.m = models
-        self.sched = DDIMScheduler.from_config(models.configs["scheduler"])
         self.device = models.torch_device
         self.scaling = float(models.configs["vae"].get("scaling_factor", 0.18215))
 
@@ -200,27 +162,6 @@ class TorchBackend:
         cond, uncond = self.m.torch_text(tok.input_ids.to(self.device))[0].chunk(2)
         return self.torch.cat([uncond, cond])
 
-    def timesteps(self, steps):
-        self.sched.set_timesteps(steps)
-        return [int(t) for t in self.sched.timesteps]
-
-    def init_state(self, x):
-        return None
-
-    def eps_pair(self, state, x, j, t, ctx):
-        inp = self.sched.scale_model_input(self.torch.cat([x, x]), t)
-        return self.m.torch_unet(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
-
-    def diff_norm(self, eu, ec):
-        return float(self.torch.linalg.vector_norm(ec - eu))
-
-    def step(self, state, eu, ec, s, j, t, x):
-        return self.sched.step(eu + s * (ec - eu), t, x).prev_sample, None
-
-    def cosine(self, a, b):
-        a, b = a.flatten().double(), b.flatten().double()
-        return float(1 - a @ b / (a.norm() * b.norm()))
-
     def start(self, x0: np.ndarray):
         return self.torch.from_numpy(x0[None]).to(self.device) * self.sched.init_noise_sigma
 
@@ -229,47 +170,17 @@ class TorchBackend:
         return to_uint8((img / 2 + 0.5).permute(0, 2, 3, 1).cpu().numpy())
 
 
-class FlaxBackend:
-    """Our Flax model and JAX DDIM, one jitted call per step, results pulled to the host each step."""
+class FlaxBackend(ref.FlaxBackend):
+    """The reference Flax backend on our model and JAX DDIM (one jitted call per step, host sync)."""
 
     def __init__(self, models):
-        import jax
-        import jax.numpy as jnp
-
-        self.jnp = jnp
-        self.pipe = models.pipe
-        self._sched = None
-        self.unet = jax.jit(lambda p, x, t, c: self.pipe._unet_fn(p, jnp.concatenate([x, x]), jnp.full((2,), t), c))
-        self.scale_in = jax.jit(lambda sched, st, x, j: sched.scale_model_input(st, x, j))
-        self._step = jax.jit(lambda sched, st, eps, j, x: sched.step(st, eps, j, x))
+        super().__init__(models.pipe, "ddim")
 
     def encode(self, prompt):
         return self.pipe.encode_prompts(["", prompt])
 
-    def timesteps(self, steps):
-        self._sched = self.pipe.make_scheduler("ddim", steps)
-        return [int(t) for t in np.asarray(self._sched.timesteps)]
-
-    def init_state(self, x):
-        return self._sched.init_state(x)
-
-    def eps_pair(self, state, x, j, t, ctx):
-        eps = self.unet(self.pipe.params["unet"], self.scale_in(self._sched, state, x, j), t, ctx)
-        return eps[:1].astype(self.jnp.float32), eps[1:].astype(self.jnp.float32)
-
-    def diff_norm(self, eu, ec):
-        return float(np.linalg.norm(np.asarray(ec - eu)))
-
-    def step(self, state, eu, ec, s, j, t, x):
-        return self._step(self._sched, state, eu + s * (ec - eu), j, x)
-
-    def cosine(self, a, b):
-        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-        return float(1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
     def start(self, x0: np.ndarray):
-        sched = self.pipe.make_scheduler("ddim", 1)
-        return self.jnp.asarray(x0[None]) * sched.init_noise_sigma
+        return self.jnp.asarray(x0[None]) * self.pipe.make_scheduler("ddim", 1).init_noise_sigma
 
     def decode(self, x) -> np.ndarray:
         return self.pipe.decode(x)
@@ -317,7 +228,7 @@ def torch_pipe(models, method: str, batch: int, steps: int, seed: int = 0) -> Ca
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    if method != "constant":
+    if method != "cfg":
         raise ValueError(f"torch_pipe cannot express method {method!r}")
     m = models
     pipe = StableDiffusionPipeline(
@@ -342,23 +253,25 @@ def torch_pipe(models, method: str, batch: int, steps: int, seed: int = 0) -> Ca
 
 
 def flax_pipe(models, method: str, batch: int, steps: int, seed: int = 0) -> Callable[[], Output]:
-    """diffusers' FlaxStableDiffusionPipeline with its own Flax UNet (constant CFG, jit=True)."""
+    """diffusers' FlaxStableDiffusionPipeline with its own Flax UNet, VAE and text encoder on our
+    converted params (constant CFG, jit=True). Needs the classic stack (:mod:`bench.diffusers_flax`)."""
     import jax
     import jax.numpy as jnp
     from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionPipeline
     from flax.jax_utils import replicate
     from transformers import CLIPTextConfig, FlaxCLIPTextModel
 
-    from cfgbasin_jax.models import build_diffusers_unet
+    from bench import diffusers_flax
 
-    if method != "constant":
+    if method != "cfg":
         raise ValueError(f"flax_pipe cannot express method {method!r}")
     m, comp = models, models.pipe.components
     dtype = comp.dtype
     text = FlaxCLIPTextModel(CLIPTextConfig.from_dict(m.configs["text_encoder"]), _do_init=False, dtype=dtype)
     scheduler = FlaxDDIMScheduler.from_config(m.configs["scheduler"])
     pipe = FlaxStableDiffusionPipeline(
-        vae=comp.vae, text_encoder=text, tokenizer=m.tokenizer, unet=build_diffusers_unet(m.configs["unet"], dtype),
+        vae=diffusers_flax.vae(m.configs["vae"], dtype), text_encoder=text, tokenizer=m.tokenizer,
+        unet=diffusers_flax.unet(m.configs["unet"], dtype),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, dtype=dtype,
     )
     params = replicate({**{k: comp.params[k] for k in ("unet", "vae", "text_encoder")},

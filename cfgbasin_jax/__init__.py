@@ -4,20 +4,26 @@
     pipe = cb.load_pipeline("converted/sd14")            # or a diffusers-format folder
     res = pipe.generate(prompts, guidance=cb.guidance.dynamic_transition(1.0, 7.5))
     res.images, res.transition_index, res.noise_diff
+
+The functional core: :mod:`cfgbasin_jax.sampler` (the scan), :mod:`cfgbasin_jax.detectors`
+(transition detectors), :mod:`cfgbasin_jax.guidance` (schedules), :mod:`cfgbasin_jax.schedulers`,
+and :mod:`cfgbasin_jax.methods` (the method registry).
 """
 
-from cfgbasin_jax._quiet import silence_flax_deprecation as _silence
+from pathlib import Path
 
-_silence()
-
-from cfgbasin_jax import guidance  # noqa: E402
-from cfgbasin_jax.pipeline import GenerationResult, Pipeline  # noqa: E402
+from cfgbasin_jax import detectors, guidance, methods, sampler, schedulers
+from cfgbasin_jax.pipeline import GenerationResult, Pipeline
 
 __version__ = "0.1.0"
 
+TOY_MODEL = Path(__file__).resolve().parent / "data" / "toy"
+"""The shipped toy model (a 16x16 pixel-space model trained here): ``load_pipeline(TOY_MODEL)``."""
+
 
 def load_pipeline(path, dtype: str = "float32", unet_path=None, compilation_cache=None) -> Pipeline:
-    """Load a converted checkpoint directory or a diffusers-format SD folder (converted in memory).
+    """Load a converted checkpoint directory, a diffusers-format SD folder (converted in memory) or a
+    pixel-space model folder such as the shipped toy (:data:`TOY_MODEL`).
 
     dtype: "float32" | "bfloat16" | "float16" for params and UNet/VAE/text-encoder compute; the
     scheduler state and detector signals stay float32. unet_path: a fine-tuned ``unet/`` folder
@@ -30,4 +36,5 @@ def load_pipeline(path, dtype: str = "float32", unet_path=None, compilation_cach
     return Pipeline(load_components(path, dtype=dtype, unet_path=unet_path), compilation_cache=compilation_cache)
 
 
-__all__ = ["GenerationResult", "Pipeline", "guidance", "load_pipeline", "__version__"]
+__all__ = ["GenerationResult", "Pipeline", "TOY_MODEL", "detectors", "guidance", "load_pipeline", "methods", "sampler",
+           "schedulers", "__version__"]

@@ -9,9 +9,9 @@
 2. **Prompt augmentation** (Somepalli et al., as in Wen et al.'s and Jain et al.'s scripts):
    :func:`augment_prompts` inserts random numbers, random vocabulary tokens, or copies of the
    prompt's own words at random word positions.
-3. **CADS** (Sadat et al., ICLR 2024), condition-annealed sampling: :class:`CADS`, passed as
-   ``Pipeline.generate(..., cads=CADS())``, noises the conditional embedding inside the compiled
-   loop with a per-sample key derived from (seed, global sample index).
+3. **CADS** (Sadat et al., ICLR 2024), condition-annealed sampling: :class:`CADS`, a conditioning
+   hook passed as ``Pipeline.generate(..., conditioning=CADS())``, noises the conditional embedding
+   inside the compiled loop with a per-sample key derived from (seed, global sample index).
 
 UNet cost in sample-evaluations (B samples, S sampler steps; ordinary CFG runs 2 B S):
   prompt augmentation and CADS add nothing; Wen adds, per sample, 2 + n forward and n backward
@@ -43,12 +43,13 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from cfgbasin_jax import guidance as G
+from cfgbasin_jax import methods as M
 from cfgbasin_jax import parallel
 from cfgbasin_jax import sampler as S
 from cfgbasin_jax.metrics.detection import detection_score
-from cfgbasin_jax.pipeline import GenerationResult, initial_noise
+from cfgbasin_jax.pipeline import GenerationResult, initial_noise, prng_key
 
-METHODS = ("wen", "prompt_augmentation", "cads")
+METHODS = tuple(name for name in M.names() if M.get(name).baseline)
 AUGMENTATIONS = ("rand_numb_add", "rand_word_add", "rand_word_repeat")
 NOISE_KINDS = ("gaussian", "uniform")
 
@@ -61,16 +62,20 @@ CADS_STREAM = 0x43414453
 
 __all__ = [
     "AUGMENTATIONS", "CADS", "METHODS", "NOISE_KINDS", "WenResult", "augment_prompt", "augment_prompts",
-    "cads_condition", "cads_gamma", "cads_keys", "cads_noisy_condition", "check_method", "detection_score",
+    "cads_condition", "cads_gamma", "cads_keys", "cads_noise", "cads_noisy_condition", "check_method", "detection_score",
     "wen_compile_count", "wen_generate", "wen_optimize",
 ]
 
 
 def check_method(name: str) -> str:
-    """``name`` if it is one of :data:`METHODS`, else ValueError."""
-    if name not in METHODS:
+    """The registry name of baseline ``name`` (:mod:`cfgbasin_jax.methods`), else ValueError."""
+    try:
+        method = M.get(name)
+    except ValueError:
+        method = None
+    if method is None or not method.baseline:
         raise ValueError(f"baselines: unknown method {name!r}; expected one of {', '.join(METHODS)}")
-    return name
+    return method.name
 
 
 # ----------------------------------------------------------------------------- prompt augmentation
@@ -150,10 +155,11 @@ def cads_gamma(t, tau1, tau2) -> jnp.ndarray:
     return jnp.where(t <= tau1, 1.0, jnp.where(t > tau2, 0.0, ramp))
 
 
-def cads_keys(seed: int, sample_indices: Sequence[int]) -> jnp.ndarray:
-    """uint32 [B,2]: sample i's CADS key, ``fold_in(fold_in(PRNGKey(seed), index_i), CADS_STREAM)``:
-    a stream of the same (seed, global index) as its initial noise, independent of batch size."""
-    base = jax.random.PRNGKey(seed)
+def cads_keys(seed, sample_indices: Sequence[int]) -> jnp.ndarray:
+    """[B] keys (uint32 [B,2] for an int seed): sample i's CADS key,
+    ``fold_in(fold_in(prng_key(seed), index_i), CADS_STREAM)``: a stream of the same (seed, global
+    index) as its initial noise, independent of batch size. ``seed``: an int or a PRNG key."""
+    base = prng_key(seed, "CADS")
     indices = jnp.asarray(np.asarray(sample_indices), jnp.uint32)
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), CADS_STREAM))(indices)
 
@@ -179,7 +185,7 @@ def cads_noisy_condition(y, gamma, noise, s, psi) -> jnp.ndarray:
     return jnp.where(s > 0, psi * rescaled + (1.0 - psi) * y_hat, y)
 
 
-def _cads_noise(keys, j, shape, noise: str) -> jnp.ndarray:
+def cads_noise(keys, j, shape, noise: str) -> jnp.ndarray:
     """float32 [B,*shape]: step j's CADS noise of each sample (key fold_in(key_i, j))."""
     draw = jax.random.normal if noise == "gaussian" else jax.random.uniform
     return jax.vmap(lambda k: draw(jax.random.fold_in(k, j), shape, jnp.float32))(keys)
@@ -189,7 +195,7 @@ def cads_condition(cond, t, j, aux, *, noise: str = "gaussian") -> jnp.ndarray:
     """The sampler's ``cond_fn`` for CADS: cond [B,L,D] at timestep t, step j; ``aux`` holds
     per-sample ``key`` [B,2] and ``tau1``, ``tau2``, ``s``, ``psi`` [B] (traced). -> [B,L,D]."""
     gamma = cads_gamma(t, aux["tau1"], aux["tau2"])
-    n = _cads_noise(aux["key"], j, cond.shape[1:], noise)
+    n = cads_noise(aux["key"], j, cond.shape[1:], noise)
     return cads_noisy_condition(cond, gamma, n, aux["s"], aux["psi"]).astype(cond.dtype)
 
 
@@ -201,8 +207,8 @@ _finite = G.finite_number
 
 
 @dataclasses.dataclass(frozen=True)
-class CADS:
-    """Condition-annealed sampling: ``Pipeline.generate(..., cads=CADS())``.
+class CADS(S.Conditioning):
+    """Condition-annealed sampling, a conditioning hook: ``Pipeline.generate(..., conditioning=CADS())``.
 
     At timestep t the conditional embedding y becomes sqrt(gamma) y + s sqrt(1 - gamma) n with
     gamma = :func:`cads_gamma` (t, tau1, tau2), rescaled to y's mean/std and mixed by psi (see
@@ -235,7 +241,7 @@ class CADS:
         """The static ``cond_fn`` for :func:`cfgbasin_jax.sampler.sample_loop` (one per noise kind)."""
         return _CADS_FNS[self.noise]
 
-    def cond_aux(self, seed: int, sample_indices: Sequence[int]) -> dict:
+    def cond_aux(self, seed, sample_indices: Sequence[int]) -> dict:
         """Per-sample traced inputs [B,...]: keys from (seed, index) and the broadcast parameters."""
         b = len(sample_indices)
         full = lambda v: np.full((b,), v, np.float32)  # noqa: E731
@@ -341,7 +347,7 @@ def _wen_fn(pipe, devices: tuple):
     cache = _WEN_FNS.setdefault(pipe, {})
     if devices not in cache:
         data, rep = P(parallel.AXIS), P()
-        local = functools.partial(_wen_local, pipe._unet_fn)
+        local = functools.partial(_wen_local, pipe.unet_fn)
         sharded = jax.shard_map(local, mesh=parallel.data_mesh(devices),
                                 in_specs=(rep, rep, data, data, data, rep, rep, rep, rep),
                                 out_specs=(data, data, data, data, data), check_vma=False)
@@ -392,7 +398,7 @@ def wen_optimize(
     b = len(prompts)
     n_dev = len(devices)
     fn, mesh = _wen_fn(pipe, devices), parallel.data_mesh(devices)
-    params = pipe._replicated_unet_params(devices)
+    params = pipe.replicated_unet_params(devices)
     sched_rep = parallel.replicate(sched, mesh)
     hyper = parallel.replicate(tuple(jnp.asarray(v, dt) for v, dt in (
         (lr, jnp.float32), (target, jnp.float32), (iterations, jnp.int32), (weight_decay, jnp.float32))), mesh)
@@ -457,8 +463,8 @@ def generate_options(
     repeat_num: int = 4,
 ) -> tuple[list[str], dict]:
     """The reference scripts' ``--prompt_augmentation KIND`` and ``--cads`` as (prompts, extra
-    ``Pipeline.generate`` keyword arguments). Neither adds UNet evaluations."""
+    ``Pipeline.generate`` keyword arguments: the CADS conditioning hook). Neither adds UNet evaluations."""
     prompts = list(prompts)
     if prompt_augmentation:
         prompts = augment_prompts(prompts, prompt_augmentation, repeat_num, seed, tokenizer, sample_indices)
-    return prompts, ({"cads": CADS()} if cads else {})
+    return prompts, ({"conditioning": CADS()} if cads else {})

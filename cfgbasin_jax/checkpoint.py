@@ -24,7 +24,6 @@ directories: OCDBT, zstd) are restored by orbax.
 from __future__ import annotations
 
 import asyncio
-import copy
 import ctypes
 import hashlib
 import json
@@ -182,10 +181,11 @@ def write_zarr(folder: Path, array: np.ndarray, fsync: bool = True) -> None:
             os.fsync(f.fileno())
 
 
-def _streaming_handler(budget: ByteBudget, fsync: bool):
+def _streaming_handler(budget: ByteBudget, fsync: bool, on_write=None):
     """An orbax NumpyHandler whose values are LazyLeafs, read one after another as the budget
     allows and each written as one zarr array (so the metadata says ``np.ndarray`` and orbax
-    restores the checkpoint like any other)."""
+    restores the checkpoint like any other). ``on_write(folder, array)`` runs in the writer thread
+    after each array is written."""
     import orbax.checkpoint as ocp
 
     class StreamingHandler(ocp.type_handlers.NumpyHandler):
@@ -216,21 +216,28 @@ def _streaming_handler(budget: ByteBudget, fsync: bool):
                         raise
                     pending.add(asyncio.ensure_future(self._write_one(Path(info.path), array, leaf.nbytes)))
                     del array
-                await asyncio.gather(*pending)
-            finally:
-                for task in pending:
-                    task.cancel()
+            finally:  # every writer thread has stopped when this returns (the caller may remove the folder)
+                results = await asyncio.gather(*pending, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
 
         async def _write_one(self, folder: Path, array: np.ndarray, nbytes: int):
             # A non-contiguous view (a transposed weight) is copied once while it is written.
             extra = 0 if array.flags.c_contiguous else nbytes
             budget.hold(extra)
             try:
-                await asyncio.to_thread(write_zarr, folder, array, fsync)
+                await asyncio.to_thread(_write_and_report, folder, array, fsync, on_write)
             finally:
                 budget.release(nbytes + extra)
 
     return StreamingHandler()
+
+
+def _write_and_report(folder: Path, array: np.ndarray, fsync: bool, on_write) -> None:
+    write_zarr(folder, array, fsync)
+    if on_write is not None:
+        on_write(folder, array)
 
 
 def config_digest(configs: Mapping) -> str:
@@ -240,19 +247,24 @@ def config_digest(configs: Mapping) -> str:
 
 
 def write_params(directory, params: Mapping, budget_bytes: int | None = None, fsync: bool = True,
-                 configs: Mapping | None = None) -> ByteBudget:
+                 configs: Mapping | None = None, on_write: Callable[[str, np.ndarray], None] | None = None
+                 ) -> ByteBudget:
     """Write ``params`` ({component: tree}; leaves numpy/jax arrays or :class:`LazyLeaf`) as an orbax
     checkpoint at ``directory`` (created; see the module docstring), holding at most
     ``budget_bytes`` (default DEFAULT_BUDGET_BYTES) of tensors at once; ``fsync``: each file is on
     disk before this returns. ``configs``: the model configs the params were checked against; their
     digest is stored (orbax custom metadata) so that a load with the same configs can take the
     shapes from the checkpoint instead of tracing the modules (see :func:`stored_shapes`).
-    Returns the budget (its ``peak``: the most tensor bytes held at once)."""
+    ``on_write(key, array)`` sees each parameter as written ("component/path/to/leaf", from a
+    writer thread: e.g. to hash it). Returns the budget (its ``peak``: the most tensor bytes held at once)."""
     import orbax.checkpoint as ocp
 
     budget = ByteBudget(DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes)
     tree = jax.tree.map(lambda x: x if is_lazy(x) else LazyLeaf.of(x), dict(params), is_leaf=is_lazy)
-    registry = ocp.type_handlers.create_type_handler_registry((LazyLeaf, _streaming_handler(budget, fsync)))
+    keys = {".".join(str(p.key) for p in path): "/".join(str(p.key) for p in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lazy)[0]}
+    report = None if on_write is None else (lambda folder, array: on_write(keys[folder.name], array))
+    registry = ocp.type_handlers.create_type_handler_registry((LazyLeaf, _streaming_handler(budget, fsync, report)))
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False, use_compression=False,
                                           type_handler_registry=registry,
                                           multiprocessing_options=_local_only(ocp))

@@ -15,19 +15,26 @@ Methods (see :mod:`cfgbasin_jax.guidance`):
   dtp     dynamic_transition(before=guidance_scale, after=guidance_scale_later, "noise_diff");
           defaults 1.0 (conditional only) then 7.5, as the reference DTP script
   og-dtp  dynamic_transition(before=-|guidance_scale|, after=guidance_scale_later (default:
-          guidance_scale), "latent_cosine", mode=--og_mode (exact: the reference's two passes))
+          guidance_scale), "latent_cosine", mode=--og_mode (exact: the reference's two passes),
+          precision=--og_precision (official: the reference's float32 torch cosine, bit for bit))
 
 Defaults follow the reference scripts: stp/og-stp/cfg: --img_size 256, --end_iter 10000, --exp
-laion10k (``--prompt_json``, default ./laion_combined_captions.json); dtp/og-dtp: --img_size 512,
---end_iter 200, --exp sdv1_pretrained (shipped with the package). --scheduler DPM,
+laion10k (``--prompt_json``, default ./laion_combined_captions.json), --outdir
+LAION_10k_DCR_with_text_100000_0_500_7_5_else_cosine_1; dtp/og-dtp: --img_size 512, --end_iter 200,
+--exp sdv1_pretrained (shipped with the package), --outdir output. --scheduler DPM,
 --num_inference_steps 50, --seed 42, --batch_size 1. The base model defaults to
 ``$CFGBASIN_BASE_MODEL`` or else "CompVis/stable-diffusion-v1-4" looked up in the local Hugging Face
 cache only (never downloaded); a local diffusers folder or a converted directory always works.
+Where a flag behaves differently from the reference script, its ``--help`` says so ("official: ...");
+README.md, "Differences from the official scripts", gives the whole list.
 
-Outputs, resume and the configuration check: :mod:`cfgbasin_jax.runs`. Multi-process runs
-(``--coordinator``, ``--num_processes``, ``--process_id`` or JAX's environment):
-:mod:`cfgbasin_jax.distributed`. Exit status: 0 done, 2 bad input (one line on stderr, nothing
-written).
+Outputs, resume, the configuration check and the one-run-per-OUTDIR lock: :mod:`cfgbasin_jax.runs`.
+Every flag is checked before anything is written, against the model's own scheduler config too (the
+transition timestep, the step count). A resume must match the stored run's identity, which includes
+the model's fingerprint (:mod:`cfgbasin_jax.fingerprint`), the seed and the batch size. Multi-process
+runs (``--coordinator``, ``--num_processes``, ``--process_id`` or JAX's environment):
+:mod:`cfgbasin_jax.distributed`. Exit status: 0 done, 2 bad input or an I/O error (one line on
+stderr naming the flag or path; nothing half-written, and nothing at all when the input is bad).
 """
 
 from __future__ import annotations
@@ -35,19 +42,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
 
 from cfgbasin_jax import distributed as D
+from cfgbasin_jax import files as F
 from cfgbasin_jax import guidance as G
+from cfgbasin_jax import methods as M
 from cfgbasin_jax import prompts as P
 from cfgbasin_jax import runs as R
 
 PROG = "cfgbasin-generate"
-METHODS = ("cfg", "stp", "og-stp", "dtp", "og-dtp", "wen")
+METHODS = M.names(cli_only=True)  # cfg, stp, og-stp, dtp, og-dtp, wen (the registry's spellings)
 STATIC_METHODS = ("cfg", "stp", "og-stp", "wen")
 ENV_BASE_MODEL = "CFGBASIN_BASE_MODEL"
 HUB_DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -55,6 +66,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 PLOT_MODES = ("none", "run", "images")
 PROGRESS_MODES = ("none", "images", "steps")
 OG_MODES = ("exact", "causal")
+OG_PRECISIONS = G.PRECISIONS
+SEED_RANGE = (0, 2**32 - 1)  # jax.random.PRNGKey keeps 32 bits: 2**32 would repeat seed 0
 
 # The reference scripts' --scheduler names (and ours) -> cfgbasin_jax.schedulers names.
 SCHEDULER_ALIASES = {
@@ -62,24 +75,28 @@ SCHEDULER_ALIASES = {
     "ddim": "ddim", "euler": "euler", "pndm": "pndm", "plms": "pndm",
 }
 
-_STP_DEFAULTS = dict(guidance_scale=7.5, guidance_scale_later=7.5, guidance_change_step=0.0,
-                     end_iter=10000, img_size=256, exp="laion10k")
-_DTP_DEFAULTS = dict(guidance_scale=1.0, guidance_scale_later=7.5, guidance_change_step=None,
-                     end_iter=200, img_size=512, exp="sdv1_pretrained")
+# The reference scripts' defaults; the methods' paper defaults come from the registry.
+_PAPER = {name: M.get(name).defaults for name in ("cfg", "og-stp", "dtp", "og-dtp")}
+_STP_DEFAULTS = dict(guidance_scale=_PAPER["cfg"]["scale"], guidance_scale_later=_PAPER["cfg"]["scale"],
+                     guidance_change_step=0.0, end_iter=10000, img_size=256, exp="laion10k",
+                     outdir="LAION_10k_DCR_with_text_100000_0_500_7_5_else_cosine_1")
+_DTP_DEFAULTS = dict(guidance_scale=_PAPER["dtp"]["before"], guidance_scale_later=_PAPER["dtp"]["scale"],
+                     guidance_change_step=None, end_iter=200, img_size=512, exp="sdv1_pretrained", outdir="output")
 METHOD_DEFAULTS = {
     "cfg": {**_STP_DEFAULTS, "guidance_scale_later": None},
     "wen": {**_STP_DEFAULTS, "guidance_scale_later": None},
     "stp": _STP_DEFAULTS,
-    "og-stp": {**_STP_DEFAULTS, "guidance_scale": -2.0, "guidance_change_step": 650.0},
+    "og-stp": {**_STP_DEFAULTS, "guidance_scale": _PAPER["og-stp"]["before"],
+               "guidance_change_step": float(_PAPER["og-stp"]["t"])},
     "dtp": _DTP_DEFAULTS,
-    "og-dtp": {**_DTP_DEFAULTS, "guidance_scale": 7.5, "guidance_scale_later": None},
+    "og-dtp": {**_DTP_DEFAULTS, "guidance_scale": abs(_PAPER["og-dtp"]["before"]), "guidance_scale_later": None},
 }
 # Flags a method does not use (a warning when given).
 UNUSED_FLAGS = {
-    "cfg": ("guidance_scale_later", "guidance_change_step", "CFG_scheduling_later", "og_mode"),
-    "wen": ("guidance_scale_later", "guidance_change_step", "CFG_scheduling_later", "og_mode"),
-    "stp": ("og_mode",), "og-stp": ("og_mode",),
-    "dtp": ("guidance_change_step", "og_mode"),
+    "cfg": ("guidance_scale_later", "guidance_change_step", "CFG_scheduling_later", "og_mode", "og_precision"),
+    "wen": ("guidance_scale_later", "guidance_change_step", "CFG_scheduling_later", "og_mode", "og_precision"),
+    "stp": ("og_mode", "og_precision"), "og-stp": ("og_mode", "og_precision"),
+    "dtp": ("guidance_change_step", "og_mode", "og_precision"),
     "og-dtp": ("guidance_change_step",),
 }
 
@@ -104,6 +121,15 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _use_json(text: str) -> bool:
+    """--use_json: true is the only behaviour (read the prompt set); false is refused."""
+    if not _bool(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: only true is supported (the prompt set is always read; the official scripts read "
+            "it for 'False' too, since type=bool parses any non-empty text as True)")
+    return True
+
+
 def default_compilation_cache() -> str | None:
     """The library's default (:func:`cfgbasin_jax.compile_cache.default_dir`)."""
     from cfgbasin_jax.compile_cache import default_dir
@@ -121,40 +147,56 @@ def build_parser(prog: str = PROG, method: str | None = None) -> argparse.Argume
     if method is None:
         p.add_argument("--method", required=True, choices=METHODS, help="guidance rule")
     add = p.add_argument
+    add("--use_json", type=_use_json, default=True,
+        help="read the prompt set (official: type=bool, so 'False' is True too; only true is accepted here)")
     add("--pretrained_model_name_or_path", default=None,
         help=f"diffusers SD folder or converted directory (default: ${ENV_BASE_MODEL}, else {HUB_DEFAULT_MODEL} "
-             "from the local Hugging Face cache)")
-    add("--unet_path", default=None, help="a fine-tuned diffusers unet/ folder replacing the base model's UNet")
-    add("--outdir", default="output", help="output folder (Images/, metadata.jsonl, config.json)")
-    add("--guidance_change_step", type=float, default=None, help="STP transition timestep t (stp 0, og-stp 650)")
+             "from the local Hugging Face cache; official stp: the authors' /scratch checkpoint)")
+    add("--unet_path", default=None,
+        help="a fine-tuned diffusers unet/ folder replacing the base model's UNet (default: none; official: "
+             f"{HUB_DEFAULT_MODEL}, which has no UNet config at its root; the official dtp script ignores it)")
+    add("--outdir", default=None,
+        help="output folder (Images/, metadata.jsonl, config.json); stp LAION_10k_DCR_with_text_100000_0_500_7_5"
+             "_else_cosine_1, dtp output")
+    add("--guidance_change_step", type=float, default=None,
+        help="STP transition timestep t: the earlier scale while the timestep > t (stp 0, og-stp 650)")
     add("--guidance_scale", type=float, default=None,
-        help="scale before the transition (cfg/stp 7.5, og-stp -2.0, dtp 1.0; og-dtp uses -|value|, default 7.5)")
+        help="scale before the transition (cfg/stp 7.5, og-stp -2.0, dtp 1.0, og-dtp 7.5 used as -|value|; "
+             "official dtp: 7.5 and unused, 1.0 is hard-coded; official og: flips sign every step)")
     add("--guidance_scale_later", type=float, default=None, help="scale from the transition on (default 7.5)")
-    add("--CFG_scheduling", default="static", help=f"shape before the transition: {', '.join(G.SHAPES)}")
+    add("--CFG_scheduling", default="static",
+        help=f"shape before the transition: {', '.join(G.SHAPES)} (official dtp/og: ignored, always static)")
     add("--CFG_scheduling_later", default="static", help="shape from the transition on")
-    add("--start_iter", type=int, default=0, help="first global prompt index")
+    add("--start_iter", type=int, default=0, help="first global prompt index (official dtp/og: ignored, 0)")
     add("--end_iter", type=int, default=None, help="end of the prompt index range (stp 10000, dtp 200)")
     add("--exp", default=None, choices=P.EXPERIMENTS, help="prompt set (stp: laion10k, dtp: sdv1_pretrained)")
-    add("--prompt_json", default=None, help="the prompt set's file or folder (laion10k: laion_combined_captions.json)")
+    add("--prompt_json", default=None,
+        help="the prompt set's file or folder (laion10k: ./laion_combined_captions.json; official stp: the "
+             "authors' /scratch copy)")
     add("--img_size", type=int, default=None, help="image height and width (stp 256, dtp 512)")
-    add("--scheduler", default="DPM", help="DPM (DPM-Solver++ 2M), DDIM, Euler or PNDM")
+    add("--scheduler", default="DPM",
+        help="DPM (DPM-Solver++ 2M), DDIM, Euler or PNDM (official: ignored, always DPM-Solver++)")
     add("--num_inference_steps", type=int, default=50)
     add("--batch_size", type=int, default=1, help="images per compiled batch")
     add("--seed", type=int, default=42, help="noise of image i is drawn from (seed, i)")
     add("--dtype", default="float32", choices=DTYPES)
     add("--og_mode", default=None, choices=OG_MODES, help="og-dtp: exact (two passes, default) or causal")
+    add("--og_precision", default=None, choices=OG_PRECISIONS,
+        help="og-dtp latent-cosine signal: stable (default, smooth float32 formula) or official (the official "
+             "script's float32 1 - torch cosine_similarity, bit for bit, with its ties near convergence)")
     add("--prompt_augmentation", default=None,
         help="baseline (Somepalli et al.): rand_numb_add | rand_word_add | rand_word_repeat, 4 insertions")
     add("--cads", type=_bool, nargs="?", const=True, default=False,
-        help="baseline: condition-annealed sampling (tau1 500, tau2 800, s 0.1, psi 1, Gaussian noise)")
+        help="baseline: condition-annealed sampling (tau1 500, tau2 800, s 0.1, psi 1, Gaussian noise); "
+             "'--cads False' is false (official: type=bool makes it True; stp ignores it, dtp's is undefined)")
     add("--coordinator", default=None, help=f"multi-process: coordinator HOST:PORT (or ${D.ENV_COORDINATOR})")
     add("--num_processes", type=int, default=None, help=f"multi-process: process count (or ${D.ENV_NUM_PROCESSES})")
     add("--process_id", type=int, default=None, help=f"multi-process: this process (or ${D.ENV_PROCESS_ID})")
     add("--distributed", action="store_true", help="multi-process via JAX's cluster detection (SLURM, MPI, ...)")
     add("--distributed_timeout", type=float, default=D.DEFAULT_TIMEOUT_S, help="seconds to wait for all processes")
     add("--compilation_cache", default=None,
-        help="persistent JAX compilation cache folder (default: $JAX_COMPILATION_CACHE_DIR or "
-             "~/.cache/cfgbasin_jax/jax_cache)")
+        help="persistent JAX compilation cache folder (default: $CFGBASIN_JAX_COMPILATION_CACHE, "
+             "$JAX_COMPILATION_CACHE_DIR or ~/.cache/cfgbasin_jax/jax_cache; see cfgbasin_jax.compile_cache)")
     add("--no_compilation_cache", action="store_true", help="do not use a persistent compilation cache")
     add("--plot", default="run", choices=PLOT_MODES,
         help="noise-difference plots: run (OUTDIR/noise_diff.png), images (also OUTDIR/Plots/{i}.png) or none")
@@ -162,6 +204,15 @@ def build_parser(prog: str = PROG, method: str | None = None) -> argparse.Argume
         help="tqdm bars: images, steps (also per denoising step; such executables are never stored in "
              "the persistent compilation cache) or none")
     return p
+
+
+def method_defaults(method: str) -> dict:
+    """{flag dest: default} of ``--method method`` after :func:`resolve` fills the method-dependent
+    ones (:data:`METHOD_DEFAULTS`)."""
+    parser = build_parser(PROG, method)
+    defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    defaults.update(METHOD_DEFAULTS[method])
+    return defaults
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -175,6 +226,8 @@ class Settings:
     label: str  # the method recorded in metadata (stp with a negative scale -> og-stp)
     model: Path
     unet_path: Path | None
+    model_fingerprint: str
+    unet_fingerprint: str | None
     outdir: Path
     guidance: G.Guidance
     scale_before: float
@@ -199,11 +252,15 @@ class Settings:
     argv: list
 
     def identity(self) -> dict:
-        """What must match for a resume (paths absolute)."""
+        """What must match for a resume (paths absolute). The batch size is part of it: XLA's
+        kernels depend on the batch shape, so another batch size may change a pixel by one level."""
         return {
             "method": self.label,
             "model": str(self.model),
+            "model_fingerprint": self.model_fingerprint,
             "unet_path": None if self.unet_path is None else str(self.unet_path),
+            "unet_fingerprint": self.unet_fingerprint,
+            "batch_size": self.batch_size,
             "dtype": self.dtype,
             "guidance": self.guidance.describe(),
             "scheduler": self.scheduler,
@@ -294,9 +351,10 @@ def _build_guidance(method: str, a) -> tuple[G.Guidance, float, float]:
             return g, a.guidance_scale, a.guidance_scale
         if method in ("stp", "og-stp"):
             t = a.guidance_change_step
-            if not float(t).is_integer():
-                raise CliError(f"--guidance_change_step {t:g} must be a whole timestep")
-            g = G.static_transition(int(t), a.guidance_scale, a.guidance_scale_later, a.CFG_scheduling,
+            if not (math.isfinite(t) and 0 <= t < 1000):
+                raise CliError(f"--guidance_change_step {t:g} is outside [0, 1000)")
+            # timesteps are whole numbers, so "t > step" and "t <= step" hold exactly as for floor(step)
+            g = G.static_transition(math.floor(t), a.guidance_scale, a.guidance_scale_later, a.CFG_scheduling,
                                     a.CFG_scheduling_later)
             return g, a.guidance_scale, a.guidance_scale_later
         if method == "dtp":
@@ -306,7 +364,8 @@ def _build_guidance(method: str, a) -> tuple[G.Guidance, float, float]:
         before = -abs(a.guidance_scale)
         after = a.guidance_scale_later if a.guidance_scale_later is not None else abs(a.guidance_scale)
         g = G.dynamic_transition(before, after, signal="latent_cosine", mode=a.og_mode or "exact",
-                                 shape_before=a.CFG_scheduling, shape_after=a.CFG_scheduling_later)
+                                 shape_before=a.CFG_scheduling, shape_after=a.CFG_scheduling_later,
+                                 precision=a.og_precision or "stable")
         return g, before, after
     except CliError:
         raise
@@ -326,21 +385,64 @@ def _baselines(a) -> dict:
     return {"prompt_augmentation": a.prompt_augmentation, "cads": bool(a.cads)}
 
 
+def given_flags(argv) -> set:
+    """Names of the flags written on the command line (``--name`` or ``--name=value``)."""
+    return {arg[2:].split("=", 1)[0] for arg in argv if isinstance(arg, str) and arg.startswith("--")}
+
+
+def _check_numbers(a) -> None:
+    """Flags whose range does not depend on the model."""
+    for flag in ("num_inference_steps", "batch_size", "img_size"):
+        if getattr(a, flag) < 1:
+            raise CliError(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    if not SEED_RANGE[0] <= a.seed <= SEED_RANGE[1]:
+        raise CliError(f"--seed {a.seed} must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (JAX's 32-bit PRNG seed)")
+    if not a.distributed_timeout > 0 or a.distributed_timeout == float("inf"):
+        raise CliError(f"--distributed_timeout must be a finite number > 0, got {a.distributed_timeout:g}")
+
+
+def check_schedule(model: Path, scheduler: str, num_inference_steps: int, guidance: G.Guidance) -> None:
+    """Check --scheduler, --num_inference_steps and the guidance schedule (a static transition
+    timestep included) against ``model``'s scheduler config, as sampling would; host-side only."""
+    from cfgbasin_jax import schedulers
+    from cfgbasin_jax.convert import sd_folder
+
+    config = sd_folder.read_scheduler_config(model / "scheduler")
+    try:
+        num_train = schedulers.resolve_config(scheduler, config)["num_train_timesteps"]
+    except ValueError as err:
+        raise CliError(f"--scheduler {scheduler}: {err} ({model / 'scheduler'})") from None
+    if not 1 <= num_inference_steps <= num_train:
+        raise CliError(f"--num_inference_steps {num_inference_steps} must be in [1, {num_train}] "
+                       f"(the model's num_train_timesteps)")
+    try:
+        timesteps = schedulers.scheduler_tables(scheduler, config, num_inference_steps)[2]
+    except ValueError as err:
+        raise CliError(f"--num_inference_steps {num_inference_steps}: {err}") from None
+    if guidance.rule == "static" and not 0 <= guidance.t < num_train:
+        raise CliError(f"--guidance_change_step {guidance.t} must be in [0, {num_train - 1}] "
+                       f"(a timestep of the model's {num_train})")
+    try:
+        G.check_steps(guidance, len(timesteps), num_train)  # host only: no JAX backend before distributed init
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
 def resolve(a: argparse.Namespace, method: str | None, argv: list, env=None) -> Settings:
     """Validate everything that can be checked without writing or touching a JAX backend."""
+    from cfgbasin_jax import fingerprint as FP
+
     method = method or a.method
     if method not in METHODS:
         raise CliError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    warnings = [f"--{flag} is not used by --method {method}" for flag in UNUSED_FLAGS[method]
-                if getattr(a, flag) is not None]
+    given = given_flags(argv)
+    warnings = [f"--{flag} is not used by --method {method}" for flag in UNUSED_FLAGS[method] if flag in given]
     for key, value in METHOD_DEFAULTS[method].items():
         if getattr(a, key) is None:
             setattr(a, key, value)
     guidance, before, after = _build_guidance(method, a)
     label = "og-stp" if method in ("stp", "og-stp") and before < 0 else ("stp" if method == "og-stp" else method)
-    for flag in ("num_inference_steps", "batch_size", "img_size"):
-        if getattr(a, flag) < 1:
-            raise CliError(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    _check_numbers(a)
     if guidance.rule == "dynamic" and a.num_inference_steps < 3:
         raise CliError(f"--num_inference_steps {a.num_inference_steps}: a dynamic transition needs at least 3 steps")
     scheduler = _scheduler_name(a.scheduler)
@@ -349,16 +451,18 @@ def resolve(a: argparse.Namespace, method: str | None, argv: list, env=None) -> 
         process = D.resolve(a.coordinator, a.num_processes, a.process_id, auto=a.distributed, env=env)
     except D.DistributedError as err:
         raise CliError(str(err)) from None
-    if a.distributed_timeout <= 0:
-        raise CliError(f"--distributed_timeout must be > 0, got {a.distributed_timeout:g}")
     prompt_set = P.load_prompt_set(a.exp, a.prompt_json, n_draw=a.end_iter if a.exp == "laion10k" else None)
     start, end = P.select_range(prompt_set, a.start_iter, a.end_iter)
     model = resolve_model(a.pretrained_model_name_or_path, env)
     unet = resolve_unet(a.unet_path)
+    check_schedule(model, scheduler, a.num_inference_steps, guidance)
     outdir = R.check_outdir(a.outdir)
+    if a.compilation_cache and not a.no_compilation_cache:
+        F.check_writable_dir(a.compilation_cache, "--compilation_cache")
     cache = None if a.no_compilation_cache else (a.compilation_cache or default_compilation_cache())
     settings = Settings(
-        method=method, label=label, model=model, unet_path=unet, outdir=outdir, guidance=guidance,
+        method=method, label=label, model=model, unet_path=unet, model_fingerprint=FP.model_fingerprint(model),
+        unet_fingerprint=None if unet is None else FP.unet_fingerprint(unet), outdir=outdir, guidance=guidance,
         scale_before=before, scale_after=after, scheduler=scheduler, num_inference_steps=a.num_inference_steps,
         img_size=a.img_size, seed=a.seed, dtype=a.dtype, batch_size=a.batch_size, prompt_set=prompt_set,
         start=start, end=end, process=process, distributed_timeout=a.distributed_timeout, compilation_cache=cache,
@@ -373,18 +477,22 @@ def resolve(a: argparse.Namespace, method: str | None, argv: list, env=None) -> 
 _PIPELINES: dict = {}
 
 
-def cached_pipeline(model: Path, unet_path: Path | None, dtype: str):
+def cached_pipeline(model: Path, unet_path: Path | None, dtype: str, fingerprint=None):
     """One loaded Pipeline per (model, unet, dtype) per process, so repeated in-process runs reuse
-    its compiled samplers."""
+    its compiled samplers. A ``fingerprint`` other than the cached pipeline's (another model now
+    at the same path) loads it again."""
     import cfgbasin_jax
 
     key = (str(model), None if unet_path is None else str(unet_path), dtype)
+    if key in _PIPELINES and fingerprint is not None and _PIPELINES[key][0] != fingerprint:
+        del _PIPELINES[key]
     if key not in _PIPELINES:
         if len(_PIPELINES) >= 2:
             _PIPELINES.pop(next(iter(_PIPELINES)))
         # The command configures the compilation cache itself (--compilation_cache / --no_compilation_cache).
-        _PIPELINES[key] = cfgbasin_jax.load_pipeline(model, dtype=dtype, unet_path=unet_path, compilation_cache=False)
-    return _PIPELINES[key]
+        _PIPELINES[key] = (fingerprint, cfgbasin_jax.load_pipeline(model, dtype=dtype, unet_path=unet_path,
+                                                                   compilation_cache=False))
+    return _PIPELINES[key][1]
 
 
 class CompileStats:
@@ -443,22 +551,12 @@ class CompileStats:
         return f"compile {self.compile_s:.1f} s (backend {self.backend_s:.1f} s); {cache}"
 
 
-def _configure_cache(cache_dir: str | None) -> dict:
-    """Point JAX's persistent compilation cache at ``cache_dir``; returns the previous values."""
-    import jax
+class _LogFile(logging.FileHandler):
+    """run.log: a record that cannot be written (full disk) is dropped without the logging module's
+    traceback; the run's own writes report the error."""
 
-    names = ("jax_compilation_cache_dir",)
-    old = {n: getattr(jax.config, n) for n in names}
-    if cache_dir is not None:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir))
-    return old
-
-
-def _restore_cache(old: dict) -> None:
-    import jax
-
-    for name, value in old.items():
-        jax.config.update(name, value)
+    def handleError(self, record):
+        pass
 
 
 def _log_handler(handler: logging.Handler, process: D.ProcessInfo) -> logging.Handler:
@@ -523,30 +621,47 @@ def _records(s: Settings, batch: list[int], prompts: list[str], res, n_tokens: d
 
 def execute(s: Settings) -> int:
     """Run a validated :class:`Settings`: start processes, load, generate what is missing, merge."""
-    old_cache = _configure_cache(s.compilation_cache)
+    from cfgbasin_jax import compile_cache
+
+    old_cache = compile_cache.configure(s.compilation_cache)
     handlers = [_log_handler(logging.StreamHandler(sys.stderr), s.process)]
+    lock = None
     try:
-        try:
+        try:  # first: a peer that never comes ends this process (watchdog) with nothing written
             s.process = D.initialize(s.process, s.distributed_timeout)
         except D.DistributedError as err:
             raise CliError(str(err)) from None
+        lock = lock_outdir(s)
         with CompileStats() as stats:
             return _execute(s, stats, handlers)
     finally:
         _log_teardown(handlers)
-        _restore_cache(old_cache)
+        compile_cache.restore(old_cache)
+        if lock is not None:
+            lock.release()
+
+
+def lock_outdir(s: Settings) -> R.RunLock:
+    """Take OUTDIR's run lock (see :mod:`cfgbasin_jax.runs`), then check the stored configuration
+    again: another run may have written it since :func:`resolve` looked."""
+    lock = R.RunLock(s.outdir, s.process.process_id).acquire()
+    try:
+        if lock.stale_owner:
+            log.warning("warning: took over the lock of a run that is gone (%s)", F.describe_owner(lock.stale_owner))
+        s.resume = R.check_config(s.outdir, s.identity())
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _execute(s: Settings, stats: CompileStats, handlers: list) -> int:
-    from tqdm.auto import tqdm
-
     from cfgbasin_jax.loading import ConversionError
 
-    pid, nproc = s.process.process_id, s.process.num_processes
     t_load = time.perf_counter()
     try:
-        pipe = cached_pipeline(s.model, s.unet_path, s.dtype)
-        pipe._latent_hw(s.img_size, s.img_size)
+        pipe = cached_pipeline(s.model, s.unet_path, s.dtype, (s.model_fingerprint, s.unet_fingerprint))
+        pipe.latent_hw(s.img_size, s.img_size)
     except ConversionError as err:
         raise CliError(f"cannot load the model: {err}") from None
     except ValueError as err:
@@ -562,9 +677,22 @@ def _execute(s: Settings, stats: CompileStats, handlers: list) -> int:
             prompts, list(range(len(prompts))), seed=s.seed, tokenizer=pipe.tokenizer, **s.baselines)
 
     # From here on OUTDIR is written.
+    try:
+        return _write_run(s, stats, handlers, pipe, prompts, extra_kwargs, load_s)
+    except OSError as err:
+        raise R.RunError(f"{F.describe(err)}; every finished image is kept: fix this and rerun the same "
+                         "command to resume") from None
+
+
+def _write_run(s: Settings, stats: CompileStats, handlers: list, pipe, prompts: list, extra_kwargs: dict,
+               load_s: float) -> int:
+    """Generate the missing images of the run into OUTDIR (the part of a run that writes)."""
+    from tqdm.auto import tqdm
+
+    pid, nproc = s.process.process_id, s.process.num_processes
     R.make_dirs(s.outdir, plots=s.plot == "images")
     log_file = s.outdir / R.log_name(pid, nproc)
-    handlers.append(_log_handler(logging.FileHandler(log_file, encoding="utf-8"), s.process))
+    handlers.append(_log_handler(_LogFile(log_file, encoding="utf-8"), s.process))
     if s.process.is_main:
         R.write_config(s.outdir, s.identity(), s.run_info(), pid)
     R.clean_temp_files(s.outdir, pid)
@@ -656,12 +784,21 @@ def main(argv=None, method: str | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or PROG
     try:
-        args = build_parser(prog, method).parse_args(argv)
-        settings = resolve(args, method, argv)
-        return execute(settings)
-    except (CliError, P.PromptError, R.RunError, D.DistributedError, ConversionError) as err:
+        with F.terminate_raises():
+            args = build_parser(prog, method).parse_args(argv)
+            settings = resolve(args, method, argv)
+            return execute(settings)
+    except (CliError, P.PromptError, R.RunError, D.DistributedError, ConversionError, F.FileError) as err:
         print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except OSError as err:  # an I/O error: a read-only or full file system, no permission
+        print(f"{prog}: error: {F.describe(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:  # SIGINT, or SIGTERM via terminate_raises: the lock is released
+        terminated = isinstance(err, F.Terminated)
+        print(f"{prog}: {'terminated' if terminated else 'interrupted'}; every finished image is kept "
+              "(rerun the same command to resume)", file=sys.stderr)
+        return 128 + int(signal.SIGTERM if terminated else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,24 @@ def default_dir() -> str | None:
     return os.path.join(base, "cfgbasin_jax", "jax_cache")
 
 
+def configure(cache_dir: str | None) -> str | None:
+    """Point JAX's persistent compilation cache at `cache_dir` (None: leave it as it is); returns the
+    previous directory, for :func:`restore` (the CLI puts it back after a run)."""
+    import jax
+
+    previous = jax.config.jax_compilation_cache_dir
+    if cache_dir is not None:
+        jax.config.update("jax_compilation_cache_dir", os.fspath(cache_dir))
+    return previous
+
+
+def restore(previous: str | None) -> None:
+    """Put back the directory :func:`configure` returned (None included: no cache)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", previous)
+
+
 def enable(cache=None) -> str | None:
     """Turn the persistent compilation cache on; returns the directory in use (None: off).
 
@@ -53,5 +71,5 @@ def enable(cache=None) -> str | None:
         cache = default_dir()
         if cache is None:
             return None
-    jax.config.update("jax_compilation_cache_dir", os.fspath(cache))
+    configure(cache)
     return os.fspath(cache)

@@ -25,13 +25,15 @@ from typing import Sequence
 
 import numpy as np
 
-from cfgbasin_jax import toy
+from cfgbasin_jax import TOY_MODEL, toy
+from cfgbasin_jax import methods as M
 
-SHIPPED_MODEL = Path(__file__).resolve().parent / "data" / "toy"
-METHODS = ("CFG", "STP", "OG+STP", "DTP", "OG+DTP", "Wen", "CADS", "Aug")
-# The last three are the inference-time baselines of cfgbasin_jax.baselines, all with constant CFG:
-# Wen et al.'s prompt-embedding optimisation, CADS, and rand_word_repeat prompt augmentation.
-BASELINES = ("Wen", "CADS", "Aug")
+SHIPPED_MODEL = TOY_MODEL
+# Every method of the registry, by its table label: the transition methods, then the inference-time
+# baselines of cfgbasin_jax.baselines, all with constant CFG (Wen et al.'s prompt-embedding
+# optimisation, CADS, and rand_word_repeat prompt augmentation).
+METHODS = tuple(M.get(name).label for name in M.names())
+BASELINES = tuple(M.get(name).label for name in M.names() if M.get(name).baseline)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -173,8 +175,8 @@ def alignment(image: np.ndarray, objects: Sequence[toy.ShapeSpec]) -> float:
 def load_demo_pipeline(model: str | None, log=print):
     """(Pipeline, description, is_toy): the shipped toy, a given pixel-model folder, or - when the
     shipped weights are missing - cfgbasin_jax.tiny.random_components() with a notice."""
+    from cfgbasin_jax.loading import is_pixel_model, load_pixel_components
     from cfgbasin_jax.pipeline import Pipeline
-    from cfgbasin_jax.training import is_pixel_model, load_pixel_components
 
     path = Path(model) if model else SHIPPED_MODEL
     if is_pixel_model(path):
@@ -192,30 +194,27 @@ def load_demo_pipeline(model: str | None, log=print):
 
 
 def method_guidance(name: str, scale: float, stp_t: int, og_t: int, og_scale: float):
-    from cfgbasin_jax import guidance as G
-
-    if name == "CFG" or name in BASELINES:
-        return G.constant(scale)
-    if name == "STP":
-        return G.static_transition(stp_t, 0.0, scale)
-    if name == "OG+STP":
-        return G.static_transition(og_t, og_scale, scale)
-    if name == "DTP":
-        return G.dynamic_transition(1.0, scale, signal="noise_diff")
-    if name == "OG+DTP":
-        return G.dynamic_transition(og_scale, scale, signal="latent_cosine", mode="exact")
-    raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    """The registry method ``name`` (:mod:`cfgbasin_jax.methods`) with the demo's settings: CFG scale
+    ``scale`` everywhere, STP at ``stp_t``, the opposite-guidance methods at ``og_scale`` (OG+STP at ``og_t``)."""
+    method = M.get(name)
+    params = {"scale": scale}
+    if method.name == "stp":
+        params["t"] = stp_t
+    if method.name in ("og-stp", "og-dtp"):
+        params.update(before=og_scale, t=og_t if method.name == "og-stp" else None)
+    return method.guidance(**params)
 
 
 def generate_method(pipe, name: str, prompts: list, guidance, **kwargs):
     """``pipe.generate`` for a transition method, or the baseline ``name`` (its UNet cost included)."""
     from cfgbasin_jax import baselines as B
 
-    if name == "Wen":
+    method = M.get(name).name
+    if method == "wen":
         return B.wen_generate(pipe, prompts, guidance, **kwargs)[0]
-    if name == "CADS":
-        return pipe.generate(prompts, guidance, cads=B.CADS(), **kwargs)
-    if name == "Aug":  # every sample draws its own 4 repeated words (keyed by its batch position)
+    if method == "cads":
+        return pipe.generate(prompts, guidance, conditioning=B.CADS(), **kwargs)
+    if method == "prompt-augmentation":  # every sample draws its own 4 repeated words (keyed by its batch position)
         prompts = B.augment_prompts(prompts, "rand_word_repeat", 4, seed=kwargs.get("seed", 0))
     return pipe.generate(prompts, guidance, **kwargs)
 
@@ -492,14 +491,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class DemoError(ValueError):
+    """Bad demo input (one line naming the flag)."""
+
+
+def check_config(cfg: DemoConfig) -> None:
+    """Every flag, checked before anything is computed or written (DemoError naming the flag)."""
+    from cfgbasin_jax import files as F
+    from cfgbasin_jax.training import is_pixel_model
+
+    for name in ("num_mem_prompts", "num_plain_prompts", "samples_per_prompt", "steps"):
+        minimum = 3 if name == "steps" else (1 if name == "samples_per_prompt" else 0)
+        if getattr(cfg, name) < minimum:
+            raise DemoError(f"--{name} must be >= {minimum}, got {getattr(cfg, name)}")
+    if cfg.num_mem_prompts + cfg.num_plain_prompts < 1:
+        raise DemoError("--num_mem_prompts and --num_plain_prompts are both 0: nothing to sample")
+    for name in ("guidance", "og_scale"):
+        if not np.isfinite(getattr(cfg, name)):
+            raise DemoError(f"--{name} must be a finite number, got {getattr(cfg, name)}")
+    path = Path(cfg.model) if cfg.model else SHIPPED_MODEL
+    if cfg.model and not is_pixel_model(path):
+        raise DemoError(f"--model {cfg.model}: not a pixel-model folder (needs model.json + params.safetensors)")
+    num_train = 1000
+    if is_pixel_model(path):
+        try:
+            meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
+            num_train = int(meta["configs"]["scheduler"].get("num_train_timesteps", 1000))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise DemoError(f"{path / 'model.json'}: cannot read the scheduler config ({err})") from None
+    if cfg.steps > num_train:
+        raise DemoError(f"--steps {cfg.steps} must be <= {num_train} (the model's num_train_timesteps)")
+    for name in ("stp_t", "og_t"):
+        value = getattr(cfg, name)
+        if value is not None and not 0 <= value < num_train:
+            raise DemoError(f"--{name} {value} must be a timestep in [0, {num_train - 1}]")
+    try:
+        F.check_writable_dir(cfg.outdir, "--outdir")
+    except F.FileError as err:
+        raise DemoError(str(err)) from None
+
+
 def main(argv=None) -> int:
+    from cfgbasin_jax import files as F
+
     args = build_parser().parse_args(argv)
     cfg = DemoConfig(**{**vars(args), "methods": tuple(args.methods)})
-    for name in ("num_mem_prompts", "num_plain_prompts", "samples_per_prompt", "steps"):
-        if getattr(cfg, name) < (3 if name == "steps" else 0):
-            print(f"error: --{name} is too small", file=sys.stderr)
-            return 2
-    result = run_demo(cfg)
+    try:
+        check_config(cfg)
+        result = run_demo(cfg)
+    except DemoError as err:
+        print(f"cfgbasin-demo: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"cfgbasin-demo: error: {F.describe(err)}", file=sys.stderr)
+        return 2
     print(result["table"])
     print(f"\nreport: {result['report']}")
     return 0

@@ -5,7 +5,8 @@ training set, prompt alignment (CLIP score), and FID (not available in this buil
 
 Generation folder layout: ``OUTDIR/Images/{i}.png`` or ``OUTDIR/Images/{i}_{t}.png`` and, optionally,
 ``OUTDIR/metadata.jsonl`` with one object per image holding at least ``index`` (int), ``prompt`` (str)
-and ``file`` (path relative to OUTDIR). Without metadata the images are read from ``Images/`` in the
+and ``file`` (path relative to OUTDIR), read by :func:`cfgbasin_jax.runs.read_metadata_file` (a last
+line cut off by a killed run is skipped with a note). Without metadata the images are read from ``Images/`` in the
 order of their leading integers and captions come from ``--captions`` (line ``i`` = prompt ``i``);
 ``--captions`` also overrides the metadata prompts when both are given.
 
@@ -17,6 +18,10 @@ Reported (``OUTDIR/eval.json`` and a Markdown row on stdout):
     ``100 * max(cos, 0)``;
   * ``fid``: null, with ``fid_note`` (no Inception-v3 port yet);
   * ``per_image``: the per-image values and the index/path of the closest training image.
+
+Every flag is checked before any metric is computed, ``--out`` included (its folder must be
+writable); the report is written atomically (a temporary file, then a rename). Exit status 2 with one
+line on bad input or an I/O error.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from cfgbasin_jax import files as F
+from cfgbasin_jax import runs as R
 from cfgbasin_jax.metrics import images as I
 
 PREFETCH_BATCHES = 2  # batches being decoded while the device runs the current one
@@ -57,31 +64,19 @@ class GenImage:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _read_metadata(gen_dir: str, meta_path: str) -> list[GenImage]:
+def _read_metadata(gen_dir: str, meta_path: str, log: Callable[[str], None] | None = None) -> list[GenImage]:
+    try:
+        records = R.read_metadata_file(meta_path, required=("index", "file"), on_skip=log)
+    except R.RunError as err:
+        raise EvalError(str(err)) from None
     items = []
-    with open(meta_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalError(f"{meta_path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(rec, dict) or "index" not in rec or "file" not in rec:
-                raise EvalError(f"{meta_path}:{lineno}: each line needs keys 'index' and 'file'")
-            try:
-                index = int(rec["index"])
-            except (TypeError, ValueError):
-                raise EvalError(f"{meta_path}:{lineno}: 'index' must be an integer, got {rec['index']!r}") from None
-            path = os.path.join(gen_dir, rec["file"])
-            if not os.path.isfile(path):
-                raise EvalError(f"{meta_path}:{lineno}: image {rec['file']!r} not found in {gen_dir}")
-            prompt = rec.get("prompt")
-            if prompt is not None and not isinstance(prompt, str):
-                raise EvalError(f"{meta_path}:{lineno}: 'prompt' must be a string")
-            parsed = I.leading_ints(rec["file"])
-            sample = int(rec.get("sample", parsed[1] if parsed else 0))
-            items.append(GenImage(index, sample, path, rec["file"], prompt))
+    for rec in records:
+        path = os.path.join(gen_dir, rec["file"])
+        if not os.path.isfile(path):
+            raise EvalError(f"{meta_path}: image {rec['file']!r} (index {rec['index']}) not found in {gen_dir}")
+        parsed = I.leading_ints(rec["file"])
+        sample = int(rec.get("sample", parsed[1] if parsed else 0))
+        items.append(GenImage(rec["index"], sample, path, rec["file"], rec.get("prompt")))
     if not items:
         raise EvalError(f"{meta_path} lists no images")
     return items
@@ -101,13 +96,13 @@ def _read_images_folder(gen_dir: str) -> list[GenImage]:
     return items
 
 
-def read_generations(gen_dir: str) -> list[GenImage]:
+def read_generations(gen_dir: str, log: Callable[[str], None] | None = None) -> list[GenImage]:
     """Generated images of ``gen_dir`` sorted by (prompt index, sample): metadata.jsonl when present,
-    else ``Images/`` by leading integers."""
+    else ``Images/`` by leading integers. ``log`` gets a note when a cut-off last line is skipped."""
     if not os.path.isdir(gen_dir):
         raise EvalError(f"--gen {gen_dir}: not a folder")
-    meta = os.path.join(gen_dir, "metadata.jsonl")
-    items = _read_metadata(gen_dir, meta) if os.path.isfile(meta) else _read_images_folder(gen_dir)
+    meta = os.path.join(gen_dir, R.METADATA_FILE)
+    items = _read_metadata(gen_dir, meta, log) if os.path.isfile(meta) else _read_images_folder(gen_dir)
     items.sort(key=lambda g: (g.index, g.sample, g.file))
     seen = set()
     for g in items:
@@ -293,7 +288,7 @@ def clip_similarity(
 
     scorer = C.load_clip(clip_dir, precision=precision)
     crop = scorer.recipe.crop
-    fn = C._image_fn(scorer.model, precision)
+    fn = C.image_fn(scorer.model, precision)
     img = embed_paths(
         gen_paths,
         lambda p: I.clip_pixels(I.load_rgb(p), scorer.recipe),
@@ -378,7 +373,7 @@ def evaluate(
         except ClipWeightsError as err:
             raise EvalError(f"--clip: {err}") from None
 
-    items = read_generations(gen_dir)
+    items = read_generations(gen_dir, log)
     if captions:
         items = attach_captions(items, read_captions(captions), f"--captions {captions}")
     if "clip" in want and any(g.prompt is None for g in items):
@@ -426,11 +421,10 @@ def evaluate(
 def generation_cost(gen_dir: str) -> dict:
     """Method and mean UNet sample-evaluations per image from ``metadata.jsonl`` (cfgbasin-generate
     records both); empty when the folder has no such metadata."""
-    meta = os.path.join(gen_dir, "metadata.jsonl")
+    meta = os.path.join(gen_dir, R.METADATA_FILE)
     if not os.path.isfile(meta):
         return {}
-    with open(meta, encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
+    recs = R.read_metadata_file(meta, required=("index", "file"))
     evals = [r["unet_evals"] for r in recs if isinstance(r.get("unet_evals"), (int, float))]
     methods = sorted({str(r["method"]) for r in recs if "method" in r})
     out = {}
@@ -489,29 +483,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> str:
+    """Every check that needs no model or image: the numbers, and that ``--out`` can be written.
+    Returns the report path. Raises EvalError naming the flag."""
+    threshold = args.threshold
+    if not np.isfinite(threshold) or not -1.0 <= threshold <= 1.0:
+        raise EvalError(f"--threshold must be a number in [-1, 1] (a cosine similarity), got {threshold}")
+    for flag in ("batch_size", "workers"):
+        if getattr(args, flag) < 1:
+            raise EvalError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not os.path.isdir(args.gen):
+        raise EvalError(f"--gen {args.gen}: not a folder")
+    out = args.out or os.path.join(args.gen, "eval.json")
+    try:
+        F.check_writable_file(out, "--out")
+    except F.FileError as err:
+        raise EvalError(str(err)) from None
+    return out
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    if args.batch_size < 1:
-        print("error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
     from cfgbasin_jax.metrics.clip_score import ClipWeightsError
     from cfgbasin_jax.metrics.sscd import SSCDWeightsError
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - progress to stderr, the row to stdout
     try:
+        out = check_args(args)
         report = evaluate(
             args.gen, args.train, args.captions, args.sscd, args.clip,
             metrics=metrics, threshold=args.threshold, sscd_preprocess=args.sscd_preprocess,
             batch_size=args.batch_size, workers=args.workers, precision=args.precision,
             inception=args.inception, log=log,
         )
+        F.atomic_write_text(out, json.dumps(report, indent=1))
     except (EvalError, I.ImageInputError, SSCDWeightsError, ClipWeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = args.out or os.path.join(args.gen, "eval.json")
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
+    except OSError as err:
+        print(f"error: {F.describe(err)}", file=sys.stderr)
+        return 2
     print(markdown_row(report))
     log(f"wrote {out}")
     return 0

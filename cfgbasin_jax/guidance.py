@@ -1,39 +1,42 @@
-"""Guidance schedules and transition detectors: the method of Jain et al. (CVPR 2025) in two pieces.
+"""Guidance schedules: the method of Jain et al. (CVPR 2025) as data.
 
-1. **Schedules** are pure data: a :class:`Guidance` says which classifier-free-guidance scale applies
-   *before* the transition point and which *after* it, each optionally shaped over the timestep
-   (the official ``--CFG_scheduling`` shapes). :func:`plan` turns it into per-step scale arrays.
-2. **Detectors** decide *when* the transition happens. For static rules the switch step is known in
-   advance (``switch_index``); for the dynamic rules it is found during sampling by a small pure state
-   machine (:class:`DetectorState`, :func:`noise_diff_update`, :func:`latent_cosine_update`) that rides
-   in the sampler's ``lax.scan`` carry, one state per sample.
+A :class:`Guidance` says which classifier-free-guidance scale applies *before* the transition point
+and which *after* it, each optionally shaped over the timestep (the official ``--CFG_scheduling``
+shapes), and which transition detector (:mod:`cfgbasin_jax.detectors`) decides when the transition
+happens. :func:`plan` turns schedules into per-sample, per-step scale arrays [B,S] plus one batched
+detector for the sampler.
 
-Everything numeric here is traced data in the compiled sampler: sweeping ``t``, ``before`` or
-``after`` never recompiles. Only the detector *kind* (:attr:`Plan.detector`) is static.
+Everything numeric is traced data in the compiled sampler: sweeping ``t``, ``before``, ``after`` or
+a detector's threshold never recompiles. The builders accept Python numbers, numpy / jax arrays
+(one value per sample) and tracers; only concrete values are validated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cfgbasin_jax import detectors as D
+from cfgbasin_jax.arrays import PerSample, PerStep, Timesteps
 
 SHAPES = ("static", "linear", "invlinear", "cosine", "sine", "v_shape", "a_shape")
 SIGNALS = ("noise_diff", "latent_cosine")
 MODES = ("exact", "causal")
-
-# Detector kinds, static in the compiled sampler:
-#   "fixed"          the switch step per sample is given (constant CFG, static transition, replay)
-#   "noise_diff"     DTP: first strict local minimum of ||eps_c - eps_u||, found inside the loop
-#   "latent_cosine"  OG+DTP causal: first strict local minimum (index >= 2) of the latents' cosine
-#                    distance, switched on the step after it is confirmed
-DETECTORS = ("fixed", "noise_diff", "latent_cosine")
+PRECISIONS = tuple(D.COSINE_FORMULAS)
+"""Formulas of the latent-cosine signal (:data:`cfgbasin_jax.detectors.COSINE_FORMULAS`): "stable" (default)
+and "official" (the official script's float32 ``1 - torch cosine_similarity``, bit for bit)."""
 
 # The official opposite-guidance script falls back to this index when c has no local minimum.
-LATENT_COSINE_FALLBACK_INDEX = 5
+LATENT_COSINE_FALLBACK_INDEX = D.LATENT_COSINE_FALLBACK_INDEX
+
+
+def _traced(*values) -> bool:
+    return any(isinstance(v, jax.core.Tracer) for v in values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,45 +45,61 @@ class Guidance:
     :func:`dynamic_transition` or :func:`per_step`; the fields are its plain description.
 
     Attributes:
-      before, after: scales before / from the transition on (floats), or for ``rule="per_step"`` a
-        float array [S] applied at every step (``before is after``).
+      before, after: scales before / from the transition on: a number, or an array [B] with one
+        value per sample; for ``rule="per_step"`` an array [S] (or [B,S]) applied at every step.
       shape_before, shape_after: CFG shape names (see :func:`shaped_scale`).
       rule: "constant" | "static" | "dynamic" | "per_step".
-      t: static rule: ``before`` applies while the step's timestep is ``> t``, ``after`` while ``<= t``.
-      signal, mode: dynamic rule: "noise_diff" | "latent_cosine", and "exact" | "causal".
+      t: static rule: ``before`` applies while the step's timestep is ``> t``, ``after`` while
+        ``<= t`` (an integer, or an integer array [B]).
+      signal: dynamic rule: "noise_diff" | "latent_cosine", or a
+        :class:`~cfgbasin_jax.detectors.Detector` (a user-defined rule).
+      mode: latent-cosine rule: "exact" | "causal".
       fallback: causal latent-cosine rule: switch at this step if no minimum is confirmed by then.
+      precision: latent-cosine formula (:data:`cfgbasin_jax.detectors.COSINE_FORMULAS`).
     """
 
-    before: float | np.ndarray
-    after: float | np.ndarray
+    before: Any
+    after: Any
     shape_before: str = "static"
     shape_after: str = "static"
     rule: str = "constant"
-    t: int | None = None
-    signal: str | None = None
+    t: Any = None
+    signal: Any = None
     mode: str | None = None
     fallback: int | None = None
+    precision: str | None = None
 
-    @property
-    def detector(self) -> str:
-        """Static detector kind used in the compiled loop (see :data:`DETECTORS`)."""
-        if self.signal == "noise_diff":
-            return "noise_diff"
-        if self.signal == "latent_cosine" and self.mode == "causal":
-            return "latent_cosine"
-        return "fixed"
-
-    @property
-    def two_pass(self) -> bool:
-        """True for the exact latent-cosine rule (record pass, then replay pass)."""
-        return self.rule == "dynamic" and self.signal == "latent_cosine" and self.mode == "exact"
+    def make_detector(self, timesteps: Timesteps, batch: int = 1) -> D.Detector:
+        """The transition detector of this schedule for scheduler ``timesteps`` [S], its leaves
+        broadcast to [batch,...]."""
+        steps = int(np.shape(timesteps)[0])
+        if self.rule == "static":
+            detector = D.FixedSwitch(index=timestep_to_index(timesteps, self.t))
+        elif self.rule != "dynamic":
+            detector = D.FixedSwitch(index=np.int32(steps))
+        elif isinstance(self.signal, D.Detector):
+            detector = self.signal
+        elif self.signal == "noise_diff":
+            detector = D.NoiseDiffMinimum()
+        elif self.mode == "causal":
+            fallback = steps if self.fallback is None else min(self.fallback, steps)
+            detector = D.LatentCosineMinimum(fallback=np.int32(fallback), precision=self.precision)
+        else:
+            detector = D.exact_latent_cosine(self.precision)
+        return D.broadcast(detector, batch)
 
     def describe(self) -> dict:
         """JSON-friendly description (for run metadata)."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        for k in ("before", "after"):
-            if isinstance(out.get(k), np.ndarray):
-                out[k] = out[k].tolist()
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None or (field.name == "precision" and value == "stable"):
+                continue
+            if isinstance(value, D.Detector):
+                value = D.describe(value)
+            elif isinstance(value, (np.ndarray, jax.Array, np.generic)):
+                value = np.asarray(value).tolist()
+            out[field.name] = value
         return out
 
 
@@ -95,8 +114,34 @@ def finite_number(owner: str, name: str, value) -> float:
     return value
 
 
-def _finite_scale(name: str, value) -> float:
+def _scale(name: str, value):
+    """A scale: a finite number, a finite array [B] (one per sample), or a tracer (unchecked)."""
+    if _traced(value):
+        return value
+    if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) > 0:
+        arr = np.asarray(value, np.float64)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"guidance: {name} must be a number or a 1-D array (one per sample), got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"guidance: {name} must be finite, got {arr.tolist()}")
+        return arr
     return finite_number("guidance", name, value)
+
+
+def _timestep(t):
+    """A transition timestep: an integer, an integer array [B], or an integer tracer."""
+    dtype = getattr(t, "dtype", None)
+    if _traced(t):
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(f"guidance: transition timestep t must be an integer, got a {dtype} tracer")
+        return t
+    if isinstance(t, (np.ndarray, jax.Array, np.generic)):
+        if not np.issubdtype(dtype, np.integer) or np.ndim(t) > 1:
+            raise ValueError(f"guidance: transition timestep t must be an integer or a 1-D integer array, got {t!r}")
+        return np.asarray(t) if np.ndim(t) else int(t)
+    if isinstance(t, bool) or not isinstance(t, int):
+        raise ValueError(f"guidance: transition timestep t must be an integer, got {t!r}")
+    return t
 
 
 def _check_shape(name: str, shape: str) -> str:
@@ -105,45 +150,38 @@ def _check_shape(name: str, shape: str) -> str:
     return shape
 
 
-def constant(scale: float) -> Guidance:
-    """Ordinary classifier-free guidance with one scale at every step."""
-    s = _finite_scale("scale", scale)
+def constant(scale) -> Guidance:
+    """Ordinary classifier-free guidance with one scale at every step (a number or one per sample)."""
+    s = _scale("scale", scale)
     return Guidance(before=s, after=s, rule="constant")
 
 
-def static_transition(
-    t: int,
-    before: float,
-    after: float,
-    shape_before: str = "static",
-    shape_after: str = "static",
-) -> Guidance:
+def static_transition(t, before, after, shape_before: str = "static", shape_after: str = "static") -> Guidance:
     """Static transition point (STP): ``before`` while the step's timestep > t, ``after`` at <= t.
 
     Opposite guidance + STP is the same call with a negative ``before`` (paper: -2.0 above t=650,
     7.5 after). Mirrors the official script's ``--guidance_change_step``, ``--guidance_scale``,
     ``--guidance_scale_later``, ``--CFG_scheduling`` and ``--CFG_scheduling_later``.
     """
-    if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-        raise ValueError(f"guidance: transition timestep t must be an integer, got {t!r}")
     return Guidance(
-        before=_finite_scale("before", before),
-        after=_finite_scale("after", after),
+        before=_scale("before", before),
+        after=_scale("after", after),
         shape_before=_check_shape("shape_before", shape_before),
         shape_after=_check_shape("shape_after", shape_after),
         rule="static",
-        t=int(t),
+        t=_timestep(t),
     )
 
 
 def dynamic_transition(
-    before: float = 1.0,
-    after: float = 7.5,
-    signal: str = "noise_diff",
+    before=1.0,
+    after=7.5,
+    signal: str | D.Detector = "noise_diff",
     mode: str = "exact",
     shape_before: str = "static",
     shape_after: str = "static",
     fallback: int | None | str = "official",
+    precision: str = "stable",
 ) -> Guidance:
     """Dynamic transition point (DTP), detected per sample during sampling.
 
@@ -158,35 +196,53 @@ def dynamic_transition(
       a minimum at index >= 2 (the step after it is observed); a sample with no such minimum by
       step ``fallback`` switches there ("official": the official rule's own fallback,
       :data:`LATENT_COSINE_FALLBACK_INDEX`; ``None``: never switch without a minimum).
+      ``precision`` names the formula of c (:data:`cfgbasin_jax.detectors.COSINE_FORMULAS`):
+      "stable" (default) computes ``0.5 ||x_{j+1}/|x_{j+1}| - x_j/|x_j|||^2``, which keeps float32 precision
+      when consecutive latents are nearly parallel; "official" computes it as the official script does
+      (float32 ``1 - torch cosine_similarity``, whose values near convergence are small multiples of
+      2^-24 with ties), so the official rule sees the official script's ties and spurious minima.
+    signal=<a Detector>: a user-defined rule (see :mod:`cfgbasin_jax.detectors`); ``mode``,
+      ``fallback`` and ``precision`` do not apply.
     """
+    custom = isinstance(signal, D.Detector)
+    if not custom and signal not in SIGNALS:
+        raise ValueError(f"guidance: unknown signal {signal!r}; expected one of {', '.join(SIGNALS)} or a "
+                         "cfgbasin_jax.detectors.Detector")
+    if mode not in MODES:
+        raise ValueError(f"guidance: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    causal = signal == "latent_cosine" and mode == "causal"
     if fallback == "official":
-        causal = signal == "latent_cosine" and mode == "causal"
         fallback = LATENT_COSINE_FALLBACK_INDEX if causal else None
     if fallback is not None and (isinstance(fallback, bool) or not isinstance(fallback, (int, np.integer)) or fallback < 0):
         raise ValueError(f"guidance: fallback must be a non-negative step index or None, got {fallback!r}")
-    if fallback is not None and not (signal == "latent_cosine" and mode == "causal"):
+    if fallback is not None and not causal:
         raise ValueError("guidance: fallback applies only to signal='latent_cosine', mode='causal'")
-    if signal not in SIGNALS:
-        raise ValueError(f"guidance: unknown signal {signal!r}; expected one of {', '.join(SIGNALS)}")
-    if mode not in MODES:
-        raise ValueError(f"guidance: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    cosine = signal == "latent_cosine"
+    if cosine:
+        D.cosine_formula(precision)
+    elif precision != "stable":
+        raise ValueError("guidance: precision applies only to signal='latent_cosine'")
     return Guidance(
-        before=_finite_scale("before", before),
-        after=_finite_scale("after", after),
+        before=_scale("before", before),
+        after=_scale("after", after),
         shape_before=_check_shape("shape_before", shape_before),
         shape_after=_check_shape("shape_after", shape_after),
         rule="dynamic",
         signal=signal,
-        mode=mode if signal == "latent_cosine" else None,
+        mode=mode if cosine else None,
         fallback=None if fallback is None else int(fallback),
+        precision=precision if cosine else None,
     )
 
 
-def per_step(scales: Sequence[float] | np.ndarray) -> Guidance:
-    """A user-supplied scale for every step (float array [S], S = the scheduler's step count)."""
+def per_step(scales) -> Guidance:
+    """A user-supplied scale for every step (float array [S], S = the scheduler's step count, or
+    [B,S] with one row per sample)."""
+    if _traced(scales):
+        return Guidance(before=scales, after=scales, rule="per_step")
     arr = np.asarray(scales, dtype=np.float64)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"guidance: per-step scales must be a non-empty 1-D array, got shape {arr.shape}")
+    if arr.ndim not in (1, 2) or arr.size == 0:
+        raise ValueError(f"guidance: per-step scales must be a non-empty [S] or [B,S] array, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
         raise ValueError("guidance: per-step scales must all be finite")
     return Guidance(before=arr, after=arr, rule="per_step")
@@ -199,7 +255,7 @@ def shaped_scale(shape: str, scale, t, num_train_timesteps: int = 1000):
     sine g(sin(pi t/T - pi/2) + 1); v_shape linear for t > T/2 and invlinear at or below;
     a_shape the reverse. T = num_train_timesteps (1000 for SD).
     """
-    xp = jnp if isinstance(t, jnp.ndarray) else np
+    xp = jnp if isinstance(t, jax.Array) or isinstance(scale, jax.Array) else np
     u = xp.asarray(t, dtype=xp.float32) / num_train_timesteps
     linear, invlinear = scale * (1.0 - u), scale * u
     if shape == "static":
@@ -219,142 +275,95 @@ def shaped_scale(shape: str, scale, t, num_train_timesteps: int = 1000):
     raise ValueError(f"guidance: unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
 
 
+def timestep_to_index(timesteps: Timesteps, t) -> PerSample:
+    """int32 [...]: the first step whose timestep is <= t (S if none), for t of any shape (jnp,
+    traceable). The static rule switches at this step."""
+    ts = jnp.asarray(timesteps)
+    below = ts <= jnp.asarray(t)[..., None]
+    return jnp.where(jnp.any(below, axis=-1), jnp.argmax(below, axis=-1), ts.shape[0]).astype(jnp.int32)
+
+
 class Plan(NamedTuple):
-    """Per-sample, per-step guidance data for the sampler (all numpy, traced when passed in).
+    """Per-sample, per-step guidance data for the sampler (numpy, or jnp when built from tracers).
 
     before, after: float32 [B, S] scales before / from the transition on.
-    switch_index: int32 [B] first step of ``after`` for the "fixed" detector (S = never; also
-      for constant and per-step schedules, where before == after); for the causal latent-cosine
-      detector, the fallback step (S = never).
-    detector: static detector kind (one of :data:`DETECTORS`), the same for the whole batch.
-    two_pass: the exact latent-cosine rule (record pass, then replay with the found index).
+    detector: a :class:`~cfgbasin_jax.detectors.Detector` with per-sample leaves [B,...].
     """
 
-    before: np.ndarray
-    after: np.ndarray
-    switch_index: np.ndarray
-    detector: str
-    two_pass: bool = False
+    before: PerStep
+    after: PerStep
+    detector: D.Detector
 
 
-def _static_switch_index(timesteps: np.ndarray, t: int) -> int:
-    """First step whose timestep is <= t (len(timesteps) if none)."""
-    below = np.nonzero(np.asarray(timesteps) <= t)[0]
-    return int(below[0]) if below.size else len(timesteps)
+def _per_sample(name: str, value, batch: int, xp) -> Any:
+    """value as float32 [batch, 1] (or [batch, S] for per-step rows)."""
+    arr = xp.asarray(value, xp.float32)
+    if arr.ndim == 0:
+        return xp.broadcast_to(arr, (batch, 1))
+    if arr.shape[0] != batch:
+        raise ValueError(f"guidance: {arr.shape[0]} per-sample values of {name} for {batch} prompts")
+    return arr[:, None] if arr.ndim == 1 else arr
 
 
-def plan_one(g: Guidance, timesteps: np.ndarray, num_train_timesteps: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """One sample's (before [S], after [S], switch_index) for the given scheduler timesteps [S]."""
-    timesteps = np.asarray(timesteps)
-    steps = len(timesteps)
-    if g.rule == "per_step":
-        if g.before.shape != (steps,):
-            raise ValueError(
-                f"guidance: per-step scales have length {g.before.shape[0]} but the scheduler runs "
-                f"{steps} steps"
-            )
-        arr = g.before.astype(np.float32)
-        return arr, arr, steps
-    if g.rule == "static" and not 0 <= g.t < num_train_timesteps:
-        raise ValueError(f"guidance: transition timestep t={g.t} outside [0, {num_train_timesteps})")
-    if g.rule == "dynamic" and steps < 3:
+def check_steps(g: Guidance, steps: int, num_train_timesteps: int) -> None:
+    """Host-side checks of ``g`` against a run of ``steps`` steps (ValueError, one line); touches no
+    device, so it may run before ``jax.distributed.initialize``."""
+    if g.rule == "static" and not _traced(g.t):
+        t = np.asarray(g.t)
+        if np.any(t < 0) or np.any(t >= num_train_timesteps):
+            raise ValueError(f"guidance: transition timestep t={g.t} outside [0, {num_train_timesteps})")
+    if g.rule == "dynamic" and not isinstance(g.signal, D.Detector) and steps < 3:
         raise ValueError(f"guidance: a dynamic transition needs at least 3 steps, got {steps}")
+    if g.rule == "per_step" and np.shape(g.before)[-1] != steps:
+        raise ValueError(f"guidance: per-step scales have length {np.shape(g.before)[-1]} but the scheduler runs "
+                         f"{steps} steps")
     for name in ("before", "after"):
-        _finite_scale(name, getattr(g, name))
-    before = shaped_scale(g.shape_before, g.before, timesteps, num_train_timesteps).astype(np.float32)
-    after = shaped_scale(g.shape_after, g.after, timesteps, num_train_timesteps).astype(np.float32)
-    if g.rule == "static":
-        switch = _static_switch_index(timesteps, g.t)
+        value = getattr(g, name)
+        if not _traced(value) and not np.all(np.isfinite(np.asarray(value, np.float64))):
+            raise ValueError(f"guidance: {name} must be finite, got {value}")
+
+
+def plan_batch(g: Guidance, batch: int, timesteps: Timesteps, num_train_timesteps: int = 1000) -> Plan:
+    """The plan of one schedule for ``batch`` samples (per-sample array fields must have length B)."""
+    if not isinstance(g, Guidance):
+        raise ValueError(f"guidance: expected a cfgbasin_jax.guidance.Guidance, got {type(g).__name__}")
+    steps = int(np.shape(timesteps)[0])
+    check_steps(g, steps, num_train_timesteps)
+    xp = jnp if _traced(g.before, g.after, g.t, timesteps) or isinstance(g.before, jax.Array) else np
+    ts = xp.asarray(timesteps)[None, :]
+    if g.rule == "per_step":
+        rows = xp.asarray(g.before, xp.float32)
+        if rows.ndim == 2 and rows.shape[0] != batch:
+            raise ValueError(f"guidance: {rows.shape[0]} rows of per-step scales for {batch} prompts")
+        before = after = xp.broadcast_to(rows, (batch, steps))
     else:
-        switch = min(g.fallback, steps) if g.fallback is not None else steps
-    return before, after, switch
+        before = shaped_scale(g.shape_before, _per_sample("before", g.before, batch, xp), ts, num_train_timesteps)
+        after = shaped_scale(g.shape_after, _per_sample("after", g.after, batch, xp), ts, num_train_timesteps)
+    if g.rule == "static" and np.ndim(g.t) == 1 and np.shape(g.t)[0] != batch:
+        raise ValueError(f"guidance: {np.shape(g.t)[0]} per-sample values of t for {batch} prompts")
+    detector = g.make_detector(timesteps, batch)
+    return Plan(before=before.astype(xp.float32), after=after.astype(xp.float32), detector=detector)
 
 
-def plan(guidance: Guidance | Sequence[Guidance], batch: int, timesteps: np.ndarray, num_train_timesteps: int = 1000) -> Plan:
-    """Stack per-sample plans. ``guidance`` is one schedule for all, or one per sample (length B);
-    all must share the detector kind."""
-    items = [guidance] * batch if isinstance(guidance, Guidance) else list(guidance)
+def plan(guidance: Guidance | Sequence[Guidance], batch: int, timesteps: Timesteps,
+         num_train_timesteps: int = 1000) -> Plan:
+    """Per-sample plans. ``guidance`` is one schedule for all B samples, or one per sample (length
+    B; all with the same detector structure). Works on concrete values and inside ``jax.jit``."""
+    if isinstance(guidance, Guidance):
+        return plan_batch(guidance, batch, timesteps, num_train_timesteps)
+    items = list(guidance)
     if len(items) != batch:
         raise ValueError(f"guidance: got {len(items)} schedules for {batch} prompts")
-    for g in items:
-        if not isinstance(g, Guidance):
-            raise ValueError(f"guidance: expected a cfgbasin_jax.guidance.Guidance, got {type(g).__name__}")
-    kinds = {(g.detector, g.two_pass) for g in items}
-    if len(kinds) > 1:
-        raise ValueError(f"guidance: one batch cannot mix detector kinds {sorted(kinds)}")
-    rows = [plan_one(g, timesteps, num_train_timesteps) for g in items]
+    rows = [plan_batch(g, 1, timesteps, num_train_timesteps) for g in items]
+    xp = jnp if any(isinstance(r.before, jax.Array) for r in rows) else np
     return Plan(
-        before=np.stack([r[0] for r in rows]),
-        after=np.stack([r[1] for r in rows]),
-        switch_index=np.asarray([r[2] for r in rows], dtype=np.int32),
-        detector=items[0].detector,
-        two_pass=items[0].two_pass,
+        before=xp.concatenate([r.before for r in rows]),
+        after=xp.concatenate([r.after for r in rows]),
+        detector=D.concatenate([r.detector for r in rows]),
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# Transition detectors: pure state machines, one state per sample, carried through lax.scan.
-
-
-class DetectorState(NamedTuple):
-    """prev1, prev2: float32 [B], the signal one and two steps back (-1 before the first steps).
-    index: int32 [B], the transition step (-1 while none). fallback: int32 [B], the step at which
-    a still-undecided sample switches anyway (>= S: never)."""
-
-    prev1: jnp.ndarray
-    prev2: jnp.ndarray
-    index: jnp.ndarray
-    fallback: jnp.ndarray
-
-
-def detector_init(index, fallback) -> DetectorState:
-    """Initial state from int [B] arrays: ``index`` the known switch step (fixed detector) or -1
-    (dynamic detectors); ``fallback`` the forced switch step (>= S: never)."""
-    index = jnp.asarray(index, jnp.int32)
-    minus_one = -jnp.ones(index.shape, jnp.float32)
-    return DetectorState(prev1=minus_one, prev2=minus_one, index=index, fallback=jnp.asarray(fallback, jnp.int32))
-
-
-def switched(state: DetectorState, step) -> jnp.ndarray:
-    """bool [B]: does ``after`` apply at ``step`` (given what is known before this step's signal)?"""
-    decided = (state.index >= 0) & (step >= state.index)
-    return decided | ((state.index < 0) & (step >= state.fallback))
-
-
-def _strict_min_behind(state: DetectorState, value) -> jnp.ndarray:
-    """bool [B]: the previous value is a strict local minimum given the newest ``value``."""
-    return (value > state.prev1) & (state.prev2 > state.prev1)
-
-
-def _shift(state: DetectorState, value, index) -> DetectorState:
-    return DetectorState(prev1=value, prev2=state.prev1, index=index, fallback=state.fallback)
-
-
-def noise_diff_update(state: DetectorState, d, step) -> DetectorState:
-    """DTP rule at step j with ``d`` = ||eps_c - eps_u|| [B]: latch j as the transition where
-    d_{j-1} is the first strict local minimum. Steps 0 and 1 never qualify (prev = -1)."""
-    new = (state.index < 0) & _strict_min_behind(state, d)
-    return _shift(state, d, jnp.where(new, step, state.index))
-
-
-def latent_cosine_update(state: DetectorState, c, step) -> DetectorState:
-    """Causal OG+DTP rule after step j with ``c`` = 1 - cos(x_{j+1}, x_j) [B]: a strict local
-    minimum at index j-1 >= 2 is confirmed now, so ``after`` applies from step j+1 on; a sample
-    still undecided when its fallback step is reached latches the fallback."""
-    undecided = state.index < 0
-    index = jnp.where(undecided & (step >= state.fallback), state.fallback, state.index)
-    new = (index < 0) & _strict_min_behind(state, c) & (step - 1 >= 2)
-    return _shift(state, c, jnp.where(new, step + 1, index))
-
-
-def latent_cosine_transition_index(c: np.ndarray) -> int:
-    """The official OG rule over a whole recorded trajectory ``c`` [S] (host-side, numpy):
-    first strict local minimum; the second if the first is at index 1 and a second exists;
-    :data:`LATENT_COSINE_FALLBACK_INDEX` if there is none."""
-    c = np.asarray(c, dtype=np.float64)
-    minima = [k for k in range(1, len(c) - 1) if c[k - 1] > c[k] < c[k + 1]]
-    if not minima:
-        return LATENT_COSINE_FALLBACK_INDEX
-    if minima[0] == 1 and len(minima) > 1:
-        return minima[1]
-    return minima[0]
+def latent_cosine_transition_index(c) -> int:
+    """The official OG rule over one recorded trajectory ``c`` [S] (see
+    :func:`cfgbasin_jax.detectors.first_minimum_index`)."""
+    return int(D.first_minimum_index(np.asarray(c))[0])

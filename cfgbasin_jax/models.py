@@ -9,9 +9,10 @@ is the NUMBER of attention heads per block (head width = block channels // atten
 `num_attention_heads` is refused by both. The parity tests check this on an SD2-style per-block
 tuple.
 
-The UNet is this project's own linen module (:mod:`cfgbasin_jax.unet`): diffusers' Flax UNet's
-parameter tree with the attention implementation chosen per backend (:mod:`cfgbasin_jax.attention`)
-and PyTorch's exact gelu. The VAE and text encoder are diffusers' / transformers' Flax modules.
+The UNet and the VAE are this project's own linen modules (:mod:`cfgbasin_jax.unet`,
+:mod:`cfgbasin_jax.vae`) with diffusers' Flax parameter trees (``FlaxUNet2DConditionModel``,
+``FlaxAutoencoderKL``), the attention implementation chosen per backend (:mod:`cfgbasin_jax.attention`)
+and PyTorch's exact gelu. Nothing here imports diffusers.
 
 Parameter shapes come from `jax.eval_shape` (`param_shapes`): nothing is initialised to learn them.
 """
@@ -121,11 +122,6 @@ _VAE_FIXED = {
 # force_upcast only tells PyTorch pipelines to run the VAE in float32.
 _VAE_IGNORED = ("force_upcast",)
 
-# --- text encoder ----------------------------------------------------------------------------------
-
-_TEXT_ACTS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
-
-
 def resolve_dtype(dtype: Any) -> jnp.dtype:
     """'float32' | 'bfloat16' | 'float16' (or the jnp dtype itself) -> jnp.dtype."""
     if isinstance(dtype, str):
@@ -157,7 +153,7 @@ def _check_fixed(config: Mapping, fixed: Mapping, what: str) -> None:
 def _check_known(config: Mapping, known, what: str) -> None:
     for key in config:
         if not key.startswith("_") and key not in known:
-            raise ConversionError(f"{what} config key {key!r} is unknown to the Flax model")
+            raise ConversionError(f"{what} config key {key!r} = {config[key]!r} is unknown to the Flax model")
 
 
 def _per_block(config: Mapping, key: str, n_blocks: int, what: str) -> None:
@@ -203,7 +199,8 @@ def unet_flax_kwargs(config: Mapping) -> dict:
 
 
 def vae_flax_kwargs(config: Mapping) -> dict:
-    """Validate a diffusers AutoencoderKL config; return FlaxAutoencoderKL kwargs."""
+    """Validate a diffusers AutoencoderKL config; return the Flax VAE's kwargs (accepted by both
+    :class:`cfgbasin_jax.vae.AutoencoderKL` and diffusers' FlaxAutoencoderKL)."""
     what = "VAE"
     _check_known(config, set(_VAE_FLAX_KEYS) | set(_VAE_FIXED) | set(_VAE_IGNORED), what)
     _check_fixed(config, _VAE_FIXED, what)
@@ -232,22 +229,10 @@ def vae_flax_kwargs(config: Mapping) -> dict:
 
 
 def text_encoder_config(config: Mapping):
-    """Validate a transformers CLIPTextModel config dict; return a CLIPTextConfig."""
-    from transformers import CLIPTextConfig
+    """Validate a transformers CLIPTextModel config dict; return :class:`cfgbasin_jax.clip.TextConfig`."""
+    from cfgbasin_jax.clip import text_config
 
-    what = "text encoder"
-    model_type = config.get("model_type", "clip_text_model")
-    if model_type != "clip_text_model":
-        raise ConversionError(f"{what} config key 'model_type' = {model_type!r}: need 'clip_text_model'")
-    architectures = config.get("architectures") or ["CLIPTextModel"]
-    if list(architectures) != ["CLIPTextModel"]:
-        raise ConversionError(
-            f"{what} config key 'architectures' = {architectures!r}: only CLIPTextModel is supported"
-        )
-    act = config.get("hidden_act", "quick_gelu")
-    if act not in _TEXT_ACTS:
-        raise ConversionError(f"{what} config key 'hidden_act' = {act!r} has no Flax implementation")
-    return CLIPTextConfig.from_dict(dict(config))
+    return text_config(config, "text encoder", architectures=("CLIPTextModel",))
 
 
 def build_unet(config: Mapping, dtype: Any = "float32", attention: str = "auto"):
@@ -257,34 +242,37 @@ def build_unet(config: Mapping, dtype: Any = "float32", attention: str = "auto")
     attention: "auto" (per backend: chunked on CPU, cuDNN-fused on GPU, XLA on TPU) or one of
     :data:`cfgbasin_jax.attention.IMPLEMENTATIONS`.
     """
-    from cfgbasin_jax.attention import IMPLEMENTATIONS
     from cfgbasin_jax.unet import UNet2DConditionModel
+
+    return UNet2DConditionModel(**unet_flax_kwargs(config), attention=_attention(attention), dtype=resolve_dtype(dtype))
+
+
+def _attention(attention: str) -> str:
+    from cfgbasin_jax.attention import IMPLEMENTATIONS
 
     if attention not in IMPLEMENTATIONS:
         raise ConversionError(f"unknown attention implementation {attention!r}: use one of {', '.join(IMPLEMENTATIONS)}")
-    return UNet2DConditionModel(**unet_flax_kwargs(config), attention=attention, dtype=resolve_dtype(dtype))
+    return attention
 
 
-def build_diffusers_unet(config: Mapping, dtype: Any = "float32"):
-    """diffusers' own FlaxUNet2DConditionModel for the same config (same parameter tree as
-    :func:`build_unet`): the anchor the benchmarks compare against."""
-    from diffusers import FlaxUNet2DConditionModel
+def build_vae(config: Mapping, dtype: Any = "float32", attention: str = "auto"):
+    """The VAE (linen module, :class:`cfgbasin_jax.vae.AutoencoderKL`) computing in `dtype`, from a
+    diffusers AutoencoderKL config. Its parameter tree is diffusers' FlaxAutoencoderKL's.
 
-    return FlaxUNet2DConditionModel(**unet_flax_kwargs(config), dtype=resolve_dtype(dtype))
+    attention: the mid-block attention implementation, as for :func:`build_unet`.
+    """
+    from cfgbasin_jax.vae import AutoencoderKL
 
-
-def build_vae(config: Mapping, dtype: Any = "float32"):
-    """FlaxAutoencoderKL (linen module) computing in `dtype`, from a diffusers AutoencoderKL config."""
-    from diffusers import FlaxAutoencoderKL
-
-    return FlaxAutoencoderKL(**vae_flax_kwargs(config), dtype=resolve_dtype(dtype))
+    return AutoencoderKL(**vae_flax_kwargs(config), attention=_attention(attention), dtype=resolve_dtype(dtype))
 
 
 def build_text_encoder(config_dict: Mapping, dtype: Any = "float32"):
-    """Bare transformers FlaxCLIPTextModule (not the FlaxPreTrainedModel wrapper) in `dtype`."""
-    from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
+    """The CLIP text encoder (linen module, :class:`cfgbasin_jax.clip.CLIPTextModel`) computing in
+    `dtype`, from a transformers CLIPTextModel config. Its parameter tree is transformers'
+    FlaxCLIPTextModule's."""
+    from cfgbasin_jax.clip import CLIPTextModel
 
-    return FlaxCLIPTextModule(config=text_encoder_config(config_dict), dtype=resolve_dtype(dtype))
+    return CLIPTextModel(config=text_encoder_config(config_dict), dtype=resolve_dtype(dtype))
 
 
 BUILDERS = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder}

@@ -14,8 +14,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cfgbasin_jax import sampler as S
-
 AXIS = "data"
 
 
@@ -73,21 +71,16 @@ def first_device_only(fn: Callable) -> Callable:
 
 
 def sharded_sample_loop(loop: Callable, mesh: Mesh, cond_aux: bool = False) -> Callable:
-    """shard_map a ``sample_loop(params, scheduler, x0, cond, uncond, before, after, switch)``
-    over ``mesh``; returns a function of the same arguments (global arrays) giving a global
-    :class:`~cfgbasin_jax.sampler.Trace` whose ``branch`` is [n_devices, S]. With ``cond_aux=True``
-    it takes a ninth argument, a pytree of per-sample arrays [B,...] (sharded like the batch),
-    passed to the loop as ``cond_aux=``."""
+    """shard_map a ``sample_loop(params, scheduler, x0, cond, uncond, before, after, detector)``
+    over ``mesh``; returns a function of the same arguments (global arrays; the detector's leaves
+    are per sample) giving a global :class:`~cfgbasin_jax.sampler.Trace` (every field [B,...]).
+    With ``cond_aux=True`` it takes a ninth argument, a pytree of per-sample arrays [B,...]
+    (sharded like the batch), passed to the loop as ``cond_aux=``."""
 
-    def local(params, sched, x0, cond, uncond, before, after, switch, *aux):
+    def local(params, sched, x0, cond, uncond, before, after, detector, *aux):
         extra = {"cond_aux": aux[0]} if cond_aux else {}
-        trace = loop(params, sched, x0, cond, uncond, before, after, switch, **extra)
-        return trace._replace(branch=trace.branch[None])
+        return loop(params, sched, x0, cond, uncond, before, after, detector, **extra)
 
-    data, per_step = P(AXIS), P(None, AXIS)
-    out_specs = S.Trace(
-        latents=data, noise_diff=per_step, latent_cosine=per_step, scale=per_step,
-        branch=data, transition_index=data, nonfinite=data,
-    )
+    data = P(AXIS)
     in_specs = (P(), P(), data, data, data, data, data, data) + ((data,) if cond_aux else ())
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=data, check_vma=False)

@@ -1,4 +1,4 @@
-"""The user-facing pipeline: text encoding, initial noise, the compiled sampler, VAE decoding.
+"""The user-facing pipeline: text encoding, initial noise, chunking, the compiled sampler, VAE decoding.
 
     pipe = cfgbasin_jax.load_pipeline("converted/sd14")
     result = pipe.generate(["a photo of a cat"], guidance=guidance.static_transition(500, 0.0, 7.5))
@@ -31,8 +31,11 @@ class GenerationResult:
     latent_cosine: float32 [B,S] 1 - cos(x_{j+1}, x_j) per step (for the exact latent-cosine rule,
     the recorded first pass). guidance_scale: float32 [B,S] the scale applied.
     transition_index, transition_t: int [B], step index and its timestep (-1 where none).
+    transition_fallback: bool [B], the transition came from a fallback rule (e.g. the official
+    OG+DTP index 5 when the signal has no minimum), not from a detection.
     timesteps: int [S]. unet_evals: UNet sample-evaluations spent on the B real samples.
     nonfinite: bool [B], the trajectory produced a NaN/Inf. sample_indices: int [B] noise indices.
+    detector_state: the detector's final state, numpy leaves [B,...] (of the last pass).
     """
 
     images: np.ndarray | None
@@ -47,21 +50,29 @@ class GenerationResult:
     nonfinite: np.ndarray
     sample_indices: np.ndarray
     prompts: list
+    transition_fallback: np.ndarray | None = None
+    detector_state: object = None
 
 
-def initial_noise(seed: int, sample_indices: Sequence[int], shape: tuple[int, ...]) -> jnp.ndarray:
-    """float32 [B,*shape]: sample i's noise from ``fold_in(PRNGKey(seed), sample_indices[i])``, so it
-    depends only on (seed, global index), never on batch size, device count or resume."""
-    base = jax.random.PRNGKey(seed)
+def prng_key(seed, owner: str = "generate") -> jax.Array:
+    """The base PRNG key of ``seed``: an int -> ``PRNGKey(seed)``; a PRNG key (typed, or raw
+    uint32 [2]) is used as it is. Anything else: one ValueError naming ``owner``."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return jax.random.PRNGKey(int(seed))
+    if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) and seed.shape == ():
+        return seed
+    if isinstance(seed, (jax.Array, np.ndarray)) and seed.dtype == np.uint32 and seed.shape == (2,):
+        return jnp.asarray(seed)
+    raise ValueError(f"{owner}: seed must be an int or a PRNG key (jax.random.key / PRNGKey), got {seed!r}")
+
+
+def initial_noise(seed, sample_indices: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
+    """float32 [B,*shape]: sample i's noise from ``fold_in(prng_key(seed), sample_indices[i])``, so
+    it depends only on (seed, global index), never on batch size, device count or resume.
+    ``seed``: an int or a PRNG key."""
+    base = prng_key(seed, "initial_noise")
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(sample_indices, jnp.uint32))
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
-
-
-def _count_unet_evals(branch: np.ndarray, real_per_device: np.ndarray) -> int:
-    """UNet sample-evaluations: branch [n_dev, S] (halves run per device and step) times the
-    number of real (non-padding) samples on each device [n_dev]."""
-    halves = np.where(np.asarray(branch) == S.BOTH, 2, 1)
-    return int(np.sum(halves.sum(axis=1) * np.asarray(real_per_device)))
 
 
 class SamplingInputs(NamedTuple):
@@ -76,6 +87,21 @@ class SamplingInputs(NamedTuple):
     negative: list
     devices: tuple
     chunk: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """How :meth:`Pipeline.generate` samples (validated): seed (int or PRNG key), progress bars,
+    half skipping, devices, the conditioning hook, replacement conditional embeddings [B,L,D] and
+    whether to decode images."""
+
+    seed: object = 0
+    progress: bool = True
+    skip_halves: bool = True
+    devices: tuple = ()
+    conditioning: S.Conditioning | None = None
+    prompt_embeds: np.ndarray | None = None
+    decode: bool = True
 
 
 class Pipeline:
@@ -121,7 +147,9 @@ class Pipeline:
             return 1.0
         return float(self.components.configs["vae"].get("scaling_factor", 0.18215))
 
-    def _latent_hw(self, height: int | None, width: int | None) -> tuple[int, int]:
+    def latent_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(h, w) of the latents for an image of ``height`` x ``width`` pixels (default: the model's
+        size); ValueError when the size does not fit the VAE and UNet downsampling."""
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         f = self.vae_scale_factor
@@ -133,6 +161,10 @@ class Pipeline:
                     f"(VAE factor {f} x UNet downsampling {unet_f})"
                 )
         return height // f, width // f
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of one sample's latents."""
+        return (self.latent_channels, *self.latent_hw(height, width))
 
     # ------------------------------------------------------------------ text
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
@@ -171,20 +203,23 @@ class Pipeline:
         return np.asarray(self._decode(self.params.get("vae"), jnp.asarray(latents)))
 
     # ------------------------------------------------------------------ sampling
-    def _unet_fn(self, params, x, t, context):
+    def unet_fn(self, params, x, t, context):
+        """The model output [N,C,h,w] for ``params`` (``pipe.params["unet"]``), sample x [N,C,h,w],
+        timesteps t [N] and context [N,L,D] (the :data:`cfgbasin_jax.sampler.UnetFn` of this model)."""
         x = x.astype(self.components.dtype)
         return self.unet.apply({"params": params}, x, t, context.astype(self.components.dtype)).sample
 
-    def sampler(self, detector: str, progress: bool = False, skip_halves: bool = True, devices=None, cond_fn=None):
-        """The jitted, device-sharded :func:`cfgbasin_jax.sampler.sample_loop` (cached per static
-        configuration; jit itself caches per shape). With ``cond_fn`` (static, hashable) the function
-        takes a ninth argument, the per-sample ``cond_aux`` pytree."""
+    def sampler(self, progress: bool = False, skip_halves: bool = True, devices=None, cond_fn=None):
+        """The jitted, device-sharded :func:`cfgbasin_jax.sampler.sample_loop`
+        ``fn(params, scheduler, x0, cond, uncond, before, after, detector[, cond_aux])`` (cached per
+        static configuration; jit itself caches per shape and detector structure). With ``cond_fn``
+        (static, hashable) the function takes a ninth argument, the per-sample ``cond_aux`` pytree."""
         devices = parallel.resolve_devices(devices)
-        key = (detector, bool(progress), bool(skip_halves), devices) + (() if cond_fn is None else (cond_fn,))
+        key = (bool(progress), bool(skip_halves), devices) + (() if cond_fn is None else (cond_fn,))
         if key not in self._samplers:
             on_step = parallel.first_device_only(_progress_hook) if progress else None
             loop = functools.partial(
-                S.sample_loop, unet_fn=self._unet_fn, detector=detector, on_step=on_step, skip_halves=bool(skip_halves),
+                S.sample_loop, unet_fn=self.unet_fn, on_step=on_step, skip_halves=bool(skip_halves),
                 **({} if cond_fn is None else {"cond_fn": cond_fn}),
             )
             sharded = parallel.sharded_sample_loop(loop, parallel.data_mesh(devices), cond_aux=cond_fn is not None)
@@ -200,44 +235,28 @@ class Pipeline:
         return {k: int(sum(x.nbytes for x in jax.tree_util.tree_leaves(v))) for k, v in self.params.items()}
 
     def make_scheduler(self, name: str | None, num_inference_steps: int):
+        """The :class:`cfgbasin_jax.schedulers.Scheduler` ``name`` (None: the model's own) configured
+        from this model's scheduler config."""
         return schedulers.make_scheduler(name, self.scheduler_config, num_inference_steps)
 
-    def _replicated_unet_params(self, devices: tuple):
+    def replicated_unet_params(self, devices: tuple):
         """UNet params placed on every device of ``devices`` (cached: placed once per device set)."""
         source = self.params["unet"]
         if self._placed[0] != (devices, id(source)):
             self._placed = ((devices, id(source)), parallel.replicate(source, parallel.data_mesh(devices)), source)
         return self._placed[1]
 
-    def _run(self, sched, x0, cond, uncond, plan: G.Plan, detector: str, opts: dict, cond_aux=None) -> S.Trace:
-        devices = opts["devices"]
-        fn = self.sampler(detector, opts["progress"], opts["skip_halves"], devices, opts.get("cond_fn"))
-        mesh = parallel.data_mesh(devices)
-        aux = () if opts.get("cond_fn") is None else (cond_aux,)
-        data = parallel.shard_batch((x0, cond, uncond, plan.before, plan.after, plan.switch_index) + aux, mesh)
-        trace = jax.device_get(fn(self._replicated_unet_params(devices), parallel.replicate(sched, mesh), *data))
-        if opts["progress"]:
+    def _run_pass(self, sched, x0, cond, uncond, before, after, detector, opts: SamplingOptions, cond_aux) -> S.Trace:
+        """One sharded sampling pass; returns the trace on the host."""
+        hook = opts.conditioning
+        fn = self.sampler(opts.progress, opts.skip_halves, opts.devices, None if hook is None else hook.cond_fn)
+        mesh = parallel.data_mesh(opts.devices)
+        aux = () if hook is None else (cond_aux,)
+        data = parallel.shard_batch((x0, cond, uncond, before, after, detector) + aux, mesh)
+        trace = jax.device_get(fn(self.replicated_unet_params(opts.devices), parallel.replicate(sched, mesh), *data))
+        if opts.progress:
             jax.effects_barrier()
         return trace
-
-    def _sample_chunk(self, sched, x0, cond, uncond, plan: G.Plan, n_real: int, opts: dict, cond_aux=None):
-        """One padded chunk through the sampler (two passes for the exact latent-cosine rule).
-        Returns (trace, recorded latent_cosine [S,b] or None, UNet evaluations of the real samples)."""
-        evals, recorded = 0, None
-        per_device = x0.shape[0] // len(opts["devices"])
-        real = np.clip(n_real - per_device * np.arange(len(opts["devices"])), 0, per_device)
-        if plan.two_pass:
-            # Exact opposite-guidance DTP: pass 1 under `before` records c; pass 2 replays from the
-            # same noise with each sample's official transition index.
-            steps = plan.before.shape[1]
-            first = self._run(sched, x0, cond, uncond, plan._replace(switch_index=np.full_like(plan.switch_index, steps)), "fixed",
-                              opts, cond_aux)
-            evals += _count_unet_evals(first.branch, real)
-            recorded = np.asarray(first.latent_cosine)
-            index = [G.latent_cosine_transition_index(c) for c in recorded.T]
-            plan = plan._replace(switch_index=np.asarray(index, np.int32))
-        trace = self._run(sched, x0, cond, uncond, plan, plan.detector, opts, cond_aux)
-        return trace, recorded, evals + _count_unet_evals(trace.branch, real)
 
     def sampling_inputs(self, owner: str, prompts, num_inference_steps, latents, height, width, scheduler,
                         negative_prompt, sample_indices, batch_size, devices) -> SamplingInputs:
@@ -247,7 +266,7 @@ class Pipeline:
         if not prompts:
             raise ValueError(f"{owner}: the prompt list is empty")
         b = len(prompts)
-        h, w = self._latent_hw(height, width)
+        h, w = self.latent_hw(height, width)
         sched = self.make_scheduler(scheduler, num_inference_steps)
         sample_indices = np.arange(b) if sample_indices is None else np.asarray(sample_indices)
         if sample_indices.shape != (b,):
@@ -268,12 +287,22 @@ class Pipeline:
         chunk = parallel.padded_size(min(batch_size or b, b), len(devices))
         return SamplingInputs(prompts, sched, sample_indices, shape, latents, negative, devices, chunk)
 
+    def _check_prompt_embeds(self, prompt_embeds, b: int):
+        if prompt_embeds is None:
+            return None
+        prompt_embeds = np.asarray(prompt_embeds, np.float32)
+        hidden = int(self.components.configs["text_encoder"].get("hidden_size", 512))
+        expected = (b, self.tokenizer.model_max_length, hidden)
+        if prompt_embeds.shape != expected:
+            raise ValueError(f"generate: prompt_embeds have shape {prompt_embeds.shape}, expected {expected}")
+        return prompt_embeds
+
     def generate(
         self,
         prompts: str | Sequence[str],
         guidance: G.Guidance | Sequence[G.Guidance] = G.constant(7.5),
         num_inference_steps: int = 50,
-        seed: int = 0,
+        seed=0,
         latents=None,
         height: int | None = None,
         width: int | None = None,
@@ -286,11 +315,12 @@ class Pipeline:
         devices=None,
         batch_size: int | None = None,
         prompt_embeds=None,
-        cads=None,
+        conditioning: S.Conditioning | None = None,
     ) -> GenerationResult:
         """Sample B images with the compiled loop, data-parallel over ``devices``.
 
         guidance: one :class:`~cfgbasin_jax.guidance.Guidance` or one per prompt.
+        seed: an int or a PRNG key (``jax.random.key(0)``).
         latents: optional initial noise [B,C,h,w] BEFORE init_noise_sigma scaling (as diffusers'
           ``prepare_latents``); otherwise drawn per sample from (seed, sample_indices[i]).
         sample_indices: global indices of the prompts (default 0..B-1) for the per-sample noise, so
@@ -300,9 +330,9 @@ class Pipeline:
         devices: None (all local devices), a count, or a list; batch_size: samples per compiled call
           (default: all B), rounded up to a multiple of the device count; padding is dropped.
         prompt_embeds: optional conditional text embeddings [B,L,D] used instead of encoding
-          ``prompts`` (which still name the samples), e.g. from :func:`cfgbasin_jax.baselines.wen_optimize`.
-        cads: optional :class:`cfgbasin_jax.baselines.CADS` (condition-annealed noise on the
-          conditional embedding inside the compiled loop; keyed per (seed, sample index)).
+          ``prompts`` (which still name the samples), e.g. optimised ones.
+        conditioning: optional :class:`cfgbasin_jax.sampler.Conditioning` hook rewriting the
+          conditional embedding inside the compiled loop (e.g. :class:`cfgbasin_jax.baselines.CADS`).
         """
         inputs = self.sampling_inputs("generate", prompts, num_inference_steps, latents, height, width, scheduler,
                                       negative_prompt, sample_indices, batch_size, devices)
@@ -310,22 +340,16 @@ class Pipeline:
         b = len(prompts)
         timesteps = np.asarray(sched.timesteps)
         plan = G.plan(guidance, b, timesteps, sched.num_train_timesteps)
-        if prompt_embeds is not None:
-            prompt_embeds = np.asarray(prompt_embeds, np.float32)
-            hidden = int(self.components.configs["text_encoder"].get("hidden_size", 512))
-            expected = (b, self.tokenizer.model_max_length, hidden)
-            if prompt_embeds.shape != expected:
-                raise ValueError(f"generate: prompt_embeds have shape {prompt_embeds.shape}, expected {expected}")
-        if cads is not None and not (callable(getattr(cads, "cond_fn", None)) and hasattr(cads, "cond_aux")):
-            raise ValueError(f"generate: cads must be a cfgbasin_jax.baselines.CADS, got {cads!r}")
-        opts = dict(progress=bool(progress), skip_halves=bool(skip_halves), devices=devices,
-                    cond_fn=None if cads is None else cads.cond_fn, cads=cads, prompt_embeds=prompt_embeds, seed=seed)
+        if conditioning is not None and not isinstance(conditioning, S.Conditioning):
+            raise ValueError(f"generate: conditioning must be a cfgbasin_jax.sampler.Conditioning, got {conditioning!r}")
+        opts = SamplingOptions(seed=prng_key(seed), progress=bool(progress), skip_halves=bool(skip_halves),
+                               devices=devices, conditioning=conditioning,
+                               prompt_embeds=self._check_prompt_embeds(prompt_embeds, b), decode=bool(decode))
 
         starts = range(0, b, chunk)
-        passes = 2 if plan.two_pass else 1
-        with _progress_bar(progress, len(starts) * passes * len(timesteps)):
-            parts = [self._generate_chunk(sched, plan, prompts, negative, sample_indices, latents, seed, shape,
-                                          slice(i, min(i + chunk, b)), chunk, decode, opts) for i in starts]
+        with _progress_bar(progress, len(starts) * plan.detector.passes * len(timesteps)):
+            parts = [self._generate_chunk(sched, plan, prompts, negative, sample_indices, latents, shape,
+                                          slice(i, min(i + chunk, b)), chunk, opts) for i in starts]
         cat = lambda k: np.concatenate([p[k] for p in parts], axis=0)  # noqa: E731
         index = cat("transition_index")
         return GenerationResult(
@@ -341,38 +365,41 @@ class Pipeline:
             nonfinite=cat("nonfinite"),
             sample_indices=sample_indices,
             prompts=prompts,
+            transition_fallback=cat("transition_fallback"),
+            detector_state=jax.tree.map(lambda *xs: np.concatenate(xs), *[p["detector_state"] for p in parts]),
         )
 
-    def _generate_chunk(self, sched, plan, prompts, negative, sample_indices, latents, seed, shape, rows, size,
-                        decode, opts) -> dict:
-        """Sample prompts[rows] padded to ``size``; returns per-sample numpy outputs for the real rows."""
+    def _generate_chunk(self, sched, plan: G.Plan, prompts, negative, sample_indices, latents, shape, rows, size,
+                        opts: SamplingOptions) -> dict:
+        """Sample prompts[rows] padded to ``size`` (every pass the detector asks for); returns
+        per-sample numpy outputs for the real rows."""
         n = rows.stop - rows.start
         pad = lambda x: parallel.pad_rows(np.asarray(x)[rows], size)  # noqa: E731
-        if latents is None:
-            noise = initial_noise(seed, pad(sample_indices), shape)
-        else:
-            noise = jnp.asarray(pad(latents))
-        if opts.get("prompt_embeds") is None:
+        noise = initial_noise(opts.seed, pad(sample_indices), shape) if latents is None else jnp.asarray(pad(latents))
+        if opts.prompt_embeds is None:
             cond = self.encode_prompts(list(pad(np.asarray(prompts, dtype=object))))
         else:
-            cond = jnp.asarray(pad(opts["prompt_embeds"]))
+            cond = jnp.asarray(pad(opts.prompt_embeds))
         uncond = self.encode_prompts(list(pad(np.asarray(negative, dtype=object))))
-        aux = None if opts.get("cads") is None else opts["cads"].cond_aux(seed, pad(sample_indices))
-        chunk_plan = plan._replace(before=pad(plan.before), after=pad(plan.after), switch_index=pad(plan.switch_index))
-        trace, recorded, evals = self._sample_chunk(sched, noise * sched.init_noise_sigma, cond, uncond, chunk_plan, n, opts,
-                                                    aux)
-        cosine = recorded if recorded is not None else np.asarray(trace.latent_cosine)
-        if decode:  # the sampler's freed temporaries back to the OS before the decoder's come
+        aux = None if opts.conditioning is None else opts.conditioning.cond_aux(opts.seed, pad(sample_indices))
+        x0 = noise * sched.init_noise_sigma
+        before, after, detector = pad(plan.before), pad(plan.after), jax.tree.map(pad, plan.detector)
+        run = lambda det: self._run_pass(sched, x0, cond, uncond, before, after, det, opts, aux)  # noqa: E731
+        trace = S.combine_passes(S.run_passes(run, detector))
+        real = lambda x: np.asarray(x)[:n]  # noqa: E731
+        if opts.decode:  # the sampler's freed temporaries back to the OS before the decoder's come
             memory.release_freed(sum(self.param_bytes().values()))
         return dict(
-            images=self.decode(trace.latents)[:n] if decode else None,
-            latents=np.asarray(trace.latents)[:n],
-            noise_diff=np.asarray(trace.noise_diff).T[:n],
-            latent_cosine=cosine.T[:n],
-            guidance_scale=np.asarray(trace.scale).T[:n],
-            transition_index=np.asarray(trace.transition_index)[:n],
-            nonfinite=np.asarray(trace.nonfinite)[:n],
-            unet_evals=evals,
+            images=self.decode(trace.latents)[:n] if opts.decode else None,
+            latents=real(trace.latents),
+            noise_diff=real(trace.noise_diff),
+            latent_cosine=real(trace.latent_cosine),
+            guidance_scale=real(trace.scale),
+            transition_index=real(trace.transition_index),
+            transition_fallback=real(trace.transition_fallback),
+            nonfinite=real(trace.nonfinite),
+            unet_evals=int(np.sum(real(trace.unet_evals))),
+            detector_state=jax.tree.map(real, trace.detector_state),
         )
 
 

@@ -9,11 +9,21 @@
                                into metadata.jsonl by process 0 at the end, then removed)
     OUTDIR/run.log             the run log (run.p{k}.log per process in multi-process runs)
     OUTDIR/noise_diff.png      noise-difference traces (OUTDIR/Plots/{i}.png per image on request)
+    OUTDIR/.run.lock           held while a run works here (.run.p{k}.lock: process k > 0 of a
+                               multi-process run); removed at the end
+
+One run per OUTDIR at a time: :class:`RunLock` takes an OS-level lock (``fcntl.flock``) on
+``.run.lock``, so a second run, whatever its prompt range, is refused with the first one's pid, host
+and command line. Every run has a process 0, so two runs always meet on the same file. A lock left by
+a killed run is stale (the kernel dropped it) and is taken over. Runs on disjoint ranges are refused,
+not merged: use one multi-process run (``--num_processes``) to split the work.
 
 Resume: an image counts as done when a metadata record names it and its file exists. A record is
 appended only after its image has been renamed into place, and images are written to a temporary
 name first, so a killed run leaves no half-written image and at most one half-written metadata
-line (the last), which readers ignore and the next writer cuts off.
+line (the last), which every reader skips (:func:`read_metadata_file`, the one parser of this
+format) and the next writer cuts off. A write that fails (full disk, read-only mount) removes its
+temporary file and cuts its partial metadata line before the error is raised.
 
 A different configuration (``identity``) in an existing OUTDIR is refused, never mixed.
 """
@@ -29,6 +39,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from cfgbasin_jax import files as F
+
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.jsonl"
 IMAGES_DIR = "Images"
@@ -43,23 +55,13 @@ class RunError(ValueError):
 # ---------------------------------------------------------------------------------------- paths
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_outdir(outdir) -> Path:
     """Absolute OUTDIR after checking that it is (or can be created as) a writable folder; writes
     nothing."""
-    out = Path(outdir).absolute()
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--outdir {outdir}: exists and is not a directory")
-    anchor = _nearest_existing(out)
-    if not anchor.is_dir():
-        raise RunError(f"--outdir {outdir}: {anchor} is not a directory")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise RunError(f"--outdir {outdir}: {anchor} is not writable")
+    try:
+        out = F.check_writable_dir(outdir, "--outdir")
+    except F.FileError as err:
+        raise RunError(str(err)) from None
     images = out / IMAGES_DIR
     if images.exists() and (not images.is_dir() or not os.access(images, os.W_OK | os.X_OK)):
         raise RunError(f"--outdir {outdir}: {images} is not a writable directory")
@@ -153,13 +155,6 @@ def check_config(outdir, identity: Mapping) -> bool:
     return True
 
 
-def _atomic_write_bytes(path: Path, data: bytes, tag: str) -> None:
-    tmp = path.with_name(f".{path.name}{tag}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_config(outdir, identity: Mapping, run: Mapping, process_id: int = 0) -> None:
     """Write config.json (atomically) unless it exists."""
     path = Path(outdir) / CONFIG_FILE
@@ -167,7 +162,7 @@ def write_config(outdir, identity: Mapping, run: Mapping, process_id: int = 0) -
         return
     config = {"identity": _canonical(identity), "run": _canonical(run), "versions": versions(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _atomic_write_bytes(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), _temp_tag(process_id))
+    F.atomic_write_bytes(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), _temp_tag(process_id))
 
 
 def make_dirs(outdir, plots: bool = False) -> None:
@@ -186,8 +181,14 @@ def write_png(outdir, relpath: str, image: np.ndarray, process_id: int = 0) -> N
 
     path = Path(outdir) / relpath
     tmp = path.with_name(f".{path.name}{_temp_tag(process_id)}")
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise F.with_path(err, path) from None
+        raise
 
 
 def clean_temp_files(outdir, process_id: int = 0) -> int:
@@ -231,22 +232,54 @@ def _metadata_files(outdir) -> list[Path]:
     return ([main] if main.exists() else []) + shards
 
 
-def read_metadata_file(path) -> list[dict]:
-    """Records of one metadata file; a final line without newline (a killed writer's) is ignored."""
-    path = Path(path)
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
+def _check_record(rec, where: str, required) -> dict:
+    if not isinstance(rec, dict) or any(k not in rec for k in required):
+        raise RunError(f"{where}: a metadata record needs {', '.join(repr(k) for k in required)}")
+    if "index" in rec and (isinstance(rec["index"], bool) or not isinstance(rec["index"], int)):
+        raise RunError(f"{where}: 'index' must be an integer, got {rec['index']!r}")
+    if "prompt" in rec and rec["prompt"] is not None and not isinstance(rec["prompt"], str):
+        raise RunError(f"{where}: 'prompt' must be a string, got {rec['prompt']!r}")
+    if "file" in rec and not isinstance(rec["file"], str):
+        raise RunError(f"{where}: 'file' must be a string, got {rec['file']!r}")
+    return rec
+
+
+def parse_metadata(data: bytes, path, required=REQUIRED_KEYS) -> tuple[list[dict], int, bool]:
+    """Parse metadata.jsonl bytes. Returns (records, bytes to keep, whether a last line was skipped).
+
+    Every line must be a JSON object with the ``required`` keys (``index`` an integer), except the
+    last one when it lacks its newline: a killed writer leaves that, so it is kept when it is a
+    complete record and skipped otherwise. Any other bad line is a RunError naming file and line.
+    """
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the data ends with a newline
     records = []
-    for lineno, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RunError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(rec, dict) or any(k not in rec for k in REQUIRED_KEYS) or not isinstance(rec["index"], int):
-            raise RunError(f"{path}:{lineno}: a metadata record needs an integer 'index', 'prompt' and 'file'")
-        records.append(rec)
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+            raise RunError(f"{path}:{lineno}: not valid JSON ({reason})") from None
+        records.append(_check_record(rec, f"{path}:{lineno}", required))
+    keep = len(data) - len(tail)
+    if not tail.strip():
+        return records, len(data), False
+    try:
+        rec = _check_record(json.loads(tail.decode("utf-8")), f"{path}:{len(lines) + 1}", required)
+    except (UnicodeDecodeError, ValueError):  # a cut-off record (RunError is a ValueError too)
+        return records, keep, True
+    return records + [rec], len(data), False
+
+
+def read_metadata_file(path, required=REQUIRED_KEYS, on_skip=None) -> list[dict]:
+    """Records of one metadata file (see :func:`parse_metadata`). ``on_skip(message)`` is told when
+    a cut-off last line is skipped. Every reader of metadata.jsonl uses this."""
+    path = Path(path)
+    records, _, skipped = parse_metadata(path.read_bytes(), path, required)
+    if skipped and on_skip is not None:
+        on_skip(f"{path}: skipped a cut-off last line (left by a killed run)")
     return records
 
 
@@ -274,23 +307,42 @@ def check_prompts(done: Mapping[int, dict], prompts: Mapping[int, str] | list, w
 
 
 class MetadataWriter:
-    """Appends records (one JSON line each) to one metadata file; cuts off a half-written last
-    line left by a killed run before the first append."""
+    """Appends records (one JSON line each) to one metadata file. Before the first append it cuts
+    off a cut-off last line left by a killed run (a complete one only gets its newline). An append
+    that fails (full disk) is cut off again before the error is raised."""
 
     def __init__(self, outdir, name: str = METADATA_FILE):
         self.path = Path(outdir) / name
         if self.path.exists():
             data = self.path.read_bytes()
-            keep = data.rfind(b"\n") + 1
-            if keep != len(data):
+            _, keep, skipped = parse_metadata(data, self.path)
+            if skipped:
                 with open(self.path, "r+b") as f:
                     f.truncate(keep)
-        self._file = open(self.path, "a", encoding="utf-8")
+            elif data and not data.endswith(b"\n"):
+                with open(self.path, "ab") as f:
+                    f.write(b"\n")
+        self._file = open(self.path, "ab")
 
     def append(self, records: Iterable[dict]) -> None:
         lines = "".join(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n" for r in records)
-        self._file.write(lines)
-        self._file.flush()
+        start = self._file.tell()
+        try:
+            self._file.write(lines.encode("utf-8"))
+            self._file.flush()
+        except OSError as err:
+            self._cut(start)
+            raise F.with_path(err, self.path) from None
+
+    def _cut(self, size: int) -> None:
+        """Drop what a failed append wrote (buffered bytes included), keeping the file open."""
+        try:
+            self._file.close()  # flushing the rest fails again; the file is closed all the same
+        except OSError:
+            pass
+        with open(self.path, "r+b") as f:
+            f.truncate(size)
+        self._file = open(self.path, "ab")
 
     def close(self) -> None:
         self._file.close()
@@ -309,7 +361,75 @@ def merge_metadata(outdir, process_id: int = 0) -> list[dict]:
     records = completed(out, read_records(out))
     ordered = [records[i] for i in sorted(records)]
     lines = "".join(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n" for r in ordered)
-    _atomic_write_bytes(out / METADATA_FILE, lines.encode("utf-8"), _temp_tag(process_id))
+    F.atomic_write_bytes(out / METADATA_FILE, lines.encode("utf-8"), _temp_tag(process_id))
     for path in out.glob("metadata.p*.jsonl"):
         path.unlink(missing_ok=True)
     return ordered
+
+
+# -------------------------------------------------------------------------------------- the lock
+
+
+def lock_name(process_id: int = 0) -> str:
+    """Process 0 of every run locks ``.run.lock`` (so any two runs meet there); process k > 0 of a
+    multi-process run locks ``.run.p{k}.lock``."""
+    return ".run.lock" if process_id == 0 else f".run.p{process_id}.lock"
+
+
+class RunLock:
+    """One run per OUTDIR at a time (see the module docstring). Creates OUTDIR when needed;
+    :meth:`release` removes the lock file and an OUTDIR that this lock created and that is still
+    empty, so a run that fails before writing leaves nothing behind."""
+
+    def __init__(self, outdir, process_id: int = 0):
+        self.outdir = Path(outdir)
+        self.process_id = process_id
+        self.created = False
+        self._lock = F.LockFile(self.outdir / lock_name(process_id), "cfgbasin-generate run")
+
+    @property
+    def stale_owner(self) -> dict | None:
+        """The record of a killed run whose lock was taken over (None when there was none)."""
+        return self._lock.stale_owner
+
+    def acquire(self) -> "RunLock":
+        self._top = nearest_missing(self.outdir)
+        self.created = self._top is not None
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except F.FileError as err:
+            self._remove_created()
+            raise RunError(str(err)) from None
+        except BaseException:
+            self._remove_created()
+            raise
+        return self
+
+    def release(self) -> None:
+        self._lock.release()
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        """rmdir the folders acquire created, innermost first, while they are empty."""
+        if not self.created:
+            return
+        path = self.outdir
+        while True:
+            try:
+                path.rmdir()
+            except OSError:
+                return
+            if path == self._top:
+                return
+            path = path.parent
+
+
+def nearest_missing(path: Path) -> Path | None:
+    """The outermost ancestor of ``path`` (or ``path``) that does not exist yet; None if it exists."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path

@@ -656,11 +656,11 @@ def _pndm_step(sched: Scheduler, state, model_output, i, sample):
 # --------------------------------------------------------------------------- factory
 
 
-def make_scheduler(name: str | None, config: Mapping, num_inference_steps: int) -> Scheduler:
-    """Build the ``name`` scheduler (None: from ``config["_class_name"]``) for num_inference_steps.
+def scheduler_tables(name: str | None, config: Mapping, num_inference_steps: int) -> tuple:
+    """The host-side (numpy) half of :func:`make_scheduler`: validation and tables, no JAX backend.
 
-    config: a diffusers scheduler config dict (e.g. scheduler/scheduler_config.json).
-    Raises ValueError for unknown names, unsupported options or a bad step count.
+    Returns (name, resolved config, timesteps [S], init_noise_sigma, tables). Raises ValueError for
+    unknown names, unsupported options or a bad step count, exactly as make_scheduler does.
     """
     if name is None:
         name = scheduler_name_from_config(config)
@@ -678,9 +678,18 @@ def make_scheduler(name: str | None, config: Mapping, num_inference_steps: int) 
         raise ValueError(
             f"num_inference_steps={num_inference_steps!r} must be an int in [1, num_train_timesteps={num_train}]"
         )
-    num_inference_steps = int(num_inference_steps)
     alphas_cumprod = alphas_cumprod_from_betas(betas_from_config(cfg))
-    timesteps, init_noise_sigma, tables = _TABLE_BUILDERS[name](cfg, num_inference_steps, alphas_cumprod)
+    timesteps, init_noise_sigma, tables = _TABLE_BUILDERS[name](cfg, int(num_inference_steps), alphas_cumprod)
+    return name, cfg, np.asarray(timesteps), init_noise_sigma, tables
+
+
+def make_scheduler(name: str | None, config: Mapping, num_inference_steps: int) -> Scheduler:
+    """Build the ``name`` scheduler (None: from ``config["_class_name"]``) for num_inference_steps.
+
+    config: a diffusers scheduler config dict (e.g. scheduler/scheduler_config.json).
+    Raises ValueError for unknown names, unsupported options or a bad step count.
+    """
+    name, cfg, timesteps, init_noise_sigma, tables = scheduler_tables(name, config, num_inference_steps)
     timestep_dtype = jnp.float32 if name == "euler" else jnp.int32
     clip = cfg.get("clip_sample_range") if name == "ddim" and cfg.get("clip_sample") else None
     return Scheduler(
@@ -688,8 +697,8 @@ def make_scheduler(name: str | None, config: Mapping, num_inference_steps: int) 
         init_noise_sigma=jnp.asarray(init_noise_sigma, jnp.float32),
         tables={k: jnp.asarray(v, jnp.float32) for k, v in tables.items()},
         kind=name,
-        num_train_timesteps=num_train,
-        num_inference_steps=num_inference_steps,
+        num_train_timesteps=cfg["num_train_timesteps"],
+        num_inference_steps=int(num_inference_steps),
         prediction_type=cfg["prediction_type"],
         solver_order=cfg.get("solver_order", 1) if name == "dpm++2m" else 1,
         clip_sample_range=None if clip is None else float(clip),

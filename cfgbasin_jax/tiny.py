@@ -5,18 +5,16 @@ for CPU: UNet with one cross-attention and one plain block (channels 32, 64), a 
 (downsampling factor 2), a 2-layer 32-wide CLIP text encoder and the variant's scheduler config.
   sd1: epsilon prediction, int attention_head_dim, quick_gelu, SD 1.4's PNDM scheduler config;
   sd2: v_prediction (SD 2.1's DDIM config), per-block head counts, linear projections, gelu.
-`write_tiny_tokenizer(dir)` writes a small byte-level CLIP BPE vocabulary; `random_components`
+`write_tiny_tokenizer(dir)` writes a small byte-level CLIP BPE vocabulary (cfgbasin_jax.tokenizer); `random_components`
 returns randomly initialised `Components` (seeded, shapes from eval_shape, no torch).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import tempfile
 from functools import lru_cache
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +22,10 @@ import numpy as np
 
 from cfgbasin_jax.loading import COMPONENTS, Components
 from cfgbasin_jax.models import build_module, check_compatible, component_param_shapes, resolve_dtype
+from cfgbasin_jax.tokenizer import bpe_vocabulary, load_tokenizer, write_bpe_tokenizer
 
 VARIANTS = ("sd1", "sd2")
 MODEL_MAX_LENGTH = 77
-BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
 # Words whose BPE merges the tiny vocabulary contains (everything else falls back to bytes).
 _WORDS = (
@@ -65,75 +63,15 @@ SD2_SCHEDULER = {
 
 
 @lru_cache(maxsize=1)
-def _tiny_vocab() -> tuple:
-    """(vocab: token -> id, merges: list of 'a b' strings) of the tiny CLIP BPE tokenizer.
-
-    Layout as in CLIP: 256 byte-unicode chars, their `</w>` forms, merge results, then
-    <|startoftext|>, <|endoftext|>.
-    """
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars]
-    known = set(tokens)
-    merges = []
-    # Learn BPE merges on the word list (most frequent pair first, ties by name) until every word
-    # is one token; CLIP's rank-ordered merging then encodes these words as whole tokens.
-    words = [tuple(word[:-1]) + (word[-1] + "</w>",) for word in _WORDS]
-    while True:
-        counts: dict = {}
-        for word in words:
-            for pair in zip(word, word[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            break
-        best = min(counts, key=lambda pair: (-counts[pair], pair))
-        merges.append(f"{best[0]} {best[1]}")
-        if best[0] + best[1] not in known:
-            known.add(best[0] + best[1])
-            tokens.append(best[0] + best[1])
-        words = [_merge_pair(word, best) for word in words]
-    tokens += [BOS_TOKEN, EOS_TOKEN]
-    return {token: index for index, token in enumerate(tokens)}, merges
-
-
-def _merge_pair(word: tuple, pair: tuple) -> tuple:
-    merged, index = [], 0
-    while index < len(word):
-        if index + 1 < len(word) and (word[index], word[index + 1]) == pair:
-            merged.append(word[index] + word[index + 1])
-            index += 2
-        else:
-            merged.append(word[index])
-            index += 1
-    return tuple(merged)
-
-
 def tiny_vocab_size() -> int:
     """Number of tokens of the tiny tokenizer (= the tiny text encoder's vocab_size)."""
-    return len(_tiny_vocab()[0])
+    return len(bpe_vocabulary(_WORDS)[0])
 
 
 def write_tiny_tokenizer(directory) -> None:
-    """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json so that
-    `CLIPTokenizer.from_pretrained(directory)` works offline (model_max_length 77)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _tiny_vocab()
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": MODEL_MAX_LENGTH,
-        "do_lower_case": True,
-        "errors": "replace",
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": True,
-        **special,
-    }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    """Write the tiny CLIP BPE tokenizer (vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json; model_max_length 77) so that `load_tokenizer(directory)` works offline."""
+    write_bpe_tokenizer(directory, _WORDS, MODEL_MAX_LENGTH)
 
 
 def _check_variant(variant: str) -> None:
@@ -199,12 +137,10 @@ def tiny_configs(variant: str = "sd1") -> dict:
 
 
 def load_tiny_tokenizer():
-    """The tiny CLIPTokenizer, written to a temporary directory and loaded from there."""
-    from cfgbasin_jax.convert.sd_folder import load_tokenizer
-
+    """The tiny CLIP tokenizer, written to a temporary directory and loaded from there."""
     with tempfile.TemporaryDirectory(prefix="cfgbasin_tiny_tok_") as tmp:
         write_tiny_tokenizer(tmp)
-        return load_tokenizer(Path(tmp))
+        return load_tokenizer(tmp)
 
 
 def random_params(shapes, seed=0, dtype="float32") -> dict:

@@ -254,59 +254,12 @@ def write_folder(ds: ToyDataset, directory) -> Path:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _learn_merges(words: Sequence[str]) -> list[tuple[str, str]]:
-    """BPE merges (most frequent pair first, ties by name) until every word is one token."""
-    seqs = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in words]
-    merges = []
-    while True:
-        counts: dict = {}
-        for seq in seqs:
-            for pair in zip(seq, seq[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            return merges
-        best = min(counts, key=lambda p: (-counts[p], p))
-        merges.append(best)
-        merged = []
-        for seq in seqs:
-            out, i = [], 0
-            while i < len(seq):
-                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
-                    out.append(seq[i] + seq[i + 1])
-                    i += 2
-                else:
-                    out.append(seq[i])
-                    i += 1
-            merged.append(tuple(out))
-        seqs = merged
-
-
 def write_toy_tokenizer(directory, words: Sequence[str] = WORDS, model_max_length: int = MODEL_MAX_LENGTH) -> Path:
-    """A CLIPTokenizer folder (byte-level BPE like CLIP's) in which every toy word is one token;
-    other text falls back to bytes. Loads offline with ``CLIPTokenizer.from_pretrained``."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    """A CLIP tokenizer folder (byte-level BPE like CLIP's) in which every toy word is one token;
+    other text falls back to bytes. Loads offline with :func:`cfgbasin_jax.tokenizer.load_tokenizer`."""
+    from cfgbasin_jax.tokenizer import write_bpe_tokenizer
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars]
-    known = set(tokens)
-    merges = _learn_merges(sorted(set(words)))
-    for a, b in merges:
-        if a + b not in known:
-            known.add(a + b)
-            tokens.append(a + b)
-    bos, eos = "<|startoftext|>", "<|endoftext|>"
-    tokens += [bos, eos]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
-    special = {"bos_token": bos, "eos_token": eos, "unk_token": eos, "pad_token": eos}
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "do_lower_case": True,
-              "errors": "replace", "add_prefix_space": False, "clean_up_tokenization_spaces": True, **special}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
-    return directory
+    return write_bpe_tokenizer(directory, sorted(set(words)), model_max_length)
 
 
 def main(argv=None) -> int:

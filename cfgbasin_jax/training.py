@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -35,11 +36,12 @@ import numpy as np
 import optax
 
 from cfgbasin_jax import schedulers
-from cfgbasin_jax.loading import Components
-from cfgbasin_jax.models import build_text_encoder, build_unet, component_param_shapes, resolve_dtype
+from cfgbasin_jax.loading import (  # noqa: F401  (the pixel-model format lives in loading)
+    PIXEL_FORMAT, Components, is_pixel_model, load_pixel_components, pixel_components, save_pixel_model)
+from cfgbasin_jax.models import build_text_encoder, build_unet, component_param_shapes
+from cfgbasin_jax.tokenizer import load_tokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-PIXEL_FORMAT = "cfgbasin_jax.pixel_model"
 # Options that may change when a run is resumed (everything else must match the stored run).
 RESUME_FREE = ("max_train_steps", "checkpointing_steps", "eval_steps", "log_steps", "progress", "output_dir", "skip_bad_files")
 
@@ -88,6 +90,20 @@ class TrainConfig:
 
     def check(self) -> None:
         positive = ("max_train_steps", "train_batch_size", "checkpointing_steps", "log_steps", "repeats")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainingError(f"--{f.name} must be a finite number, got {value}")
+        if self.lr_warmup_steps < 0:
+            raise TrainingError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.resolution is not None and self.resolution < 1:
+            raise TrainingError(f"--resolution must be >= 1, got {self.resolution}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise TrainingError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_weight_decay < 0 or self.max_grad_norm <= 0:
+            raise TrainingError("--adam_weight_decay must be >= 0 and --max_grad_norm > 0, got "
+                                f"{self.adam_weight_decay} and {self.max_grad_norm}")
         if self.eval_steps < 0:
             raise TrainingError(f"--eval_steps must be >= 0 (0: no probe loss), got {self.eval_steps}")
         for name in positive:
@@ -279,28 +295,6 @@ def _toy_vocab_size() -> int:
         return len(json.loads((Path(tmp) / "vocab.json").read_text(encoding="utf-8")))
 
 
-def _load_tokenizer(directory):
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(str(directory), local_files_only=True)
-
-
-def pixel_components(configs: dict, params: dict, tokenizer, dtype="float32", source: str = "toy") -> Components:
-    """Components of a pixel-space model (``vae = None``) from configs {"unet", "text_encoder",
-    "scheduler"} and params {"unet", "text_encoder"}."""
-    dtype = resolve_dtype(dtype)
-    cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(np.asarray(x, np.float32).astype(dtype)), tree)  # noqa: E731
-    return Components(
-        unet=build_unet(configs["unet"], dtype),
-        vae=None,
-        text_encoder=build_text_encoder(configs["text_encoder"], dtype),
-        tokenizer=tokenizer,
-        params={"unet": cast(params["unet"]), "vae": None, "text_encoder": cast(params["text_encoder"])},
-        configs={"unet": dict(configs["unet"]), "vae": None, "text_encoder": dict(configs["text_encoder"])},
-        scheduler_config=dict(configs["scheduler"]),
-        dtype=dtype,
-        source=source,
-    )
 
 
 def init_toy_components(seed: int = 0, configs: dict | None = None, tokenizer_dir=None) -> Components:
@@ -318,77 +312,10 @@ def init_toy_components(seed: int = 0, configs: dict | None = None, tokenizer_di
     }
     if tokenizer_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = _load_tokenizer(toy.write_toy_tokenizer(tmp))
+            tokenizer = load_tokenizer(toy.write_toy_tokenizer(tmp))
     else:
-        tokenizer = _load_tokenizer(tokenizer_dir)
+        tokenizer = load_tokenizer(tokenizer_dir)
     return pixel_components(configs, params, tokenizer, source=f"init:toy:seed={seed}")
-
-
-def _flatten(tree, prefix="") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = np.asarray(v)
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        parts = key.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return tree
-
-
-def save_pixel_model(components: Components, dst, save_dtype: str = "float16", extra: dict | None = None) -> Path:
-    """Write a pixel-space model: model.json (format, configs), params.safetensors (``unet/...``,
-    ``text_encoder/...`` keys in ``save_dtype``), tokenizer/."""
-    from safetensors.numpy import save_file
-
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}[save_dtype]
-    flat = {}
-    for kind in ("unet", "text_encoder"):
-        for key, value in _flatten(components.params[kind]).items():
-            flat[f"{kind}/{key}"] = np.asarray(np.asarray(value, np.float32).astype(np_dtype))
-    save_file(flat, str(dst / "params.safetensors"))
-    meta = {
-        "format": PIXEL_FORMAT,
-        "format_version": 1,
-        "dtype": save_dtype,
-        "configs": {"unet": components.configs["unet"], "text_encoder": components.configs["text_encoder"], "scheduler": components.scheduler_config},
-        **(extra or {}),
-    }
-    (dst / "model.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    components.tokenizer.save_pretrained(str(dst / "tokenizer"))
-    return dst
-
-
-def is_pixel_model(path) -> bool:
-    return (Path(path) / "model.json").is_file() and (Path(path) / "params.safetensors").is_file()
-
-
-def load_pixel_components(path, dtype="float32") -> Components:
-    """Components (``vae = None``) from a folder written by :func:`save_pixel_model`."""
-    from safetensors.numpy import load_file
-
-    path = Path(path)
-    meta_path = path / "model.json"
-    if not meta_path.is_file():
-        raise TrainingError(f"{meta_path}: missing (not a pixel-space model folder)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != PIXEL_FORMAT:
-        raise TrainingError(f"{meta_path}: format {meta.get('format')!r} is not {PIXEL_FORMAT!r}")
-    flat = load_file(str(path / "params.safetensors"))
-    tree = _unflatten({k: v.astype(np.float32) for k, v in flat.items()})
-    return pixel_components(meta["configs"], tree, _load_tokenizer(path / "tokenizer"), dtype=dtype, source=str(path))
 
 
 def load_model(model: str, dtype="float32", seed: int = 0, toy_beta_schedule: str | None = None) -> Components:
@@ -554,11 +481,14 @@ def _split_params(components: Components, train_text_encoder: bool, alphas: np.n
 
 
 def _check_resume(output_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a run stored in ``output_dir`` with another configuration; reads only."""
     stored_path = output_dir / "train_config.json"
     if not stored_path.is_file():
-        stored_path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2), encoding="utf-8")
         return
-    stored = json.loads(stored_path.read_text(encoding="utf-8"))
+    try:
+        stored = json.loads(stored_path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise TrainingError(f"{stored_path}: not valid JSON ({err}); use another --output_dir") from None
     mine = cfg.identity()
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     diffs = [f"{k}: stored {stored.get(k, defaults.get(k))!r}, now {v!r}" for k, v in mine.items() if stored.get(k, defaults.get(k)) != v]
@@ -567,8 +497,13 @@ def _check_resume(output_dir: Path, cfg: TrainConfig) -> None:
             f"{output_dir}: refusing to resume a run with a different configuration ({'; '.join(diffs)}); "
             "use another --output_dir"
         )
-    stored["max_train_steps"] = cfg.max_train_steps
-    stored_path.write_text(json.dumps(stored, indent=2), encoding="utf-8")
+
+
+def _store_config(output_dir: Path, cfg: TrainConfig) -> None:
+    """Write train_config.json (the stored run's step count follows the latest --max_train_steps)."""
+    from cfgbasin_jax import files as F
+
+    F.atomic_write_text(output_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
 
 def _checkpoint_manager(output_dir: Path):
@@ -598,9 +533,13 @@ def train(cfg: TrainConfig, components: Components | None = None, log=print) -> 
     checkpoints/, model/}``."""
     import orbax.checkpoint as ocp
 
-    cfg.check()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from cfgbasin_jax import files as F
+
+    cfg.check()  # everything is checked before output_dir is written
+    try:
+        out = F.check_writable_dir(cfg.output_dir, "--output_dir")
+    except F.FileError as err:
+        raise TrainingError(str(err)) from None
     _check_resume(out, cfg)
     data = read_folder(cfg.data, cfg.resolution, cfg.skip_bad_files)
     if data.skipped:
@@ -609,6 +548,8 @@ def train(cfg: TrainConfig, components: Components | None = None, log=print) -> 
     n_dev = jax.local_device_count()
     if cfg.train_batch_size % n_dev:
         raise TrainingError(f"--train_batch_size {cfg.train_batch_size} must be a multiple of the {n_dev} local devices")
+    out.mkdir(parents=True, exist_ok=True)
+    _store_config(out, cfg)
     epoch, _ = epoch_indices(len(data.captions), cfg.end, cfg.repeats, cfg.non_mem_ratio)
     pixels = to_model_pixels(data.images)
     ids = tokenize(comps.tokenizer, data.captions)
@@ -804,20 +745,22 @@ def build_parser():
 def main(argv=None) -> int:
     import sys
 
+    from cfgbasin_jax import files as F
+    from cfgbasin_jax.convert.errors import ConversionError
+
     args = vars(build_parser().parse_args(argv))
     args["progress"] = not args.pop("no_progress")
     export_raw = args.pop("export_raw")
-    if args.pop("export_only"):
-        try:
-            print(f"exported {export_checkpoint(args['output_dir'], use_ema=not export_raw)}")
-        except TrainingError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        return 0
     try:
+        if args.pop("export_only"):
+            print(f"exported {export_checkpoint(args['output_dir'], use_ema=not export_raw)}")
+            return 0
         result = train(TrainConfig(**args))
-    except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (TrainingError, ConversionError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {F.describe(err)}", file=sys.stderr)
         return 2
     print(f"trained {result['steps']} steps, final loss {result['final_loss']:.4f}; model in {result['output']}")
     return 0

@@ -4,12 +4,17 @@
     cfgbasin-convert sscd FILE DST      (SSCD copy-detection weights; cfgbasin_jax.convert.sscd)
 
 Exit status 0 on success, 2 with a one-line message on bad input (missing folder or weight file,
-missing / unexpected / mis-shaped parameter, unsupported config key, unknown dtype).
+missing / unexpected / mis-shaped parameter, unsupported config key, unknown dtype, a destination
+that is, contains or lies inside the source, --overwrite of a folder we did not write) or on an I/O
+error (read-only or full file system, no permission; the message names the path). Interrupted
+(SIGINT 130, SIGTERM 143): the partial output is removed. Nothing is ever left at DST unless the
+conversion succeeded. A parameter holding NaN/Inf values is reported as a warning naming its key.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from cfgbasin_jax.convert.errors import ConversionError
@@ -65,17 +70,31 @@ def main(argv=None) -> int:
     if argv and argv[0] == SSCD_COMMAND:
         return _run_sscd(argv[1:])
     args = _parser().parse_args(argv)
-    from cfgbasin_jax.convert import convert
+    from cfgbasin_jax.loading import convert
     from cfgbasin_jax.models import resolve_dtype
 
     try:
         resolve_dtype(args.dtype)
     except ConversionError as err:
         return _fail(f"--dtype: {err}")
+    from cfgbasin_jax import files
+
+    def note(message: str) -> None:
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
     try:
-        dst = convert(args.src, args.dst, dtype=args.dtype, unet_path=args.unet_path, overwrite=args.overwrite)
+        with files.terminate_raises():
+            dst = convert(args.src, args.dst, dtype=args.dtype, unet_path=args.unet_path, overwrite=args.overwrite,
+                          log=note)
     except ConversionError as err:
         return _fail(str(err))
+    except OSError as err:
+        return _fail(files.describe(err))
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, files.Terminated)
+        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}; nothing written at {args.dst}",
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     print(f"wrote {dst} ({args.dtype})")
     return 0
 

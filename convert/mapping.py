@@ -4,13 +4,16 @@ For every Flax leaf path, e.g. ("down_blocks_0", "attentions_0", "transformer_bl
 "to_q", "kernel"), the PyTorch key is derived:
   - diffusers names list members `name_N` in Flax and `name.N` in PyTorch (for the ModuleList names
     in LIST_NAMES); transformers nests `layers/0`, which joins to `layers.0` as it is;
-  - the leaf `kernel` / `scale` / `embedding` is PyTorch's `weight`, `bias` is `bias`;
+  - the leaf `kernel` / `scale` / `embedding` is PyTorch's `weight`, `bias` is `bias`; a bare
+    parameter (CLIP's `class_embedding`, `logit_scale`) keeps its name;
   - Linear weights (out, in) are transposed to (in, out); conv weights OIHW become HWIO; a 1x1 conv
     weight (out, in, 1, 1) also fills a Dense kernel;
   - the VAE mid-block attention (Flax query/key/value/proj_attn) is read from either the old names or
     the current to_q/to_k/to_v/to_out.0 (`VAE_ATTENTION_ALIASES`).
 Keys of the state dict that no Flax leaf consumed are "unexpected", except known buffers
 (`IGNORED_BUFFERS`). Every error names the weight file and the PyTorch key.
+transformers 5.x saves a bare CLIPTextModel without the `text_model.` prefix of its (and every
+earlier) checkpoint: `with_prefix` puts it back.
 
 Everything is checked from the weight files' headers first (`plan_leaves`); the tensors are then
 read one at a time (`lazy_flax_params`: one LazyLeaf per Flax leaf, laid out and cast on reading).
@@ -35,7 +38,10 @@ LIST_NAMES = frozenset(
         "downsamplers", "upsamplers", "to_out", "net",
     }
 )
-LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+LEAF_NAMES = {
+    "kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
+    "class_embedding": "class_embedding", "logit_scale": "logit_scale",
+}
 VAE_ATTENTION_ALIASES = {
     "query": ("query", "to_q"),
     "key": ("key", "to_k"),
@@ -63,7 +69,7 @@ def torch_key_candidates(flax_path: tuple, aliases: Mapping[str, tuple] | None =
     if leaf not in LEAF_NAMES:
         raise ConversionError(f"Flax parameter {'/'.join(flax_path)}: unknown leaf name {leaf!r}")
     names = [torch_module_name(segment) for segment in modules]
-    last_options = (names[-1],)
+    last_options = (names[-1] if names else "",)  # a top-level leaf (CLIP's logit_scale) has no module
     if aliases and modules and modules[-1] in aliases:
         last_options = tuple(reversed(aliases[modules[-1]]))  # current naming first
     prefix = ".".join(names[:-1])
@@ -136,6 +142,16 @@ def to_flax_layout(array: np.ndarray, leaf: str, flax_shape: tuple) -> np.ndarra
     """PyTorch layout -> Flax layout for one leaf (a view); None when the shapes cannot match."""
     layout = layout_of(array.shape, leaf, flax_shape)
     return None if layout is None else apply_layout(array, layout)
+
+
+def with_prefix(state: StateDict, prefix: str) -> StateDict:
+    """`state` with `prefix` + "." before every key that lacks it, unless some parameter key (buffers
+    such as position_ids do not count) already starts with it."""
+    mark = prefix + "."
+    if any(key.startswith(mark) and not _is_ignored(key) for key in state.specs):
+        return state
+    specs = {key if key.startswith(mark) else mark + key: spec for key, spec in state.specs.items()}
+    return StateDict(specs=specs, source=state.source, readers=state.readers)
 
 
 def _flatten(tree: Mapping, prefix: tuple = ()) -> list:

@@ -4,7 +4,7 @@
     SRC/unet/config.json + weights
     SRC/vae/config.json + weights
     SRC/text_encoder/config.json + weights
-    SRC/tokenizer/vocab.json, merges.txt, ...
+    SRC/tokenizer/vocab.json, merges.txt (or tokenizer.json), ...
     SRC/scheduler/scheduler_config.json
 """
 
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from cfgbasin_jax.convert.errors import ConversionError
-from cfgbasin_jax.convert.mapping import VAE_ATTENTION_ALIASES, lazy_flax_params, state_dict_to_flax
+from cfgbasin_jax.convert.mapping import VAE_ATTENTION_ALIASES, lazy_flax_params, state_dict_to_flax, with_prefix
 from cfgbasin_jax.convert.weights import read_component_state_dict
 
 MODEL_FOLDERS = ("unet", "vae", "text_encoder")
@@ -64,28 +64,31 @@ def read_scheduler_config(folder: Path) -> dict:
 
 
 def load_tokenizer(folder: Path):
-    """CLIPTokenizer from local files only."""
-    from transformers import CLIPTokenizer
+    """The CLIP tokenizer of a tokenizer/ folder, local files only (:mod:`cfgbasin_jax.tokenizer`)."""
+    from cfgbasin_jax import tokenizer
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConversionError(f"missing folder {folder}")
     try:
-        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
-        raise ConversionError(f"{folder}: cannot load a CLIPTokenizer ({err})") from err
+        return tokenizer.load_tokenizer(folder)
+    except tokenizer.TokenizerError as err:
+        raise ConversionError(str(err)) from err
+
+
+def _component_state(folder: Path, kind: str):
+    """`folder`'s state dict (opened lazily) with the key prefix the mapping expects."""
+    state = read_component_state_dict(Path(folder), kind)
+    return with_prefix(state, "text_model") if kind == "text_encoder" else state
+
+
+def _aliases(kind: str):
+    return VAE_ATTENTION_ALIASES if kind == "vae" else None
 
 
 def convert_weights(folder: Path, kind: str, target_shapes) -> dict:
     """Read `folder`'s PyTorch weights and map them onto the Flax tree `target_shapes` (float32 numpy)."""
-    state = read_component_state_dict(Path(folder), kind)
-    aliases = VAE_ATTENTION_ALIASES if kind == "vae" else None
-    return state_dict_to_flax(state, target_shapes, aliases=aliases)
+    return state_dict_to_flax(_component_state(folder, kind), target_shapes, aliases=_aliases(kind))
 
 
 def lazy_weights(folder: Path, kind: str, target_shapes, dtype) -> dict:
     """`folder`'s PyTorch weights as the Flax tree `target_shapes` of LazyLeaf in `dtype`: every key,
     shape and dtype is checked now, from the file headers; each tensor is read when its leaf is."""
-    state = read_component_state_dict(Path(folder), kind)
-    aliases = VAE_ATTENTION_ALIASES if kind == "vae" else None
-    return lazy_flax_params(state, target_shapes, dtype, aliases=aliases)
+    return lazy_flax_params(_component_state(folder, kind), target_shapes, dtype, aliases=_aliases(kind))

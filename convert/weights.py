@@ -5,7 +5,8 @@ Looked for in this order (first found wins): `<stem>.safetensors`, `<stem>.safet
 (sharded), `<stem>.bin`, `<stem>.bin.index.json`, then a single `*.safetensors` or `*.bin` file of any
 name (e.g. a `.fp16.` variant). Safetensors headers are parsed here and each tensor is read with
 one positioned read into an aligned buffer. `.bin` files are opened with
-torch.load(weights_only=True, mmap=True); torch is imported only there.
+torch.load(weights_only=True, mmap=True); torch is imported only there (without it: one
+ConversionError naming the file).
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ SAFETENSORS_DTYPES = {
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """shape, numpy dtype (None if numpy has none), the file holding the tensor and where."""
+    """shape, numpy dtype (None if numpy has none), the file holding the tensor, where, and its key
+    in that file (`name`: a StateDict may rename its keys, see mapping.with_prefix)."""
 
     shape: tuple
     dtype: np.dtype | None
     file: Path
     offset: int
+    name: str
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,15 @@ class StateDict:
 
     specs: dict
     source: Path
-    readers: dict  # file -> callable(key) -> array
+    readers: dict  # file -> callable(TensorSpec) -> array
 
     @property
     def files(self) -> dict:
         return {key: spec.file for key, spec in self.specs.items()}
 
     def read(self, key: str) -> np.ndarray:
-        return self.readers[self.specs[key].file](key)
+        spec = self.specs[key]
+        return self.readers[spec.file](spec)
 
 
 def find_weight_file(folder: Path, stems) -> Path:
@@ -155,10 +159,9 @@ def _open_safetensors(path: Path) -> tuple[dict, Callable]:
     for key, entry in header.items():
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         specs[key] = TensorSpec(tuple(entry["shape"]), None if dtype is None else np.dtype(dtype), path,
-                                start + entry["data_offsets"][0])
+                                start + entry["data_offsets"][0], key)
 
-    def read(key: str) -> np.ndarray:
-        spec = specs[key]
+    def read(spec: TensorSpec) -> np.ndarray:
         return read_file(path, spec.shape, spec.dtype, spec.offset)
 
     return specs, read
@@ -168,7 +171,13 @@ def _open_safetensors(path: Path) -> tuple[dict, Callable]:
 
 
 def _open_torch_bin(path: Path) -> tuple[dict, Callable]:
-    import torch
+    try:
+        import torch
+    except ImportError as err:
+        raise ConversionError(
+            f"{path}: pickled PyTorch weights (.bin) need torch, which cannot be imported ({err}); install it "
+            "(pip install 'cfgbasin_jax[torch]') or use a folder with .safetensors weights"
+        ) from err
 
     try:
         try:
@@ -185,10 +194,10 @@ def _open_torch_bin(path: Path) -> tuple[dict, Callable]:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        specs[key] = TensorSpec(tuple(value.shape), _torch_numpy_dtype(value.dtype), path, 0)
+        specs[key] = TensorSpec(tuple(value.shape), _torch_numpy_dtype(value.dtype), path, 0, key)
 
-    def read(key: str) -> np.ndarray:
-        value = state[key].detach().cpu()
+    def read(spec: TensorSpec) -> np.ndarray:
+        value = state[spec.name].detach().cpu()
         if value.dtype == torch.bfloat16:
             source = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         else:

@@ -1,7 +1,7 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 (see test_parallel.py).
 
-Generates the same 12 prompts for a grid of (device count, batch size) and saves all images,
-transition indices and UNet-evaluation counts to an .npz file.
+Generates the same 12 prompts for a grid of (device count, batch size), and 5 prompts (padded) on 2
+and 4 devices, and saves all images, transition indices and UNet-evaluation counts to an .npz file.
 """
 
 import sys
@@ -29,6 +29,11 @@ def main(model: str, out: str) -> None:
             results[key + "_images"] = r.images
             results[key + "_index"] = r.transition_index
             results[key + "_evals"] = np.asarray(r.unet_evals)
+    # 5 prompts: padded to 6 on 2 devices (3 each: the (2, 5) shape above) and to 8 on 4 devices
+    for n_dev in (2, 4):
+        r = pipe.generate(PROMPTS[:5], G.static_transition(500, 0.0, 7.5), num_inference_steps=5, seed=3,
+                          scheduler="ddim", progress=False, devices=n_dev, decode=False)
+        results[f"pad5_{n_dev}_evals"] = np.asarray(r.unet_evals)
     try:
         pipe.generate(PROMPTS[:1], num_inference_steps=5, progress=False, devices=8)
         results["too_many_devices_error"] = np.asarray("")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from reference import rel_err
+from reference import pt_guided_loop, pt_scheduler, rel_err
 
 from cfgbasin_jax import baselines as B
 from cfgbasin_jax import guidance as G
@@ -114,9 +114,9 @@ def test_cads_noise_per_sample_is_independent_of_batch_size():
             assert not np.allclose(full[0], full[1])
         other_step = np.asarray(fn(jnp.asarray(y), 901, 1, cads.cond_aux(7, [0, 1, 2])))
         assert not np.allclose(other_step, np.asarray(fn(jnp.asarray(y), 901, 0, cads.cond_aux(7, [0, 1, 2]))))
-    draws = np.asarray(B._cads_noise(B.cads_keys(0, range(64)), 0, (77, 8), "uniform"))
+    draws = np.asarray(B.cads_noise(B.cads_keys(0, range(64)), 0, (77, 8), "uniform"))
     assert draws.min() >= 0 and draws.max() < 1 and abs(draws.mean() - 0.5) < 0.01
-    gauss = np.asarray(B._cads_noise(B.cads_keys(0, range(64)), 0, (77, 8), "gaussian"))
+    gauss = np.asarray(B.cads_noise(B.cads_keys(0, range(64)), 0, (77, 8), "gaussian"))
     assert abs(gauss.mean()) < 0.02 and abs(gauss.std() - 1) < 0.02
     # a different stream from the sample's initial noise
     assert not np.allclose(np.asarray(initial_noise(0, [3], (77, 8)))[0], gauss[3])
@@ -126,25 +126,65 @@ def test_cads_noise_per_sample_is_independent_of_batch_size():
 
 
 def test_cads_in_the_sampler(pipe_sd1, plain):
-    off = _generate(pipe_sd1, cads=B.CADS(s=0.0))
+    off = _generate(pipe_sd1, conditioning=B.CADS(s=0.0))
     np.testing.assert_array_equal(off.latents, plain.latents)
     assert off.unet_evals == plain.unet_evals == 2 * 3 * STEPS
-    on = _generate(pipe_sd1, cads=B.CADS())
+    on = _generate(pipe_sd1, conditioning=B.CADS())
     assert rel_err(on.latents, plain.latents) > 1e-2
     # the first steps (t = 901, 801 > tau2) see a noised condition, the last ones (t <= tau1) the clean one
     assert not np.allclose(on.noise_diff[:, 0], plain.noise_diff[:, 0], rtol=1e-3)
     assert on.unet_evals == plain.unet_evals
     # sweeping tau1, tau2, s, psi never recompiles
     before = pipe_sd1.compile_count()
-    swept = [_generate(pipe_sd1, cads=B.CADS(tau1=a, tau2=b, s=s, psi=p))
+    swept = [_generate(pipe_sd1, conditioning=B.CADS(tau1=a, tau2=b, s=s, psi=p))
              for a, b, s, p in [(300, 900, 0.25, 0.5), (0, 1000, 0.05, 1.0)]]
     assert pipe_sd1.compile_count() == before
     assert not np.allclose(swept[0].latents, on.latents) and not np.allclose(swept[1].latents, swept[0].latents)
     # a sample's CADS noise depends on (seed, its index), not on the batch: batch 1 == batch 3
-    single = _generate(pipe_sd1, [PROMPTS[2]], sample_indices=[2], cads=B.CADS())
+    single = _generate(pipe_sd1, [PROMPTS[2]], sample_indices=[2], conditioning=B.CADS())
     assert rel_err(single.latents[0], on.latents[2]) < 1e-4
-    chunked = _generate(pipe_sd1, batch_size=1, cads=B.CADS())
+    chunked = _generate(pipe_sd1, batch_size=1, conditioning=B.CADS())
     assert rel_err(chunked.latents, on.latents) < 1e-4
+
+
+def test_cads_noises_only_the_conditional_embedding(tiny_sd1, pipe_sd1):
+    """The sampler with CADS against the official loop in PyTorch in which only the conditional
+    embedding is noised (per step, with the library's CADS update) and the unconditional one stays."""
+    cads = B.CADS(s=0.5)
+    ours = _generate(pipe_sd1, conditioning=cads)
+    h = pipe_sd1.default_size // pipe_sd1.vae_scale_factor
+    noise = np.asarray(initial_noise(RUN["seed"], [0, 1, 2], (pipe_sd1.latent_channels, h, h)))
+    cond = pipe_sd1.encode_prompts(PROMPTS)
+    uncond = torch.as_tensor(np.array(pipe_sd1.encode_prompts([""] * 3)))
+    aux = cads.cond_aux(RUN["seed"], [0, 1, 2])
+    fn = jax.jit(cads.cond_fn)
+    noised = lambda j, t: torch.as_tensor(np.array(fn(cond, t, j, aux)))  # noqa: E731
+
+    def loop(uncond_at):
+        sched = pt_scheduler("ddim", tiny_sd1.scheduler_config)
+        with torch.no_grad():
+            return pt_guided_loop(_Both(tiny_sd1.unet, uncond_at), sched, noise, torch.as_tensor(np.asarray(cond)),
+                                  uncond, STEPS, lambda j, t, d: 7.5, cond_at=noised)[0]
+
+    assert rel_err(ours.latents, loop(None)) < 1e-3
+    # the comparison can tell: noising the unconditional embedding as well gives another result
+    assert rel_err(ours.latents, loop(noised)) > 1e-2
+
+
+class _Both(torch.nn.Module):
+    """The UNet of pt_guided_loop's batch [uncond; cond], with the uncond half's embedding
+    replaced by ``uncond_at(j, t)`` at step j when given (a deliberately wrong CADS)."""
+
+    def __init__(self, unet, uncond_at):
+        super().__init__()
+        self.unet, self.uncond_at, self.step = unet, uncond_at, 0
+
+    def forward(self, x, t, encoder_hidden_states):
+        if self.uncond_at is not None:
+            b = x.shape[0] // 2
+            encoder_hidden_states = torch.cat([self.uncond_at(self.step, int(t))[:b], encoder_hidden_states[b:]])
+        self.step += 1
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
 
 
 def test_prompt_embeds_replace_the_encoded_prompts(pipe_sd1, plain):
@@ -170,6 +210,15 @@ def test_wen_lowers_the_targeted_norm(pipe_sd1, plain, wen_free):
     # position 0 gets no gradient, only AdamW's decoupled weight decay (as torch's AdamW does)
     np.testing.assert_allclose(wen_free.prompt_embeds[:, 0], original[:, 0] * (1 - LR * 0.01) ** ITERS, rtol=1e-6)
     assert np.all(np.abs(wen_free.prompt_embeds[:, 1:] - original[:, 1:]).max(axis=(1, 2)) > 0.1)
+
+
+def test_wen_loss_is_the_samplers_first_step_under_euler(pipe_sd1):
+    """Under Euler, scale_model_input divides the input by sqrt(sigma^2 + 1) (under DDIM it is the
+    identity): Wen et al.'s loss must see the same scaled input as the sampler's first step."""
+    run = {**RUN, "scheduler": "euler"}
+    plain = pipe_sd1.generate(PROMPTS[:2], G.constant(7.5), progress=False, decode=False, **run)
+    wen = B.wen_optimize(pipe_sd1, PROMPTS[:2], lr=LR, iterations=0, **run)
+    np.testing.assert_allclose(wen.loss_initial, plain.noise_diff[:, 0], rtol=1e-4)
 
 
 def test_wen_stops_each_sample_at_its_target(pipe_sd1, wen_free):
@@ -232,8 +281,10 @@ def test_wen_matches_torch_adamw_restatement(tiny_sd1, pipe_sd1, wen_free):
         np.testing.assert_allclose(wen_free.loss_final[i], losses[-1], rtol=1e-3)
         diff = np.abs(emb[0] - wen_free.prompt_embeds[i])
         # the embeddings move by ~0.2; Adam normalises each coordinate's gradient, so a coordinate
-        # whose gradient is ~0 can step differently: allow a few small outliers
-        assert np.mean(diff > 1e-3) < 1e-3 and diff.max() < 5e-3, (i, diff.max(), np.mean(diff > 1e-3))
+        # whose gradient is ~0 can step differently: allow a few small outliers. With diffusers 0.42's
+        # PyTorch UNet as the oracle the largest outlier is 7.3e-3 (5e-3 held on diffusers 0.39; the
+        # same 7.9e-3 appears when both sides start from PyTorch's own text embeddings)
+        assert np.mean(diff > 1e-3) < 1e-3 and diff.max() < 1e-2, (i, diff.max(), np.mean(diff > 1e-3))
 
 
 def test_wen_generate_samples_from_the_optimised_embeddings(pipe_sd1, plain, wen_free):
@@ -265,7 +316,7 @@ def test_wen_generate_samples_from_the_optimised_embeddings(pipe_sd1, plain, wen
         (lambda p: B.wen_optimize(p, ["x"], target_loss=float("nan")), "target_loss"),
         (lambda p: B.wen_optimize(p, ["x"], height=17), "height"),
         (lambda p: _generate(p, ["x"], prompt_embeds=np.zeros((1, 5, 32), np.float32)), "prompt_embeds"),
-        (lambda p: _generate(p, ["x"], cads={"s": 0.1}), "cads"),
+        (lambda p: _generate(p, ["x"], conditioning={"s": 0.1}), "conditioning"),
     ],
 )
 def test_bad_input_fails_before_compiling(pipe_sd1, call, match):

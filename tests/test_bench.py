@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import __main__ as cli  # noqa: E402
-from bench import harness, report  # noqa: E402
+from bench import diffusers_flax, harness, report  # noqa: E402
 from bench import models as M  # noqa: E402
 from bench import runners as R  # noqa: E402
 
@@ -53,12 +53,16 @@ def bench_models(tiny_sd1, pipe_sd1):
 
 @pytest.fixture(scope="module")
 def stp_table(bench_models):
-    return harness.table(bench_models, ["stp"], batch=2, steps=STEPS, loop_images=1, repeats=1,
-                         runners=("ours", "torch_loop"), sweep=False, log=lambda *a: None)
+    """The STP table of ours and (b); the (d) anchor is requested as on a stack without diffusers' Flax."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(diffusers_flax, "available", lambda: False)
+        return harness.table(bench_models, ["stp"], batch=2, steps=STEPS, loop_images=1, repeats=1,
+                             runners=("ours", "torch_loop", "flax_pipe"), sweep=False, log=lambda *a: None)
 
 
 def test_table_rows_agree_with_the_official_loop(stp_table):
     rows = stp_table["methods"]["stp"]
+    assert set(rows) == {"ours", "torch_loop"} and stp_table["skipped"] == {"flax_pipe": diffusers_flax.SKIP_NOTE}
     ours, loop = rows["ours"], rows["torch_loop"]
     assert ours["n_images"] == 2 and loop["n_images"] == 1
     assert ours["unet_evals_per_image"] == 5 + 2 * 5  # the cond-free half only above t=500
@@ -70,7 +74,7 @@ def test_table_rows_agree_with_the_official_loop(stp_table):
 
 
 def test_no_host_round_trips_in_the_compiled_loop(bench_models, stp_table):
-    args = harness._sampler_args(bench_models.pipe, 2, STEPS, bench_models.size.latent)  # the table's shapes
+    args = harness.sampler_args(bench_models.pipe, 2, STEPS, bench_models.size.latent)  # the table's shapes
     assert harness.host_callbacks_in_loop(bench_models.pipe, args) == 0
 
 
@@ -97,8 +101,13 @@ def _synthetic_result(stp_table) -> dict:
 
 def test_report_markdown_and_json(stp_table, tmp_path):
     result = _synthetic_result(stp_table)
+    result["table"]["tiny"] = {**stp_table, "methods": {"cfg": stp_table["methods"]["stp"], **stp_table["methods"]}}
+    result["percall"]["pinned_1_thread"]["skipped"] = {"diffusers_flax": diffusers_flax.SKIP_NOTE}
     md_path, json_path = report.write(result, tmp_path / "results")
     text = md_path.read_text()
+    # the skipped (d) anchor: one row under constant CFG (the only method it expresses), a per-call note
+    assert text.count(f"| (d) diffusers Flax | - | {diffusers_flax.SKIP_NOTE} |") == 1
+    assert f"diffusers Flax columns: {diffusers_flax.SKIP_NOTE}" in text
     assert "test cpu, 2 cores" in text and "pinned" in text
     assert "| STP (0 above t=500, then 7.5) | (a) ours | 2 |" in text
     assert "per-call ratio ours/PyTorch, pinned 1 thread: tiny 0.90x" in text
@@ -116,7 +125,7 @@ def test_accelerator_run_on_cpu_with_the_tiny_config(tmp_path):
     from bench import accelerator
 
     out = tmp_path / "accelerator.md"
-    assert accelerator.main(["--config", "tiny", "--steps", "3", "--batches", "1", "--methods", "constant,dtp",
+    assert accelerator.main(["--config", "tiny", "--steps", "3", "--batches", "1", "--methods", "cfg,dtp",
                              "--out", str(out)]) == 0
     text = out.read_text()
     assert "JAX backend cpu" in text and "attention: chunked" in text
@@ -127,3 +136,14 @@ def test_accelerator_run_on_cpu_with_the_tiny_config(tmp_path):
     assert [(r[0], r[1]) for r in rows] == [("| CFG 7.5", "1"), ("| DTP (1.0, then 7.5)", "1")]
     for row in rows:
         assert float(row[2]) > 0 and float(row[3]) > 0 and row[5] == "6"  # 3 steps x 2 halves
+
+
+def test_import_time_targets_and_probe():
+    from bench import import_time
+
+    assert import_time.parse_target("before=/py@/src") == ("before", "/py", "/src")
+    assert import_time.parse_target("now=/py") == ("now", "/py", None)
+    with pytest.raises(SystemExit, match="LABEL=PYTHON"):
+        import_time.parse_target("/py")
+    (row,) = import_time.measure([("json", "import json", sys.executable, None)], runs=1)
+    assert row["imports"] == [] and row["median_s"] > 0 and row["runs"] == 1

@@ -17,7 +17,8 @@ import pytest
 
 import cfgbasin_jax
 from cfgbasin_jax import checkpoint, compile_cache
-from cfgbasin_jax.convert import ConversionError, convert, weights
+from cfgbasin_jax.convert import ConversionError, weights
+from cfgbasin_jax.loading import convert
 from cfgbasin_jax.loading import COMPONENTS, load_components
 
 PROMPT = ["a photo of a cat"]

@@ -1,10 +1,10 @@
 """Dynamic transition points inside the compiled loop, against the official rules and a Python loop."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import causal_og_index, official_dtp_index, official_og_index, rel_err
+from reference import (FlaxBackend, causal_og_index, official_dtp_index, official_og_index, official_pass,
+                       official_trajectory, rel_err)
 
 from cfgbasin_jax import guidance as G
 
@@ -19,41 +19,24 @@ def _noise(pipe, b, seed=11):
 
 
 class PythonLoop:
-    """The official scripts' structure on our Flax model: one sample, host decision each step."""
+    """The official scripts' structure on our Flax model (the shared reference loop): one sample,
+    host decision each step."""
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self.unet = jax.jit(pipe._unet_fn)
-        self.scale_in = jax.jit(lambda sched, st, x, j: sched.scale_model_input(st, x, j))
-        self.step = jax.jit(lambda sched, st, eps, j, x: sched.step(st, eps, j, x))
+        self.backend = FlaxBackend(pipe, SCHED)
 
     def run(self, prompt, noise, before, after, rule, switch_at=None):
         """rule: "noise_diff" (decide on host from d), or "fixed" with ``switch_at``.
         Returns (latents [1,...], d [S], c [S], index)."""
-        pipe = self.pipe
-        sched = pipe.make_scheduler(SCHED, STEPS)
-        cond = pipe.encode_prompts([prompt])
-        uncond = pipe.encode_prompts([""])
-        x = jnp.asarray(noise[None]) * sched.init_noise_sigma
-        state = sched.init_state(x)
-        prev2, prev1, index = -1.0, -1.0, switch_at
-        ds, cs = [], []
-        for j, t in enumerate(np.asarray(sched.timesteps)):
-            x_in = self.scale_in(sched, state, x, j)
-            eps = self.unet(pipe.params["unet"], jnp.concatenate([x_in, x_in]), jnp.full((2,), t),
-                            jnp.concatenate([uncond, cond]))
-            eu, ec = np.asarray(eps[:1], np.float32), np.asarray(eps[1:], np.float32)
-            d = float(np.linalg.norm((ec - eu).ravel()))
-            if rule == "noise_diff" and index is None and d > prev1 and prev2 > prev1:
-                index = j
-            prev2, prev1 = prev1, d
-            s = after if index is not None and j >= index else before
-            x_new, state = self.step(sched, state, jnp.asarray(eu + s * (ec - eu)), j, x)
-            a, b = np.asarray(x_new).ravel().astype(np.float64), np.asarray(x).ravel().astype(np.float64)
-            cs.append(1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-            ds.append(d)
-            x = x_new
-        return np.asarray(x), np.asarray(ds), np.asarray(cs), (-1 if index is None else index)
+        ctx = self.pipe.encode_prompts(["", prompt])
+        x0 = jnp.asarray(noise[None]) * self.pipe.make_scheduler(SCHED, STEPS).init_noise_sigma
+        if rule == "noise_diff":
+            x, _, d, c, index = official_trajectory(self.backend, ctx, x0, STEPS, "noise_diff", before, after)
+        else:
+            x, d, c, _, _ = official_pass(self.backend, ctx, x0, STEPS, lambda j, t, d: after if j >= switch_at else before)
+            index = switch_at
+        return np.asarray(x), d[:, 0], c[:, 0], (-1 if index is None else index)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +95,8 @@ def test_latent_cosine_exact_matches_official_rule_and_python_loop(og_exact, loo
     noise, res = og_exact
     want = [official_og_index(c) for c in res.latent_cosine]
     assert res.transition_index.tolist() == want
+    no_minimum = [not any(c[k] < c[k - 1] and c[k] < c[k + 1] for k in range(1, STEPS - 1)) for c in res.latent_cosine]
+    assert res.transition_fallback.tolist() == no_minimum  # index 5 from the fallback, not a detection
     assert res.unet_evals == 2 * (2 * len(PROMPTS) * STEPS)  # record pass + replay pass
     for b, prompt in enumerate(PROMPTS[:2]):
         _, _, c, _ = loop.run(prompt, noise[b], -7.5, 7.5, "fixed", switch_at=STEPS)

@@ -1,4 +1,5 @@
-"""Guidance schedules and transition detectors against the official rules restated in plain Python."""
+"""Guidance schedules and plans against the official rules restated in plain Python (the transition
+detectors themselves: test_detectors.py)."""
 
 import math
 
@@ -7,110 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cfgbasin_jax import detectors as D
 from cfgbasin_jax import guidance as G
-
-from reference import causal_og_index, official_dtp_index, official_og_index
-
-# ---------------------------------------------------------------- the state machines, run in a scan
-
-
-@jax.jit
-def _run_noise_diff(d):  # d [S, B] -> index [B]
-    state = G.detector_init(-jnp.ones(d.shape[1], jnp.int32), jnp.full(d.shape[1], 2**30, jnp.int32))
-
-    def body(st, xs):
-        j, dj = xs
-        return G.noise_diff_update(st, dj, j), None
-
-    state, _ = jax.lax.scan(body, state, (jnp.arange(d.shape[0]), d))
-    return state.index
-
-
-@jax.jit
-def _run_latent_cosine(c, fallback):  # c [S, B], fallback [B] -> index [B]
-    state = G.detector_init(-jnp.ones(c.shape[1], jnp.int32), fallback)
-
-    def body(st, xs):
-        j, cj = xs
-        return G.latent_cosine_update(st, cj, j), None
-
-    state, _ = jax.lax.scan(body, state, (jnp.arange(c.shape[0]), c))
-    steps = c.shape[0]
-    return jnp.where(state.index < steps, state.index, -1)
-
-
-HAND_MADE = {
-    "monotone_down": [9, 8, 7, 6, 5, 4, 3, 2, 1, 0.5],
-    "monotone_up": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
-    "min_at_1": [5, 1, 4, 3, 2, 3, 4, 5, 6, 7],
-    "min_at_0": [1, 5, 6, 7, 8, 9, 10, 11, 12, 13],
-    "plateau_then_rise": [5, 4, 3, 3, 4, 5, 6, 7, 8, 9],
-    "flat_bottom_plateau": [5, 4, 4, 4, 3, 4, 5, 6, 7, 8],
-    "several_minima": [9, 7, 5, 6, 4, 5, 3, 8, 9, 9],
-    "min_at_end": [9, 8, 7, 6, 5, 4, 3, 2, 1, 2],
-    "all_equal": [3] * 10,
-}
-
-
-@pytest.mark.parametrize("name", sorted(HAND_MADE))
-def test_noise_diff_rule_hand_made(name):
-    d = np.asarray(HAND_MADE[name], np.float32)
-    got = int(_run_noise_diff(jnp.asarray(d)[:, None])[0])
-    want = official_dtp_index(d)
-    assert got == (-1 if want is None else want)
-
-
-def test_noise_diff_branches_hit():
-    """The hand-made set covers: none, a transition at 2 (minimum at 1), plateau (no strict min
-    at the plateau), several minima (first wins), a minimum at the last-but-one step."""
-    idx = {k: official_dtp_index(np.asarray(v, float)) for k, v in HAND_MADE.items()}
-    assert idx["monotone_down"] is None and idx["monotone_up"] is None and idx["all_equal"] is None
-    assert idx["min_at_1"] == 2
-    assert idx["plateau_then_rise"] is None  # 3 == 3 is no strict minimum, and 4 > 3 == 3 is neither
-    assert idx["flat_bottom_plateau"] == 5
-    assert idx["several_minima"] == 3
-    assert idx["min_at_end"] == 9
-
-
-@pytest.mark.parametrize("name", sorted(HAND_MADE))
-def test_latent_cosine_rules_hand_made(name):
-    c = np.asarray(HAND_MADE[name], np.float32)
-    assert G.latent_cosine_transition_index(c) == official_og_index(c)
-    for fallback in (None, 0, 3, 5, 9, 10):
-        f = jnp.asarray([2**30 if fallback is None else fallback], jnp.int32)
-        got = int(_run_latent_cosine(jnp.asarray(c)[:, None], f)[0])
-        want = causal_og_index(c, fallback)
-        assert got == (-1 if want is None else want), fallback
-
-
-def test_latent_cosine_official_branches():
-    assert official_og_index([5, 1, 4, 3, 2, 3]) == 4  # min at 1 and a second: the second
-    assert official_og_index([5, 1, 4, 5, 6, 7]) == 1  # min at 1 only
-    assert official_og_index([1, 2, 3, 4, 5, 6, 7]) == 5  # none: fallback 5
-    assert official_og_index([9, 8, 7, 5, 6, 4, 8]) == 3  # first of several
-
-
-def test_detectors_random_batches_match_official():
-    rng = np.random.default_rng(0)
-    # coarse values make plateaus and ties common
-    d = rng.integers(0, 6, size=(25, 64)).astype(np.float32)
-    got = np.asarray(_run_noise_diff(jnp.asarray(d)))
-    want = [official_dtp_index(d[:, b]) for b in range(d.shape[1])]
-    assert got.tolist() == [-1 if w is None else w for w in want]
-    fallback = rng.integers(0, 30, size=d.shape[1]).astype(np.int32)
-    got_c = np.asarray(_run_latent_cosine(jnp.asarray(d), jnp.asarray(fallback)))
-    want_c = [causal_og_index(d[:, b], int(fallback[b])) for b in range(d.shape[1])]
-    assert got_c.tolist() == [-1 if w is None else w for w in want_c]
-    assert [G.latent_cosine_transition_index(d[:, b]) for b in range(d.shape[1])] == [
-        official_og_index(d[:, b]) for b in range(d.shape[1])
-    ]
-
-
-def test_nan_signal_never_transitions():
-    d = np.array([5, 4, np.nan, 5, 6, 7], np.float32)
-    assert official_dtp_index(d) is None
-    assert int(_run_noise_diff(jnp.asarray(d)[:, None])[0]) == -1
-
 
 # ---------------------------------------------------------------- schedules
 
@@ -143,29 +42,66 @@ def test_cfg_shapes_match_formula(shape):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_static_transition_rule():
-    g = G.static_transition(500, 0.0, 7.5)
-    before, after, switch = G.plan_one(g, SD_TIMESTEPS, 1000)
-    applied = np.where(np.arange(len(SD_TIMESTEPS)) >= switch, after, before)
-    want = [0.0 if t > 500 else 7.5 for t in SD_TIMESTEPS]
-    np.testing.assert_array_equal(applied, want)
-    # OG + STP, shaped after
-    g = G.static_transition(650, -2.0, 7.5, shape_after="linear")
-    before, after, switch = G.plan_one(g, SD_TIMESTEPS, 1000)
-    applied = np.where(np.arange(len(SD_TIMESTEPS)) >= switch, after, before)
-    want = [-2.0 if t > 650 else official_shape("linear", 7.5, t) for t in SD_TIMESTEPS]
-    np.testing.assert_allclose(applied, want, rtol=1e-6)
+def _applied(p: G.Plan) -> np.ndarray:
+    """[B,S] scale of a fixed-switch plan: after from the switch step on."""
+    steps = np.arange(p.before.shape[1])
+    return np.where(steps[None] >= np.asarray(p.detector.index)[:, None], p.after, p.before)
+
+
+def _first_below(t):  # plain restatement: the first step whose timestep is <= t
+    return next((j for j, ts in enumerate(SD_TIMESTEPS) if ts <= t), len(SD_TIMESTEPS))
+
+
+@pytest.mark.parametrize("t", [981, 501, 1, 500, 0, 999])
+def test_static_transition_rule(t):
+    """before while the step's timestep > t, after from the step whose timestep is <= t. t = 981,
+    501 and 1 are on the grid (there `<` and `<=` differ), 500 between two steps, 0 and 999 outside."""
+    assert (t in SD_TIMESTEPS) == (t in (981, 501, 1))
+    p = G.plan(G.static_transition(t, 0.0, 7.5), 1, SD_TIMESTEPS)
+    np.testing.assert_array_equal(_applied(p)[0], [0.0 if ts > t else 7.5 for ts in SD_TIMESTEPS])
+
+
+def test_og_static_transition_with_shaped_after():
+    t = 641  # on the grid
+    assert t in SD_TIMESTEPS
+    p = G.plan(G.static_transition(t, -2.0, 7.5, shape_after="linear"), 1, SD_TIMESTEPS)
+    want = [-2.0 if ts > t else official_shape("linear", 7.5, ts) for ts in SD_TIMESTEPS]
+    np.testing.assert_allclose(_applied(p)[0], want, rtol=1e-6)
 
 
 def test_plan_stacks_per_sample_and_rejects_mixed():
     gs = [G.static_transition(t, 0.0, 7.5) for t in (300, 500, 700)]
     p = G.plan(gs, 3, SD_TIMESTEPS)
-    assert p.before.shape == (3, 50) and p.detector == "fixed"
-    assert list(p.switch_index) == [G._static_switch_index(SD_TIMESTEPS, t) for t in (300, 500, 700)]
+    assert p.before.shape == (3, 50) and isinstance(p.detector, D.FixedSwitch)
+    assert p.detector.index.tolist() == [_first_below(t) for t in (300, 500, 700)]
     with pytest.raises(ValueError, match="mix"):
         G.plan([G.constant(7.5), G.dynamic_transition()], 2, SD_TIMESTEPS)
     with pytest.raises(ValueError, match="2 schedules for 3"):
         G.plan(gs[:2], 3, SD_TIMESTEPS)
+
+
+def test_builders_take_arrays_and_tracers():
+    """One value per sample from an array; jnp scalars; the whole plan traced inside jit."""
+    p = G.plan(G.constant(np.array([1.0, 3.0, 7.5])), 3, SD_TIMESTEPS)
+    np.testing.assert_array_equal(p.before[:, 0], [1.0, 3.0, 7.5])
+    p = G.plan(G.static_transition(jnp.int32(500), jnp.float32(0.0), 7.5), 2, SD_TIMESTEPS)
+    assert np.asarray(p.detector.index).tolist() == [_first_below(500)] * 2
+    p = G.plan(G.static_transition(np.array([300, 700]), 0.0, 7.5), 2, SD_TIMESTEPS)
+    assert np.asarray(p.detector.index).tolist() == [_first_below(300), _first_below(700)]
+
+    @jax.jit
+    def traced(t, s):
+        p = G.plan(G.static_transition(t, s, 7.5), 2, SD_TIMESTEPS)
+        return p.before, p.detector.index
+
+    before, index = traced(jnp.int32(650), jnp.float32(-2.0))
+    assert np.all(np.asarray(before) == -2.0) and np.asarray(index).tolist() == [_first_below(650)] * 2
+    assert int(G.timestep_to_index(jnp.asarray(SD_TIMESTEPS), jnp.int32(0))) == len(SD_TIMESTEPS)  # never
+    assert np.asarray(G.timestep_to_index(SD_TIMESTEPS, np.array([981, 980]))).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="2 per-sample values"):
+        G.plan(G.constant(np.array([1.0, 2.0])), 3, SD_TIMESTEPS)
+    with pytest.raises(ValueError, match="integer"):
+        G.static_transition(jnp.float32(500.0), 0.0, 7.5)
 
 
 @pytest.mark.parametrize(
@@ -192,10 +128,14 @@ def test_bad_guidance_is_rejected(make, match):
 
 def test_causal_fallback_defaults_to_the_official_index():
     g = G.dynamic_transition(-7.5, 7.5, signal="latent_cosine", mode="causal")
-    assert g.fallback == G.LATENT_COSINE_FALLBACK_INDEX and g.detector == "latent_cosine"
-    assert G.plan(g, 2, SD_TIMESTEPS).switch_index.tolist() == [5, 5]
+    det = G.plan(g, 2, SD_TIMESTEPS).detector
+    assert g.fallback == G.LATENT_COSINE_FALLBACK_INDEX and isinstance(det, D.LatentCosineMinimum)
+    assert det.fallback.tolist() == [5, 5]
     never = G.dynamic_transition(-7.5, 7.5, signal="latent_cosine", mode="causal", fallback=None)
-    assert G.plan(never, 1, SD_TIMESTEPS).switch_index.tolist() == [50]
+    assert G.plan(never, 1, SD_TIMESTEPS).detector.fallback.tolist() == [50]
     exact = G.dynamic_transition(-7.5, 7.5, signal="latent_cosine")
-    assert exact.fallback is None and exact.two_pass and exact.detector == "fixed"
-    assert G.dynamic_transition().detector == "noise_diff"
+    det = G.plan(exact, 1, SD_TIMESTEPS).detector
+    assert exact.fallback is None and isinstance(det, D.TwoPass) and det.passes == 2
+    assert isinstance(G.plan(G.dynamic_transition(), 1, SD_TIMESTEPS).detector, D.NoiseDiffMinimum)
+    with pytest.raises(ValueError, match="precision"):
+        G.dynamic_transition(signal="latent_cosine", precision="float128")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -465,13 +466,118 @@ def test_clip_preprocessing_matches_clip_image_processor(tiny_clip):
 # ============================================================================ CLIP
 
 
+def _features(out) -> torch.Tensor:
+    """get_*_features' result: a tensor (transformers 4.x) or an output whose pooler_output holds it (5.x)."""
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+@torch.no_grad()
+def torch_clip_features(model, tokenizer, processor, images, prompts) -> tuple:
+    """PyTorch CLIPModel's projected (not normalised) image and text features, float32 numpy."""
+    px = processor(images=images, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
+    tok = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    image = _features(model.get_image_features(pixel_values=px))
+    text = _features(model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
+    return image.numpy(), text.numpy()
+
+
 def torch_clip_cos(model, tokenizer, processor, images, prompts) -> np.ndarray:
+    features = torch_clip_features(model, tokenizer, processor, images, prompts)
+    a, b = (F.normalize(torch.from_numpy(f), dim=-1) for f in features)
+    return (a * b).sum(-1).numpy()
+
+
+def test_clip_model_matches_pytorch(tiny_clip):
+    """Our CLIPModel's projected features against PyTorch CLIPModel.get_image/text_features.
+    Measured (max abs err / max |PyTorch|, float32, transformers 5.24): image 3.0e-7, text 3.3e-7. Bound 1e-4."""
+    import jax.numpy as jnp
+
+    from cfgbasin_jax.clip import CLIPModel
+
+    model, tokenizer, processor, pt_dir, _ = tiny_clip
+    rng = np.random.default_rng(4)
+    images = [blob_image(rng, 40 + 7 * k, 50) for k in range(3)]
+    ref_image, ref_text = torch_clip_features(model, tokenizer, processor, images, PROMPTS)
+    scorer = C.load_clip(pt_dir)
+    pixels = np.stack([I.clip_pixels(im, scorer.recipe) for im in images])
+    ids, mask = C.tokenize(scorer, PROMPTS)
+    variables = {"params": scorer.params}
+    image = scorer.model.apply(variables, jnp.asarray(pixels), method=CLIPModel.image_features)
+    text = scorer.model.apply(variables, jnp.asarray(ids), jnp.asarray(mask), method=CLIPModel.text_features)
+    errors = {name: float(np.max(np.abs(np.asarray(ours) - ref)) / np.max(np.abs(ref)))
+              for name, ours, ref in (("image", image, ref_image), ("text", text, ref_text))}
+    assert max(errors.values()) <= 1e-4, errors
+    logits, _, _ = scorer.model.apply(variables, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask))
     with torch.no_grad():
         px = processor(images=images, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
-        tok = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        a = F.normalize(model.get_image_features(pixel_values=px), dim=-1)
-        b = F.normalize(model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]), dim=-1)
-    return (a * b).sum(-1).numpy()
+        tok = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        ref = model(input_ids=tok["input_ids"], pixel_values=px, attention_mask=tok["attention_mask"])
+    np.testing.assert_allclose(np.asarray(logits), ref.logits_per_image.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_clip_param_tree_is_transformers_flax_layout(tiny_clip):
+    """FlaxCLIPModel's tree, restated: its flax_model.msgpack files load unchanged."""
+    cfg = tiny_clip[0].config
+    t, v, p = cfg.text_config, cfg.vision_config, cfg.projection_dim
+
+    def tower(width, inner, layers):
+        dense = lambda n_in, n_out: {"kernel": (n_in, n_out), "bias": (n_out,)}  # noqa: E731
+        norm = {"scale": (width,), "bias": (width,)}
+        layer = {"self_attn": {name: dense(width, width) for name in ("q_proj", "k_proj", "v_proj", "out_proj")},
+                 "layer_norm1": norm, "mlp": {"fc1": dense(width, inner), "fc2": dense(inner, width)},
+                 "layer_norm2": norm}
+        return {"layers": {str(i): layer for i in range(layers)}}, norm
+
+    text_encoder, text_norm = tower(t.hidden_size, t.intermediate_size, t.num_hidden_layers)
+    vision_encoder, vision_norm = tower(v.hidden_size, v.intermediate_size, v.num_hidden_layers)
+    patches = (v.image_size // v.patch_size) ** 2
+    expected = {
+        "text_model": {
+            "embeddings": {"token_embedding": {"embedding": (t.vocab_size, t.hidden_size)},
+                           "position_embedding": {"embedding": (t.max_position_embeddings, t.hidden_size)}},
+            "encoder": text_encoder, "final_layer_norm": text_norm},
+        "vision_model": {
+            "embeddings": {"class_embedding": (v.hidden_size,),
+                           "patch_embedding": {"kernel": (v.patch_size, v.patch_size, 3, v.hidden_size)},
+                           "position_embedding": {"embedding": (patches + 1, v.hidden_size)}},
+            "pre_layrnorm": vision_norm, "encoder": vision_encoder, "post_layernorm": vision_norm},
+        "visual_projection": {"kernel": (v.hidden_size, p)},
+        "text_projection": {"kernel": (t.hidden_size, p)},
+        "logit_scale": (),
+    }
+    model, params = C.read_model(tiny_clip[4])  # the converted Flax folder
+    shapes = lambda tree: {k: shapes(x) if isinstance(x, dict) else tuple(x.shape) for k, x in tree.items()}  # noqa: E731
+    assert shapes(params) == shapes(C.param_shapes(model)) == expected
+
+
+def test_clip_config_reads_what_transformers_reads():
+    """Legacy text_config_dict / vision_config_dict and missing keys resolve as in transformers."""
+    from transformers import CLIPConfig
+
+    from cfgbasin_jax.clip import clip_config
+
+    raw = {
+        "projection_dim": 16,
+        "text_config": CLIPConfig().text_config.to_dict() | {"hidden_size": 48, "eos_token_id": 2},
+        "text_config_dict": {"hidden_size": 32, "num_attention_heads": 4},
+        "vision_config": {"hidden_size": 24, "num_attention_heads": 4, "image_size": 30, "patch_size": 6},
+        "vision_config_dict": {"hidden_act": "gelu"},
+    }
+    ours, ref = clip_config(raw), CLIPConfig.from_dict(raw)
+    for tower, ref_tower in ((ours.text, ref.text_config), (ours.vision, ref.vision_config)):
+        for field in type(tower).__dataclass_fields__:
+            assert getattr(tower, field) == getattr(ref_tower, field), field
+    assert ours.projection_dim == ref.projection_dim and ours.logit_scale_init_value == ref.logit_scale_init_value
+
+
+def test_bad_clip_config_names_the_key(tiny_clip, tmp_path):
+    folder = tmp_path / "bad"
+    shutil.copytree(tiny_clip[4], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["hidden_act"] = "swiglu"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(C.ClipWeightsError, match="vision_config config key 'hidden_act' = 'swiglu'"):
+        C.load_clip(str(folder))
 
 
 def test_clip_score_parity_with_pytorch(tiny_clip, tmp_path):
@@ -490,7 +596,8 @@ def test_clip_score_parity_with_pytorch(tiny_clip, tmp_path):
     np.testing.assert_allclose(C.text_embeddings(direct, PROMPTS), C.text_embeddings(scorer, PROMPTS), atol=1e-6)
     from cfgbasin_jax.tiny import write_tiny_tokenizer
 
-    model.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
+    model.config.save_pretrained(str(tmp_path / "bin"))  # transformers 5 writes only safetensors: pickle by hand
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     write_tiny_tokenizer(tmp_path / "bin")
     assert os.path.isfile(tmp_path / "bin" / "pytorch_model.bin")
     from_bin = C.load_clip(str(tmp_path / "bin"))
@@ -668,3 +775,37 @@ def test_evaluate_script_entry_point(tmp_path):
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2 and "--sscd" in proc.stderr
+
+
+def test_evaluate_refuses_bad_flags_before_computing_and_writes_atomically(tmp_path, eval_folders, tiny_sscd, capsys,
+                                                                         monkeypatch):
+    """Issue 15: `--threshold nan` reported 0.0% copies; an unwritable --out failed only after every
+    metric was computed (no row printed); eval.json was written in place, not atomically."""
+    from cfgbasin_jax import evaluate as E
+
+    gen, train = eval_folders
+    args = ["--gen", gen, "--train", train, "--sscd", tiny_sscd[2]]
+    real = E.sscd_similarity
+    monkeypatch.setattr(E, "sscd_similarity", lambda *a, **k: pytest.fail("computed a metric"))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    cases = [
+        (["--threshold", "nan"], "--threshold must be a number in [-1, 1]"),
+        (["--threshold", "2"], "--threshold must be a number in [-1, 1]"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--out", str(not_a_dir / "eval.json")], f"--out {not_a_dir / 'eval.json'}: {not_a_dir} exists and is not"),
+        (["--out", str(tmp_path)], "is a directory"),
+    ]
+    for extra, message in cases:
+        assert evaluate_main(args + extra) == 2, extra
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.strip().splitlines() == [f"error: {out.err.strip()[7:]}"] and message in out.err
+    monkeypatch.setattr(E, "sscd_similarity", real)
+
+    report = tmp_path / "eval.json"
+    report.write_text("old")
+    inode = report.stat().st_ino
+    assert evaluate_main(args + ["--out", str(report)]) == 0
+    assert json.loads(report.read_text())["n_generated"] == 4
+    assert report.stat().st_ino != inode  # a new file renamed over the old one, not rewritten in place
+    assert sorted(os.listdir(tmp_path)) == ["eval.json", "file"]  # no temporary file left

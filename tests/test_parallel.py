@@ -48,8 +48,12 @@ def test_same_image_across_devices_and_batch_sizes(sharded_runs, method):
 
 def test_unet_evals_count_only_real_samples(sharded_runs):
     # STP at 5 DDIM steps (timesteps 801, 601, 401, 201, 1): 2 steps unconditional only, 3 with both
-    for n_dev, bs in GRID:
-        assert int(sharded_runs[f"stp_{n_dev}_{bs}_evals"]) == 12 * (2 * 1 + 3 * 2)
+    per_sample = 2 * 1 + 3 * 2
+    for n_dev, bs in GRID:  # chunks of 12, 6 (batch 5 on 2 devices), 4, 12, 12: no padding row
+        assert int(sharded_runs[f"stp_{n_dev}_{bs}_evals"]) == 12 * per_sample
+    # 5 prompts in one call: 1 padding row on 2 devices, 3 on 4 devices; neither is counted
+    for n_dev in (2, 4):
+        assert int(sharded_runs[f"pad5_{n_dev}_evals"]) == 5 * per_sample, n_dev
 
 
 def test_too_many_devices_is_a_clear_error(sharded_runs):

@@ -1,186 +1,56 @@
-"""The compiled sampler against PyTorch diffusers on tiny random SD models built in the test."""
+"""The sampler on a stub UNet (tests/stub.py): half skipping and its accounting, the [B,S] trace
+layout, validation of the functional API, the sweep helper, and gradients against finite
+differences (scales at 0, 1 and 7.5, text embeddings, initial noise) with default arguments."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from reference import pt_embed, pt_guided_loop, pt_scheduler, rel_err
+import stub
+from reference import rel_err
 
+from cfgbasin_jax import detectors as D
 from cfgbasin_jax import guidance as G
 from cfgbasin_jax import sampler as S
-from cfgbasin_jax.pipeline import initial_noise
 
-PROMPTS = ["a red circle on the left", "two blue squares"]
-STEPS = 10
-
-
-def _noise(pipe, b, seed=1):
-    h = pipe.default_size // pipe.vae_scale_factor
-    return np.random.default_rng(seed).standard_normal((b, pipe.latent_channels, h, h)).astype(np.float32)
+STEPS = 8
+B = 2
 
 
-@torch.no_grad()
-def _pt_pipeline_latents(tiny, scheduler_name, noise, guidance_scale, output_type="latent"):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
-        scheduler=pt_scheduler(scheduler_name, tiny.scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    size = noise.shape[-1] * pipe.vae_scale_factor
-    out = pipe(PROMPTS, height=size, width=size, num_inference_steps=STEPS, guidance_scale=guidance_scale,
-               latents=torch.as_tensor(noise), output_type=output_type)
-    return out.images
+@pytest.fixture(scope="module")
+def batch():
+    return stub.params(), *stub.inputs(B, STEPS)
 
 
-@pytest.mark.parametrize("scheduler", ["dpm++2m", "ddim", "euler", "pndm"])
-@pytest.mark.parametrize("variant", ["sd1", "sd2"])
-def test_constant_cfg_matches_diffusers_pipeline(variant, scheduler, request):
-    tiny = request.getfixturevalue(f"tiny_{variant}")
-    pipe = request.getfixturevalue(f"pipe_{variant}")
-    noise = _noise(pipe, len(PROMPTS))
-    ours = pipe.generate(PROMPTS, G.constant(7.5), num_inference_steps=STEPS, latents=noise,
-                         scheduler=scheduler, progress=False, decode=False)
-    ref = _pt_pipeline_latents(tiny, scheduler, noise, 7.5).numpy()
-    assert ours.latents.shape == ref.shape
-    assert rel_err(ours.latents, ref) < 1e-3
-    assert np.all(ours.guidance_scale == 7.5) and np.all(ours.transition_index == -1)
-    assert ours.unet_evals == 2 * len(PROMPTS) * len(ours.timesteps)
-    assert np.all(np.isfinite(ours.noise_diff))
+def _loop(batch, before, after, detector=None, **kw):
+    params, sched, x0, cond, uncond = batch
+    return S.sample_loop(params, sched, x0, cond, uncond, before, after, detector, unet_fn=stub.unet, **kw)
 
 
-def test_decoded_images_match_diffusers(tiny_sd1, pipe_sd1):
-    noise = _noise(pipe_sd1, len(PROMPTS))
-    ours = pipe_sd1.generate(PROMPTS, G.constant(7.5), num_inference_steps=STEPS, latents=noise,
-                             scheduler="ddim", progress=False)
-    ref = _pt_pipeline_latents(tiny_sd1, "ddim", noise, 7.5, output_type="np")
-    ref_u8 = np.round(np.asarray(ref) * 255).astype(np.int16)
-    assert ours.images.dtype == np.uint8 and ours.images.shape == ref_u8.shape
-    assert np.max(np.abs(ours.images.astype(np.int16) - ref_u8)) <= 1
+def _full(value):
+    return jnp.full((B, STEPS), value, jnp.float32)
 
 
-@pytest.mark.parametrize(
-    "g, rule",
-    [
-        (G.static_transition(500, 0.0, 7.5), lambda t: 0.0 if t > 500 else 7.5),
-        (G.static_transition(650, -2.0, 7.5), lambda t: -2.0 if t > 650 else 7.5),
-        (G.static_transition(500, 1.0, 5.0, shape_after="cosine"),
-         lambda t: 1.0 if t > 500 else 5.0 * (np.cos(np.pi * t / 1000) + 1)),
-    ],
-    ids=["stp", "og_stp", "shaped"],
-)
-def test_static_transition_matches_torch_loop(tiny_sd1, pipe_sd1, g, rule):
-    noise = _noise(pipe_sd1, len(PROMPTS), seed=2)
-    ours = pipe_sd1.generate(PROMPTS, g, num_inference_steps=STEPS, latents=noise, scheduler="dpm++2m",
-                             progress=False, decode=False)
-    cond = pt_embed(tiny_sd1.text_encoder, tiny_sd1.tokenizer, PROMPTS)
-    uncond = pt_embed(tiny_sd1.text_encoder, tiny_sd1.tokenizer, [""] * len(PROMPTS))
-    sched = pt_scheduler("dpm++2m", tiny_sd1.scheduler_config)
-    ref, ref_d, ref_s = pt_guided_loop(tiny_sd1.unet, sched, noise, cond, uncond, STEPS, lambda j, t, d: rule(t))
-    assert rel_err(ours.latents, ref) < 1e-3
-    np.testing.assert_allclose(ours.guidance_scale, ref_s.T, rtol=1e-5)
-    both = ~np.isnan(ours.noise_diff)
-    np.testing.assert_allclose(ours.noise_diff[both], ref_d.T[both], rtol=1e-3)
+# ------------------------------------------------------------------------------- the loop
 
 
-def test_skipped_halves_equal_full_path_and_are_counted(pipe_sd1):
-    noise = _noise(pipe_sd1, 3, seed=3)
-    prompts = PROMPTS + ["a green triangle"]
-    g = G.static_transition(500, 0.0, 7.5)
-    skip = pipe_sd1.generate(prompts, g, num_inference_steps=STEPS, latents=noise, scheduler="ddim",
-                             progress=False, decode=False)
-    full = pipe_sd1.generate(prompts, g, num_inference_steps=STEPS, latents=noise, scheduler="ddim",
-                             progress=False, decode=False, skip_halves=False)
-    assert rel_err(skip.latents, full.latents) < 1e-5
-    n_before = int(np.sum(skip.timesteps > 500))
-    assert skip.unet_evals == 3 * (n_before + 2 * (STEPS - n_before))
-    assert full.unet_evals == 3 * 2 * STEPS
-    assert np.all(np.isnan(skip.noise_diff[:, :n_before])) and np.all(np.isfinite(skip.noise_diff[:, n_before:]))
-    # scale 1 everywhere: only the conditional half
-    one = pipe_sd1.generate(prompts, G.constant(1.0), num_inference_steps=STEPS, latents=noise, scheduler="ddim",
-                            progress=False, decode=False)
-    one_full = pipe_sd1.generate(prompts, G.constant(1.0), num_inference_steps=STEPS, latents=noise,
-                                 scheduler="ddim", progress=False, decode=False, skip_halves=False)
-    assert one.unet_evals == 3 * STEPS and rel_err(one.latents, one_full.latents) < 1e-5
-    # a batch where one sample needs both halves runs both for everyone
-    mixed = pipe_sd1.generate(prompts, [g, g, G.static_transition(500, 0.5, 7.5)], num_inference_steps=STEPS,
-                              latents=noise, scheduler="ddim", progress=False, decode=False)
-    assert mixed.unet_evals == 3 * 2 * STEPS
-    assert rel_err(mixed.latents[:2], skip.latents[:2]) < 1e-5
-
-
-def test_sweep_compiles_once(pipe_sd1):
-    noise = _noise(pipe_sd1, 2, seed=4)
-    pipe_sd1.generate(PROMPTS, G.static_transition(100, 0.0, 7.5), num_inference_steps=STEPS, latents=noise,
-                      scheduler="euler", progress=False, decode=False)
-    before = pipe_sd1.compile_count()
-    seen = []
-    for t, lo, hi in [(900, 0.0, 7.5), (700, -2.0, 7.5), (500, 0.0, 3.0), (300, 1.0, 9.0), (0, -7.5, 7.5)]:
-        r = pipe_sd1.generate(["another prompt", "and one more"], G.static_transition(t, lo, hi),
-                              num_inference_steps=STEPS, seed=t, scheduler="euler", progress=False, decode=False)
-        seen.append(r.latents)
-    assert pipe_sd1.compile_count() == before
-    assert not np.allclose(seen[0], seen[1])
-
-
-def test_progress_bar_advances_per_step(pipe_sd1, monkeypatch):
-    import tqdm.auto
-
-    updates = []
-
-    class Recorder:
-        def __init__(self, total=None, **kw):
-            self.total = total
-
-        def update(self, n=1):
-            updates.append(n)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
-    pipe_sd1.generate(PROMPTS[:1], G.constant(7.5), num_inference_steps=STEPS, scheduler="ddim",
-                      progress=True, decode=False)
-    assert sum(updates) == STEPS
-
-
-def test_noise_depends_only_on_seed_and_index():
-    a = np.asarray(initial_noise(0, [0, 1, 2], (4, 8, 8)))
-    b = np.asarray(initial_noise(0, [2], (4, 8, 8)))
-    np.testing.assert_array_equal(a[2], b[0])
-    assert not np.allclose(a[0], a[1])
-    assert not np.allclose(a[0], np.asarray(initial_noise(1, [0], (4, 8, 8)))[0])
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(scheduler="lms"), "lms"),
-        (dict(guidance=G.static_transition(1000, 0.0, 7.5)), "outside"),
-        (dict(guidance=G.Guidance(before=float("nan"), after=7.5, rule="static", t=500)), "finite"),
-        (dict(guidance=G.per_step(np.ones(3))), "length 3"),
-        (dict(prompts=[]), "empty"),
-        (dict(height=17), "height"),
-        (dict(width=0), "width"),
-        (dict(latents=np.zeros((1, 4, 3, 3), np.float32)), "latents"),
-    ],
-)
-def test_bad_input_fails_before_compiling(pipe_sd1, kwargs, match):
-    args = dict(prompts=["x"], guidance=G.constant(7.5), num_inference_steps=STEPS, progress=False)
-    args.update(kwargs)
-    before = pipe_sd1.compile_count()
-    with pytest.raises(ValueError, match=match):
-        pipe_sd1.generate(**args)
-    assert pipe_sd1.compile_count() == before
+def test_skipped_halves_equal_the_full_path_and_are_counted_per_sample(batch):
+    stp = D.FixedSwitch(index=jnp.full((B,), 3, jnp.int32))
+    skip = _loop(batch, _full(0.0), _full(7.5), stp)
+    full = _loop(batch, _full(0.0), _full(7.5), stp, skip_halves=False)
+    assert rel_err(skip.latents, full.latents) < 1e-6
+    assert skip.branch.shape == (B, STEPS) and skip.branch[:, :3].tolist() == [[S.UNCOND_ONLY] * 3] * B
+    assert skip.unet_evals.tolist() == [3 + 2 * (STEPS - 3)] * B and full.unet_evals.tolist() == [2 * STEPS] * B
+    assert np.all(np.isnan(skip.noise_diff[:, :3])) and np.all(np.isfinite(skip.noise_diff[:, 3:]))
+    one = _loop(batch, _full(1.0), _full(1.0))
+    assert one.branch.tolist() == [[S.COND_ONLY] * STEPS] * B
+    assert rel_err(one.latents, _loop(batch, _full(1.0), _full(1.0), skip_halves=False).latents) < 1e-6
+    for name in ("noise_diff", "latent_cosine", "scale", "branch"):  # one layout: [B,S]
+        assert getattr(skip, name).shape == (B, STEPS), name
+    assert skip.transition_index.tolist() == [3, 3] and skip.transition_fallback.tolist() == [False, False]
 
 
 def test_halves_needed_rule():
-    import jax.numpy as jnp
-
     f = lambda s, p=False: int(S.halves_needed(jnp.asarray(s, jnp.float32), jnp.asarray(p)))  # noqa: E731
     assert f([0.0, 0.0]) == S.UNCOND_ONLY
     assert f([1.0, 1.0]) == S.COND_ONLY
@@ -189,9 +59,106 @@ def test_halves_needed_rule():
     assert f([0.0], True) == S.BOTH
 
 
-def test_nonfinite_trajectory_is_flagged_per_sample(pipe_sd1):
-    noise = _noise(pipe_sd1, 2, seed=6)
-    res = pipe_sd1.generate(PROMPTS, [G.constant(7.5), G.constant(3e38)], num_inference_steps=STEPS, latents=noise,
-                            scheduler="ddim", progress=False, decode=False)
-    assert res.nonfinite.tolist() == [False, True]
-    assert np.all(np.isfinite(res.latents[0])) and not np.all(np.isfinite(res.latents[1]))
+@pytest.mark.parametrize("bad, match", [
+    (dict(before=_full(7.5).T), r"before must be \[B=2, S=8\]"),
+    (dict(scheduler="ddim"), "scheduler must be a cfgbasin_jax.schedulers.Scheduler"),
+    (dict(cond=jnp.zeros((3, 3, 5))), r"cond must be \[B=2,L,D\]"),
+    (dict(detector="noise_diff"), "detector must be a cfgbasin_jax.detectors.Detector"),
+])
+def test_functional_api_validates_in_one_line(batch, bad, match):
+    params, sched, x0, cond, uncond = batch
+    args = dict(params=params, scheduler=sched, latents=x0, cond=cond, uncond=uncond, before=_full(7.5),
+                after=_full(7.5), detector=None)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match) as err:
+        S.sample_loop(**args, unet_fn=stub.unet)
+    assert "\n" not in str(err.value)
+
+
+def test_sweep_folds_points_into_the_batch(batch):
+    params, sched, x0, cond, uncond = batch
+    ts = np.asarray(sched.timesteps)
+    points = [G.static_transition(int(t), 0.0, 7.5) for t in (ts[2], ts[5])]
+    plans = [G.plan(g, B, ts) for g in points]
+    swept = S.sweep(params, sched, x0, cond, uncond, plans, unet_fn=stub.unet)
+    assert swept.latents.shape == (2, B) + x0.shape[1:] and swept.scale.shape == (2, B, STEPS)
+    for k, p in enumerate(plans):
+        alone = _loop(batch, p.before, p.after, p.detector)
+        assert rel_err(swept.latents[k], alone.latents) < 1e-6
+        assert swept.transition_index[k].tolist() == alone.transition_index.tolist()
+    # the first two steps have scale 0 at every point: one half for the whole folded batch
+    assert swept.branch[:, :, :2].tolist() == [[[S.UNCOND_ONLY] * 2] * B] * 2
+
+
+# ------------------------------------------------------------------------------- gradients
+
+
+def _richardson(f, x, direction, h):
+    """Central difference of f at x along direction, Richardson-extrapolated (error O(h^4))."""
+    d = lambda step: (f(x + step * direction) - f(x - step * direction)) / (2 * step)  # noqa: E731
+    return (4 * d(h / 2) - d(h)) / 3
+
+
+@pytest.fixture(scope="module")
+def objective(batch):
+    """f(s, cond, x0, switch) = <w, final latents> with scale s before step ``switch`` and 7.5 from it on
+    (switch = STEPS: s everywhere), default arguments (halves skipped where s is 0 or 1)."""
+    params, sched, _, _, uncond = batch
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((B, stub.C, stub.HW, stub.HW)), jnp.float32)
+
+    def f(s, cond, x0, switch):
+        trace = S.sample_loop(params, sched, x0, cond, uncond, jnp.full((B, STEPS), s), _full(7.5),
+                              D.FixedSwitch(index=jnp.full((B,), switch, jnp.int32)), unet_fn=stub.unet)
+        return jnp.sum(w * trace.latents)
+
+    return jax.jit(f), jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+
+
+@pytest.mark.parametrize("switch", [STEPS, STEPS // 2], ids=["constant", "static"])
+@pytest.mark.parametrize("s", [0.0, 1.0, 7.5])
+def test_gradients_match_finite_differences(batch, objective, s, switch):
+    f, grad = objective
+    _, _, x0, cond, _ = batch
+    rng = np.random.default_rng(2)
+    v = jnp.asarray(rng.standard_normal(cond.shape), jnp.float32)
+    q = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
+    g_s, g_cond, g_x0 = grad(jnp.float32(s), cond, x0, switch)
+    checks = {
+        "scale": (float(g_s), _richardson(lambda a: f(a, cond, x0, switch), jnp.float32(s), 1.0, 2e-2)),
+        "cond": (float(jnp.vdot(g_cond, v)), _richardson(lambda c: f(s, c, x0, switch), cond, v, 2e-2)),
+        "x0": (float(jnp.vdot(g_x0, q)), _richardson(lambda x: f(s, cond, x, switch), x0, q, 2e-2)),
+    }
+    for name, (ad, fd) in checks.items():
+        if s == 0.0 and switch == STEPS and name == "cond":  # no guidance anywhere: cond has no effect
+            assert ad == 0.0 and abs(float(fd)) < 1e-3
+            continue
+        assert abs(ad - float(fd)) <= 0.02 * abs(float(fd)), (name, ad, float(fd))
+        assert abs(ad) > 1e-2, (name, ad)  # not the old silent zero
+
+
+def test_every_trace_has_finite_gradients_and_remat_agrees(batch):
+    params, sched, x0, cond, uncond = batch
+    stp = D.FixedSwitch(index=jnp.full((B,), 3, jnp.int32))
+
+    def signals(s, cond, remat=False):  # STP with scale 0 before: NaN noise_diff on skipped steps
+        t = S.sample_loop(params, sched, x0, cond, uncond, jnp.full((B, STEPS), s), _full(7.5), stp,
+                          unet_fn=stub.unet, remat=remat)
+        return jnp.nansum(t.noise_diff) + jnp.sum(t.latent_cosine) + jnp.sum(t.scale) + jnp.sum(t.latents)
+
+    grads = jax.grad(signals, argnums=(0, 1))(0.0, cond)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+    remat = jax.grad(lambda s, c: signals(s, c, remat=True), argnums=(0, 1))(0.0, cond)
+    for a, b in zip(grads, remat):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_default_gradients_equal_those_of_the_path_that_runs_both_halves(batch):
+    params, sched, x0, cond, uncond = batch
+
+    def f(s, skip):
+        t = S.sample_loop(params, sched, x0, cond, uncond, jnp.full((B, STEPS), s), jnp.full((B, STEPS), s),
+                          unet_fn=stub.unet, skip_halves=skip)
+        return jnp.sum(t.latents ** 2)
+
+    for s in (0.0, 1.0):  # only one half runs in the forward pass of the default path
+        np.testing.assert_allclose(jax.grad(f)(s, True), jax.grad(f)(s, False), rtol=1e-5)

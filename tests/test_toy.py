@@ -58,8 +58,7 @@ def test_shape_masks_differ():
 
 
 def test_folder_and_tokenizer(tmp_path, small):
-    from transformers import CLIPTokenizer
-
+    from cfgbasin_jax.tokenizer import load_tokenizer
     from cfgbasin_jax.training import read_folder
 
     sub = toy.ToyDataset(small.images[:6], small.captions[:6], small.objects[:6], small.backgrounds[:6], small.memorized[:6])
@@ -67,7 +66,7 @@ def test_folder_and_tokenizer(tmp_path, small):
     back = read_folder(tmp_path / "data")
     np.testing.assert_array_equal(back.images, sub.images)
     assert back.captions == sub.captions
-    tok = CLIPTokenizer.from_pretrained(str(toy.write_toy_tokenizer(tmp_path / "tok")))
+    tok = load_tokenizer(toy.write_toy_tokenizer(tmp_path / "tok"))
     ids = tok(small.captions[0]).input_ids
     assert len(ids) == len(small.captions[0].split()) + 2  # every toy word is one token
     assert tok.model_max_length == toy.MODEL_MAX_LENGTH >= len(ids)

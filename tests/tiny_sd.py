@@ -58,6 +58,14 @@ def build_tiny_torch(variant: str = "sd1", seed: int = 0) -> tuple:
     return unet, vae, text_encoder
 
 
+def build_torch_vae(config: dict, seed: int = 0):
+    """PyTorch AutoencoderKL of `config` (eval, float32), seeded, 1-D parameters perturbed."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return _perturb_vectors(AutoencoderKL.from_config(config))
+
+
 def write_sd_folder(root, variant: str, unet, vae, text_encoder, weights: str = "safetensors") -> Path:
     """Write the modules as a diffusers SD folder at `root` (created); weights 'safetensors' | 'bin'."""
     if weights not in ("safetensors", "bin"):
@@ -72,7 +80,12 @@ def write_sd_folder(root, variant: str, unet, vae, text_encoder, weights: str = 
     )
     unet.save_pretrained(root / "unet", safe_serialization=safe)
     vae.save_pretrained(root / "vae", safe_serialization=safe)
-    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=safe)
+    if safe:
+        text_encoder.save_pretrained(root / "text_encoder")
+    else:  # transformers 5 writes safetensors only: pickle by hand, with the checkpoints' `text_model.` prefix
+        text_encoder.config.save_pretrained(root / "text_encoder")
+        state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_encoder.state_dict().items()}
+        torch.save(state, root / "text_encoder" / "pytorch_model.bin")
     write_tiny_tokenizer(root / "tokenizer")
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
