@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", default="tiny,sd", help="comma-separated model sizes: tiny, sd")
     p.add_argument("--sections", default=None,
                    help=f"comma-separated: {', '.join(SECTIONS)}; with --config: {', '.join(full.SECTIONS)}")
-    p.add_argument("--methods", default="cfg,stp,dtp,og-dtp", help="table methods (names of cfgbasin_jax.methods)")
+    p.add_argument("--methods", default="cfg,stp,dtp,og-dtp", help="table methods (names of cfgbasin_jax.method.registry)")
     p.add_argument("--runners", default=None, help=f"table runners (default {SMALL_DEFAULTS['runners']}; "
                                                     f"with --config {FULL_DEFAULTS['runners']})")
     p.add_argument("--batch", type=int, default=None,
@@ -106,7 +106,7 @@ def run(args, log=print) -> dict:
 
     from bench import diffusers_flax, harness, measure, report
     from bench import models as M
-    from cfgbasin_jax import methods as Registry
+    from cfgbasin_jax.method import registry as Registry
 
     sections = args.sections.split(",")
     info = measure.machine()

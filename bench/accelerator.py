@@ -38,7 +38,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("cfg", "stp", "dtp", "og-dtp")  # names of cfgbasin_jax.methods (bench.runners.guidance)
+METHODS = ("cfg", "stp", "dtp", "og-dtp")  # names of cfgbasin_jax.method.registry (bench.runners.guidance)
 LABELS = {"cfg": "CFG 7.5", "stp": "STP (0 above t=500, then 7.5)", "dtp": "DTP (1.0, then 7.5)",
           "og-dtp": "OG+DTP (-2.0, exact 2-pass, then 7.5)"}
 PARITY_SEED = 0
@@ -67,7 +67,7 @@ def model_configs(config: str) -> dict:
     """{"unet", "vae", "text_encoder", "scheduler"} of the architecture (DDIM scheduler)."""
     if config == "tiny":
         from bench.models import DDIM_SCHEDULER
-        from cfgbasin_jax.tiny import tiny_configs
+        from cfgbasin_jax.models.tiny import tiny_configs
 
         return {**tiny_configs("sd1"), "scheduler": dict(DDIM_SCHEDULER)}
     from bench.fullsize import configs
@@ -157,7 +157,7 @@ def attention_backend(head_dim: int) -> str:
     import jax
     import jax.numpy as jnp
 
-    from cfgbasin_jax.attention import resolve
+    from cfgbasin_jax.models.attention import resolve
 
     impl = resolve("auto")
     if impl != "fused":
@@ -172,7 +172,7 @@ def attention_backend(head_dim: int) -> str:
 
 def components(config: str, dtype: str):
     """Seeded random Components (numpy, no torch) of the architecture."""
-    from cfgbasin_jax.tiny import random_components
+    from cfgbasin_jax.models.tiny import random_components
 
     return random_components("sd1", seed=0, dtype=dtype, configs=model_configs(config))
 
@@ -181,7 +181,7 @@ def recast(comps, dtype: str):
     """The same weights with modules and params in ``dtype``."""
     import jax
 
-    from cfgbasin_jax.models import build_module, resolve_dtype
+    from cfgbasin_jax.models.builders import build_module, resolve_dtype
 
     target = resolve_dtype(dtype)
     modules = {k: build_module(k, comps.configs[k], target) for k in ("unet", "vae", "text_encoder")}

@@ -112,7 +112,7 @@ def configs(name: str) -> dict:
     """{"unet", "vae", "text_encoder", "scheduler"} config dicts of a full-size model (copies)."""
     if name not in CONFIGS:
         raise ValueError(f"unknown full-size config {name!r}: use one of {', '.join(CONFIGS)}")
-    from cfgbasin_jax.tiny import tiny_vocab_size
+    from cfgbasin_jax.models.tiny import tiny_vocab_size
 
     out = copy.deepcopy(CONFIGS[name])
     eos = tiny_vocab_size() - 1  # the tiny tokenizer's ids (its bos is eos - 1)
@@ -185,7 +185,7 @@ def _write_component(folder: Path, kind: str, config: dict) -> int:
 def ensure_model(name: str, cache_dir: Path | None = None, log=print) -> Path:
     """The diffusers folder of full-size model ``name`` under the cache, built when absent (minutes,
     one component in memory at a time). Reused when its stored configs equal :func:`configs`."""
-    from cfgbasin_jax.tiny import write_tiny_tokenizer
+    from cfgbasin_jax.models.tiny import write_tiny_tokenizer
 
     wanted = configs(name)
     root = Path(cache_dir or default_cache_dir()) / name

@@ -27,7 +27,7 @@ from typing import Mapping
 
 import numpy as np
 
-from cfgbasin_jax.checkpoint import LazyLeaf, aligned_empty
+from cfgbasin_jax.models.checkpoint import LazyLeaf, aligned_empty
 from cfgbasin_jax.convert.errors import ConversionError
 from cfgbasin_jax.convert.weights import StateDict
 

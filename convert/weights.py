@@ -21,7 +21,7 @@ from typing import Callable
 import ml_dtypes  # registers numpy's 'bfloat16'
 import numpy as np
 
-from cfgbasin_jax.checkpoint import aligned_empty, read_file
+from cfgbasin_jax.models.checkpoint import aligned_empty, read_file
 from cfgbasin_jax.convert.errors import ConversionError
 
 # File stems of the weights of each component folder.

@@ -8,7 +8,7 @@ import tempfile
 import pytest
 from tiny_sd import make_tiny_sd
 
-# The library turns JAX's persistent compilation cache on by default (cfgbasin_jax.compile_cache):
+# The library turns JAX's persistent compilation cache on by default (cfgbasin_jax.runtime.compile_cache):
 # give the test session (and the processes it starts) its own directory, not the user's cache.
 if "CFGBASIN_JAX_COMPILATION_CACHE" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="cfgbasin_test_jax_cache_")
@@ -30,8 +30,8 @@ def tiny_sd2(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sd1_converted(tiny_sd1, tmp_path_factory):
-    """Path of tiny_sd1 converted by cfgbasin_jax.loading.convert (float32)."""
-    from cfgbasin_jax.loading import convert
+    """Path of tiny_sd1 converted by cfgbasin_jax.models.loading.convert (float32)."""
+    from cfgbasin_jax.models.loading import convert
 
     return convert(tiny_sd1.path, tmp_path_factory.mktemp("tiny_sd1_converted") / "dst")
 

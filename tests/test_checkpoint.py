@@ -16,10 +16,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 import cfgbasin_jax
-from cfgbasin_jax import checkpoint, compile_cache
+from cfgbasin_jax.models import checkpoint
+from cfgbasin_jax.runtime import compile_cache
 from cfgbasin_jax.convert import ConversionError, weights
-from cfgbasin_jax.loading import convert
-from cfgbasin_jax.loading import COMPONENTS, load_components
+from cfgbasin_jax.models.loading import convert
+from cfgbasin_jax.models.loading import COMPONENTS, load_components
 
 PROMPT = ["a photo of a cat"]
 
@@ -112,7 +113,7 @@ def test_orbax_layout_of_older_converted_folders_still_loads(tiny_sd1_converted,
 
 
 def test_shapes_come_from_the_checkpoint_only_for_its_own_configs(tiny_sd1_converted, tmp_path, monkeypatch):
-    from cfgbasin_jax import loading
+    from cfgbasin_jax.models import loading
 
     traced = []
     shapes = loading.component_param_shapes

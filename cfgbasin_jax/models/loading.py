@@ -3,9 +3,9 @@
 Converted directory (written by `save_components` / `cfgbasin-convert`; read without torch):
 
     DST/cfgbasin_jax.json                 format marker: {"format", "format_version", "dtype", "source",
-                                          "fingerprint"} (see cfgbasin_jax.fingerprint)
+                                          "fingerprint"} (see cfgbasin_jax.runs.fingerprint)
     DST/params/                           orbax checkpoint {"unet": tree, "vae": tree, "text_encoder": tree},
-                                          one plain file per parameter (see cfgbasin_jax.checkpoint)
+                                          one plain file per parameter (see cfgbasin_jax.models.checkpoint)
     DST/{unet,vae,text_encoder}/config.json   the diffusers / transformers configs
     DST/tokenizer/                        CLIP tokenizer files (tokenizer.json, vocab.json, merges.txt, ...)
     DST/scheduler/scheduler_config.json
@@ -33,12 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfgbasin_jax import checkpoint
+from cfgbasin_jax.models import checkpoint
 from cfgbasin_jax.convert import sd_folder
 from cfgbasin_jax.convert.errors import ConversionError
-from cfgbasin_jax.models import (build_module, build_text_encoder, build_unet, check_compatible, component_param_shapes,
+from cfgbasin_jax.models.builders import (build_module, build_text_encoder, build_unet, check_compatible, component_param_shapes,
                                  resolve_dtype)
-from cfgbasin_jax.tokenizer import save_tokenizer
+from cfgbasin_jax.models.tokenizer import save_tokenizer
 
 __all__ = [
     "COMPONENTS",
@@ -70,11 +70,11 @@ class Components:
     """Everything the sampler needs. Apply with
     `unet.apply({"params": params["unet"]}, sample_nchw, timesteps, encoder_hidden_states)`.
 
-    unet: cfgbasin_jax.unet.UNet2DConditionModel (linen module, dtype set; the same parameter
+    unet: cfgbasin_jax.models.unet.UNet2DConditionModel (linen module, dtype set; the same parameter
         tree as diffusers' FlaxUNet2DConditionModel)
-    vae: cfgbasin_jax.vae.AutoencoderKL (linen module; diffusers' FlaxAutoencoderKL parameter tree)
+    vae: cfgbasin_jax.models.vae.AutoencoderKL (linen module; diffusers' FlaxAutoencoderKL parameter tree)
     text_encoder: transformers FlaxCLIPTextModule (bare linen module)
-    tokenizer: transformers' CLIP tokenizer (:func:`cfgbasin_jax.tokenizer.load_tokenizer`)
+    tokenizer: transformers' CLIP tokenizer (:func:`cfgbasin_jax.models.tokenizer.load_tokenizer`)
     params: {"unet": tree, "vae": tree, "text_encoder": tree}, jnp arrays in `dtype`
     configs: {"unet": dict, "vae": dict, "text_encoder": dict}, the diffusers / transformers configs
     scheduler_config: dict, as in scheduler/scheduler_config.json
@@ -125,7 +125,7 @@ def _check_marker(root: Path) -> None:
 
 def _restore_params(params_dir: Path, modules: dict, dtype, configs: dict | None = None) -> dict:
     """The params checkpoint at `params_dir`, restored into the shapes of `modules`, as `dtype`,
-    each tensor straight to this process's first local device (see cfgbasin_jax.checkpoint).
+    each tensor straight to this process's first local device (see cfgbasin_jax.models.checkpoint).
     With the `configs` the checkpoint was written for, its own shapes are used (no module tracing)."""
     target = None if configs is None else checkpoint.stored_shapes(params_dir, configs, dtype)
     if target is None:
@@ -200,7 +200,7 @@ def check_destination(dst, sources=(), overwrite: bool = False) -> Path:
     the SD folder, a --unet folder); an existing ``dst`` without ``overwrite``; with ``overwrite``,
     an existing ``dst`` that is not a converted directory (no marker file) and not empty; a parent
     that cannot be written. Raises ConversionError naming the paths."""
-    from cfgbasin_jax import files
+    from cfgbasin_jax.runs import files
 
     dst = Path(dst).absolute()
     for src in sources:
@@ -287,16 +287,16 @@ def save_components(components: Components, dst, overwrite: bool = False, source
     Checks first (:func:`check_destination`, with ``components.source`` and ``sources``). Everything
     goes to a hidden sibling ``.DST.partial-HOST-PID-RANDOM`` and is renamed to `dst` at the end, so
     `dst` is never partial. On an error, KeyboardInterrupt or SIGTERM (under
-    :func:`cfgbasin_jax.files.terminate_raises`) the partial folder is removed once the writers
+    :func:`cfgbasin_jax.runs.files.terminate_raises`) the partial folder is removed once the writers
     have stopped; a partial folder of a killed save is removed by the next save to `dst`. An I/O
     error inside orbax is raised as OSError naming the folder. The marker file holds the model's
-    content fingerprint (:mod:`cfgbasin_jax.fingerprint`), hashed from the tensors as they are
+    content fingerprint (:mod:`cfgbasin_jax.runs.fingerprint`), hashed from the tensors as they are
     written. Params are written one tensor at a time (LazyLeafs are read only then; see
-    :mod:`cfgbasin_jax.checkpoint`). ``log(message)`` gets the notes (a
+    :mod:`cfgbasin_jax.models.checkpoint`). ``log(message)`` gets the notes (a
     parameter with NaN/Inf values, stale folders removed); default: ``warnings.warn``.
     """
-    from cfgbasin_jax import files
-    from cfgbasin_jax import fingerprint as fp
+    from cfgbasin_jax.runs import files
+    from cfgbasin_jax.runs import fingerprint as fp
 
     dst = check_destination(dst, [components.source, *sources], overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -337,11 +337,11 @@ def save_components(components: Components, dst, overwrite: bool = False, source
 
 def _save_params(directory: Path, params: dict, dst: Path, configs: dict, on_write) -> None:
     """The params checkpoint of ``params`` at ``directory``, written tensor by tensor
-    (:func:`cfgbasin_jax.checkpoint.write_params`; ``on_write(key, array)`` sees each tensor as it
+    (:func:`cfgbasin_jax.models.checkpoint.write_params`; ``on_write(key, array)`` sees each tensor as it
     is written). However this ends (an error, Ctrl-C, SIGTERM), the writer threads have stopped
     when it returns. An I/O error (full disk) is raised as one OSError naming ``dst``; the
     background writers' tracebacks and log records about it (some printed by C code) are dropped."""
-    from cfgbasin_jax import files
+    from cfgbasin_jax.runs import files
 
     with files.stderr_captured() as captured, _quiet_orbax_logs(directory):
         try:
