@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="tiny,sd", help="comma-separated model sizes: tiny, sd")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
-    p.add_argument("--methods", default="cfg,stp,dtp,og-dtp", help="table methods (names of cfgbasin_jax.methods)")
+    p.add_argument("--methods", default="cfg,stp,dtp,og-dtp", help="table methods (names of cfgbasin_jax.method.registry)")
     p.add_argument("--runners", default="ours,torch_loop,torch_pipe,flax_pipe", help="table runners")
     p.add_argument("--batch", type=int, default=None, help="batch of the batched runners (default: per size, 8)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: per size, tiny 50, sd 10)")
@@ -74,7 +74,7 @@ def run(args, log=print) -> dict:
 
     from bench import diffusers_flax, harness, measure, report
     from bench import models as M
-    from cfgbasin_jax import methods as Registry
+    from cfgbasin_jax.method import registry as Registry
 
     sections = args.sections.split(",")
     info = measure.machine()

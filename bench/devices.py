@@ -11,9 +11,9 @@ import time
 import jax
 import numpy as np
 
-from cfgbasin_jax import guidance as G
+from cfgbasin_jax.method import guidance as G
 from cfgbasin_jax.pipeline import Pipeline
-from cfgbasin_jax.tiny import random_components
+from cfgbasin_jax.models.tiny import random_components
 
 
 def images_per_second(pipe, devices: int, batch: int = 8, steps: int = 20, rounds: int = 3) -> float:

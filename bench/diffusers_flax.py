@@ -64,7 +64,7 @@ def unet(config: dict, dtype="float32"):
     """diffusers' FlaxUNet2DConditionModel for a diffusers UNet config (our UNet's parameter tree)."""
     from diffusers import FlaxUNet2DConditionModel
 
-    from cfgbasin_jax.models import resolve_dtype, unet_flax_kwargs
+    from cfgbasin_jax.models.builders import resolve_dtype, unet_flax_kwargs
 
     return FlaxUNet2DConditionModel(**unet_flax_kwargs(config), dtype=resolve_dtype(dtype))
 
@@ -73,6 +73,6 @@ def vae(config: dict, dtype="float32"):
     """diffusers' FlaxAutoencoderKL for a diffusers AutoencoderKL config (our VAE's parameter tree)."""
     from diffusers import FlaxAutoencoderKL
 
-    from cfgbasin_jax.models import resolve_dtype, vae_flax_kwargs
+    from cfgbasin_jax.models.builders import resolve_dtype, vae_flax_kwargs
 
     return FlaxAutoencoderKL(**vae_flax_kwargs(config), dtype=resolve_dtype(dtype))

@@ -71,7 +71,7 @@ def stp_sweep_recompiles(models, steps: int) -> dict:
     after one warm-up compile at this shape)."""
     pipe = models.pipe
     side = models.size.latent * pipe.vae_scale_factor
-    from cfgbasin_jax import guidance as G
+    from cfgbasin_jax.method import guidance as G
 
     def run(t):
         return pipe.generate(R.PROMPTS[:1], G.static_transition(int(t), R.STP_BEFORE, R.SCALE), num_inference_steps=steps,
@@ -119,7 +119,7 @@ def sampler_args(pipe, batch: int, steps: int, side: int):
     """Arguments of ``pipe.sampler()`` for constant CFG: (params, scheduler, x0, cond, uncond, before, after, detector)."""
     import jax.numpy as jnp
 
-    from cfgbasin_jax import guidance as G
+    from cfgbasin_jax.method import guidance as G
 
     sched = pipe.make_scheduler("ddim", steps)
     plan = G.plan(G.constant(R.SCALE), batch, np.asarray(sched.timesteps), sched.num_train_timesteps)
@@ -148,7 +148,7 @@ def overhead(models, batch: int, steps: int, repeats: int, log=print) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from cfgbasin_jax import sampler as S
+    from cfgbasin_jax.method import sampler as S
 
     pipe = models.pipe
     args = sampler_args(pipe, batch, steps, models.size.latent)

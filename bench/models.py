@@ -5,7 +5,7 @@ diffusers folder (safetensors) and loaded into JAX by this project's converter
 (:func:`cfgbasin_jax.load_pipeline`), so every runner samples the same model.
 
 Sizes:
-  tiny  the tiny test config (:func:`cfgbasin_jax.tiny.tiny_configs` "sd1": UNet (32, 64), cross-attention
+  tiny  the tiny test config (:func:`cfgbasin_jax.models.tiny.tiny_configs` "sd1": UNet (32, 64), cross-attention
         at full resolution, 4 heads, 0.79M parameters) at its native 8x8 latents (16x16 images).
   sd    an SD-shaped UNet scaled to this machine: (64, 128, 128), one layer per block, cross-attention
         blocks at 32x32 and 16x16 plus the mid block, 8 heads (width 8 at 32x32), 5.8M parameters,
@@ -69,7 +69,7 @@ SIZES = {
 
 def configs_for(size: Size) -> dict:
     """{"unet", "vae", "text_encoder", "scheduler"} diffusers / transformers config dicts."""
-    from cfgbasin_jax.tiny import tiny_configs
+    from cfgbasin_jax.models.tiny import tiny_configs
 
     configs = copy.deepcopy(tiny_configs("sd1"))
     configs["unet"].update(copy.deepcopy(size.unet_overrides))
@@ -117,7 +117,7 @@ def build_torch_modules(configs: dict, seed: int = 0):
 
 def write_folder(root: Path, configs: dict, unet, vae, text) -> Path:
     """A diffusers SD folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
-    from cfgbasin_jax.tiny import write_tiny_tokenizer
+    from cfgbasin_jax.models.tiny import write_tiny_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     index = {

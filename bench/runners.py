@@ -9,7 +9,7 @@
   flax_loop     the official structure on our Flax model: batch 1, jitted UNet call per step, host
                 decision each step (issue 4's Python-loop baseline)
 
-Methods (registry names, :mod:`cfgbasin_jax.methods`; the same schedule in every runner that can
+Methods (registry names, :mod:`cfgbasin_jax.method.registry`; the same schedule in every runner that can
 express it):
   cfg       CFG 7.5 at every step
   stp       static transition point: scale 0 while t > 500, 7.5 from t <= 500
@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from cfgbasin_jax import methods as Registry
+from cfgbasin_jax.method import registry as Registry
 from tests import reference as ref
 
 PROMPTS = [

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import measure
-from cfgbasin_jax import guidance as G
-from cfgbasin_jax import sampler as S
+from cfgbasin_jax.method import guidance as G
+from cfgbasin_jax.method import sampler as S
 from cfgbasin_jax.pipeline import Pipeline, initial_noise
-from cfgbasin_jax.tiny import random_components
+from cfgbasin_jax.models.tiny import random_components
 
 
 def build(points: int, batch: int, steps: int):

@@ -5,14 +5,18 @@
     res = pipe.generate(prompts, guidance=cb.guidance.dynamic_transition(1.0, 7.5))
     res.images, res.transition_index, res.noise_diff
 
-The functional core: :mod:`cfgbasin_jax.sampler` (the scan), :mod:`cfgbasin_jax.detectors`
-(transition detectors), :mod:`cfgbasin_jax.guidance` (schedules), :mod:`cfgbasin_jax.schedulers`,
-and :mod:`cfgbasin_jax.methods` (the method registry).
+The functional core: :mod:`cfgbasin_jax.method.sampler` (the scan), :mod:`cfgbasin_jax.method.detectors`
+(transition detectors), :mod:`cfgbasin_jax.method.guidance` (schedules), :mod:`cfgbasin_jax.schedulers`,
+and :mod:`cfgbasin_jax.method.registry` (the method registry).
 """
 
 from pathlib import Path
 
-from cfgbasin_jax import detectors, guidance, methods, sampler, schedulers
+from cfgbasin_jax import schedulers
+from cfgbasin_jax.method import detectors
+from cfgbasin_jax.method import guidance
+from cfgbasin_jax.method import registry as methods
+from cfgbasin_jax.method import sampler
 from cfgbasin_jax.pipeline import GenerationResult, Pipeline
 
 __version__ = "0.1.0"
@@ -29,7 +33,7 @@ def load_pipeline(path, dtype: str = "float32", unet_path=None) -> Pipeline:
     scheduler state and detector signals stay float32. unet_path: a fine-tuned ``unet/`` folder
     to swap in (the paper's ``--unet_path``).
     """
-    from cfgbasin_jax.loading import load_components
+    from cfgbasin_jax.models.loading import load_components
 
     return Pipeline(load_components(path, dtype=dtype, unet_path=unet_path))
 

@@ -42,10 +42,10 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from cfgbasin_jax import guidance as G
-from cfgbasin_jax import methods as M
-from cfgbasin_jax import parallel
-from cfgbasin_jax import sampler as S
+from cfgbasin_jax.method import guidance as G
+from cfgbasin_jax.method import registry as M
+from cfgbasin_jax.method import sharding as parallel
+from cfgbasin_jax.method import sampler as S
 from cfgbasin_jax.metrics.detection import detection_score
 from cfgbasin_jax.pipeline import GenerationResult, initial_noise, prng_key
 
@@ -68,7 +68,7 @@ __all__ = [
 
 
 def check_method(name: str) -> str:
-    """The registry name of baseline ``name`` (:mod:`cfgbasin_jax.methods`), else ValueError."""
+    """The registry name of baseline ``name`` (:mod:`cfgbasin_jax.method.registry`), else ValueError."""
     try:
         method = M.get(name)
     except ValueError:
@@ -238,7 +238,7 @@ class CADS(S.Conditioning):
 
     @property
     def cond_fn(self):
-        """The static ``cond_fn`` for :func:`cfgbasin_jax.sampler.sample_loop` (one per noise kind)."""
+        """The static ``cond_fn`` for :func:`cfgbasin_jax.method.sampler.sample_loop` (one per noise kind)."""
         return _CADS_FNS[self.noise]
 
     def cond_aux(self, seed, sample_indices: Sequence[int]) -> dict:

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfgbasin_jax import guidance as G
-from cfgbasin_jax import parallel
-from cfgbasin_jax import sampler as S
+from cfgbasin_jax.method import guidance as G
+from cfgbasin_jax.method import sharding as parallel
+from cfgbasin_jax.method import sampler as S
 from cfgbasin_jax import schedulers
 
 
@@ -105,7 +105,7 @@ class SamplingOptions:
 
 class Pipeline:
     """Flax Stable Diffusion with transition-point guidance. Wraps loaded ``Components``
-    (see :mod:`cfgbasin_jax.loading`): unet, vae, text_encoder modules, params, tokenizer, configs.
+    (see :mod:`cfgbasin_jax.models.loading`): unet, vae, text_encoder modules, params, tokenizer, configs.
     ``components.vae`` may be None for a pixel-space model (the UNet denoises RGB in [-1, 1])."""
 
     def __init__(self, components):
@@ -201,12 +201,12 @@ class Pipeline:
     # ------------------------------------------------------------------ sampling
     def unet_fn(self, params, x, t, context):
         """The model output [N,C,h,w] for ``params`` (``pipe.params["unet"]``), sample x [N,C,h,w],
-        timesteps t [N] and context [N,L,D] (the :data:`cfgbasin_jax.sampler.UnetFn` of this model)."""
+        timesteps t [N] and context [N,L,D] (the :data:`cfgbasin_jax.method.sampler.UnetFn` of this model)."""
         x = x.astype(self.components.dtype)
         return self.unet.apply({"params": params}, x, t, context.astype(self.components.dtype)).sample
 
     def sampler(self, progress: bool = False, skip_halves: bool = True, devices=None, cond_fn=None):
-        """The jitted, device-sharded :func:`cfgbasin_jax.sampler.sample_loop`
+        """The jitted, device-sharded :func:`cfgbasin_jax.method.sampler.sample_loop`
         ``fn(params, scheduler, x0, cond, uncond, before, after, detector[, cond_aux])`` (cached per
         static configuration; jit itself caches per shape and detector structure). With ``cond_fn``
         (static, hashable) the function takes a ninth argument, the per-sample ``cond_aux`` pytree."""
@@ -315,7 +315,7 @@ class Pipeline:
     ) -> GenerationResult:
         """Sample B images with the compiled loop, data-parallel over ``devices``.
 
-        guidance: one :class:`~cfgbasin_jax.guidance.Guidance` or one per prompt.
+        guidance: one :class:`~cfgbasin_jax.method.guidance.Guidance` or one per prompt.
         seed: an int or a PRNG key (``jax.random.key(0)``).
         latents: optional initial noise [B,C,h,w] BEFORE init_noise_sigma scaling (as diffusers'
           ``prepare_latents``); otherwise drawn per sample from (seed, sample_indices[i]).
@@ -327,7 +327,7 @@ class Pipeline:
           (default: all B), rounded up to a multiple of the device count; padding is dropped.
         prompt_embeds: optional conditional text embeddings [B,L,D] used instead of encoding
           ``prompts`` (which still name the samples), e.g. optimised ones.
-        conditioning: optional :class:`cfgbasin_jax.sampler.Conditioning` hook rewriting the
+        conditioning: optional :class:`cfgbasin_jax.method.sampler.Conditioning` hook rewriting the
           conditional embedding inside the compiled loop (e.g. :class:`cfgbasin_jax.baselines.CADS`).
         """
         inputs = self.sampling_inputs("generate", prompts, num_inference_steps, latents, height, width, scheduler,
@@ -337,7 +337,7 @@ class Pipeline:
         timesteps = np.asarray(sched.timesteps)
         plan = G.plan(guidance, b, timesteps, sched.num_train_timesteps)
         if conditioning is not None and not isinstance(conditioning, S.Conditioning):
-            raise ValueError(f"generate: conditioning must be a cfgbasin_jax.sampler.Conditioning, got {conditioning!r}")
+            raise ValueError(f"generate: conditioning must be a cfgbasin_jax.method.sampler.Conditioning, got {conditioning!r}")
         opts = SamplingOptions(seed=prng_key(seed), progress=bool(progress), skip_halves=bool(skip_halves),
                                devices=devices, conditioning=conditioning,
                                prompt_embeds=self._check_prompt_embeds(prompt_embeds, b), decode=bool(decode))

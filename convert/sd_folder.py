@@ -64,8 +64,8 @@ def read_scheduler_config(folder: Path) -> dict:
 
 
 def load_tokenizer(folder: Path):
-    """The CLIP tokenizer of a tokenizer/ folder, local files only (:mod:`cfgbasin_jax.tokenizer`)."""
-    from cfgbasin_jax import tokenizer
+    """The CLIP tokenizer of a tokenizer/ folder, local files only (:mod:`cfgbasin_jax.models.tokenizer`)."""
+    from cfgbasin_jax.models import tokenizer
 
     try:
         return tokenizer.load_tokenizer(folder)

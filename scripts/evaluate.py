@@ -3,12 +3,12 @@
 
     python scripts/evaluate.py --gen OUTDIR --train TRAIN_DIR --sscd SSCD_DST --clip CLIP_DIR
 
-See ``cfgbasin_jax.evaluate`` (``--help``) for the flags and the report's keys.
+See ``cfgbasin_jax.apps.evaluate`` (``--help``) for the flags and the report's keys.
 """
 
 import sys
 
-from cfgbasin_jax.evaluate import main
+from cfgbasin_jax.apps.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

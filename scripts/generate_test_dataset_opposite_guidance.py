@@ -2,12 +2,12 @@
 """The paper's generate_test_dataset_opposite_guidance.py: opposite guidance + dynamic transition point (OG+DTP).
 
 Same flags and defaults as the reference script; equivalent to ``cfgbasin-generate --method og-dtp``.
-See ``cfgbasin_jax.cli`` (``--help``) for the flags, outputs and resume behaviour.
+See ``cfgbasin_jax.apps.generate`` (``--help``) for the flags, outputs and resume behaviour.
 """
 
 import sys
 
-from cfgbasin_jax.cli import main
+from cfgbasin_jax.apps.generate import main
 
 if __name__ == "__main__":
     sys.exit(main(method="og-dtp", prog="generate_test_dataset_opposite_guidance.py"))

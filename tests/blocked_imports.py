@@ -1,7 +1,7 @@
 """Run Python code with some packages made unimportable, as if they were broken installs.
 
     python tests/blocked_imports.py torch,diffusers -c "import cfgbasin_jax; ..."
-    python tests/blocked_imports.py torch,diffusers -m cfgbasin_jax.demo --steps 2
+    python tests/blocked_imports.py torch,diffusers -m cfgbasin_jax.apps.demo --steps 2
     python tests/blocked_imports.py --allow-attempts torch -c "..."
 
 A meta-path finder in front of every other one hands out a spec for each blocked package (and its

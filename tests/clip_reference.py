@@ -13,7 +13,7 @@ import unicodedata
 
 import regex
 
-from cfgbasin_jax.tokenizer import BOS_TOKEN, EOS_TOKEN, bytes_to_unicode
+from cfgbasin_jax.models.tokenizer import BOS_TOKEN, EOS_TOKEN, bytes_to_unicode
 
 SPLIT = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",

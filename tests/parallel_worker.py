@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 import cfgbasin_jax
-from cfgbasin_jax import guidance as G
+from cfgbasin_jax.method import guidance as G
 
 # (devices, batch size): per-device batches 12, 3, 1, 3, 6 (batch 5 on 2 devices pads to 6)
 GRID = [(1, 12), (2, 5), (4, 1), (4, 12), (2, 12)]

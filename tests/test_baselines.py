@@ -11,7 +11,7 @@ import torch
 from reference import pt_guided_loop, pt_scheduler, rel_err
 
 from cfgbasin_jax import baselines as B
-from cfgbasin_jax import guidance as G
+from cfgbasin_jax.method import guidance as G
 from cfgbasin_jax.pipeline import initial_noise
 
 PROMPTS = ["a red circle on the left", "two blue squares", "a photo of a cat riding a horse"]

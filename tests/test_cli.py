@@ -1,4 +1,4 @@
-"""The paper's command lines (cfgbasin_jax.cli, scripts/generate_test_dataset_*.py) on tiny models:
+"""The paper's command lines (cfgbasin_jax.apps.generate, scripts/generate_test_dataset_*.py) on tiny models:
 the seed commands, outputs, resume (in-process and kill -9 in a subprocess), configuration check,
 bad input. In-process runs share one loaded pipeline per model (cli.cached_pipeline)."""
 
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cfgbasin_jax import cli
-from cfgbasin_jax import guidance as G
-from cfgbasin_jax import prompts as P
-from cfgbasin_jax import runs as R
+from cfgbasin_jax.apps import generate as cli
+from cfgbasin_jax.method import guidance as G
+from cfgbasin_jax.runs import prompts as P
+from cfgbasin_jax.runs import folder as R
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -180,7 +180,7 @@ def test_console_cfg_resume_and_config_check(tiny_sd1, tmp_path, capsys):
     assert "0 to generate" in capsys.readouterr().err
     assert len(records(out)) == 5
 
-    from cfgbasin_jax.evaluate import generation_cost
+    from cfgbasin_jax.apps.evaluate import generation_cost
 
     assert generation_cost(str(out))["unet_evals_per_image"] == 2 * STEPS
     files = sorted(p.name for p in out.rglob("*"))
@@ -203,7 +203,7 @@ def test_baselines_from_the_command_line(tiny_sd1, tmp_path):
     want = B.augment_prompts(list(P.imagenette_prompts()[:2]), "rand_numb_add", 4, seed=42, sample_indices=[0, 1])
     assert [r["prompt"] for r in recs] == list(P.imagenette_prompts()[:2])  # the caption, for evaluation
     assert [r["prompt_used"] for r in recs] == want != [r["prompt"] for r in recs]  # what was sampled
-    from cfgbasin_jax.evaluate import generation_cost
+    from cfgbasin_jax.apps.evaluate import generation_cost
 
     cost = generation_cost(str(out))  # what scripts/evaluate.py reports beside the metrics
     assert "wen" in cost["method"] and cost["unet_evals_per_image"] > 2 * STEPS  # CFG + the optimisation
@@ -278,7 +278,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_sd1, tmp_path):
             "--guidance_scale_later", "7.5"] + FAST
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     cache = ["--compilation_cache", str(tmp_path / "jax_cache")]
-    command = [sys.executable, "-m", "cfgbasin_jax.cli", *argv, *cache, "--outdir", str(killed)]
+    command = [sys.executable, "-m", "cfgbasin_jax.apps.generate", *argv, *cache, "--outdir", str(killed)]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
 

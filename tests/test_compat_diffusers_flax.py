@@ -12,7 +12,7 @@ Measured (float32, tiny random models converted by our converter; max abs differ
   VAE:  diffusers' FlaxAutoencoderKL vs ours: encode mean / logvar 3.2e-7 to 3.8e-7, decode 1.1e-6
         (sd1) / 1.6e-6 (sd2). Bound: EXACT_RTOL = 1e-5.
   text: transformers' FlaxCLIPTextModel vs our pipeline's prompt encoding (our CLIP text encoder,
-        cfgbasin_jax.clip): 2.6e-7 (sd1), 3.0e-7 (sd2). Bound: EXACT_RTOL.
+        cfgbasin_jax.models.clip): 2.6e-7 (sd1), 3.0e-7 (sd2). Bound: EXACT_RTOL.
 The figures are printed by ``python -m pytest -m compat -s``.
 """
 
@@ -37,7 +37,8 @@ except ImportError as err:  # diffusers >= 0.40 / transformers >= 5: no Flax cla
 from test_models import UNET_VARIANTS  # noqa: E402
 
 import cfgbasin_jax  # noqa: E402
-from cfgbasin_jax import models, tiny  # noqa: E402
+from cfgbasin_jax.models import builders as models  # noqa: E402
+from cfgbasin_jax.models import tiny
 
 UNET_RTOL = 2e-4
 EXACT_RTOL = 1e-5

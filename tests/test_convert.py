@@ -1,9 +1,9 @@
 """SD weight conversion and loading against PyTorch diffusers / transformers on tiny random models.
 
 Measured on the tiny models (max abs error / max |reference|, sd1 / sd2):
-  float32: UNet 1.6e-5 to 3.5e-5 with our UNet (cfgbasin_jax.unet, exact-gelu GEGLU; diffusers'
+  float32: UNet 1.6e-5 to 3.5e-5 with our UNet (cfgbasin_jax.models.unet, exact-gelu GEGLU; diffusers'
            Flax UNet, whose GEGLU uses the tanh approximation, gave 5.5e-5 / 4.7e-5), VAE
-           (cfgbasin_jax.vae) encode mean and logvar 1.1e-6 to 1.4e-6, decode 1.6e-6 / 2.4e-6, text
+           (cfgbasin_jax.models.vae) encode mean and logvar 1.1e-6 to 1.4e-6, decode 1.6e-6 / 2.4e-6, text
            encoder 3.2e-7 / 4.0e-7. Bound: FP32_RTOL = 1e-4.
   bfloat16 (params and compute): 9e-3 to 2.2e-2 on every output. Bound: BF16_RTOL = 5e-2.
 """
@@ -24,12 +24,12 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tiny_sd import write_sd_folder
 
-from cfgbasin_jax import tiny
+from cfgbasin_jax.models import tiny
 from cfgbasin_jax.convert import ConversionError
-from cfgbasin_jax.loading import convert
+from cfgbasin_jax.models.loading import convert
 from cfgbasin_jax.convert.__main__ import main as cli_main
-from cfgbasin_jax.loading import COMPONENTS, is_converted, load_components, save_components
-from cfgbasin_jax.models import build_unet, component_param_shapes, param_shapes
+from cfgbasin_jax.models.loading import COMPONENTS, is_converted, load_components, save_components
+from cfgbasin_jax.models.builders import build_unet, component_param_shapes, param_shapes
 
 FP32_RTOL = 1e-4
 BF16_RTOL = 5e-2
@@ -474,7 +474,7 @@ def test_unsupported_unet_options_name_the_key(key, value):
 
 
 def test_tiny_tokenizer(tmp_path):
-    from cfgbasin_jax.tokenizer import load_tokenizer
+    from cfgbasin_jax.models.tokenizer import load_tokenizer
 
     tiny.write_tiny_tokenizer(tmp_path)
     tok = load_tokenizer(tmp_path)
@@ -509,8 +509,8 @@ def test_torch_free_path(tiny_sd1, tmp_path):
     code = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now fails
-from cfgbasin_jax.tiny import random_components
-from cfgbasin_jax.loading import load_components, save_components
+from cfgbasin_jax.models.tiny import random_components
+from cfgbasin_jax.models.loading import load_components, save_components
 save_components(random_components("sd2"), {str(tmp_path / 'random')!r})
 load_components({str(tmp_path / 'random')!r})
 load_components({str(tiny_sd1.path)!r})

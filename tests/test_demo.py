@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from cfgbasin_jax import demo, toy
+from cfgbasin_jax.apps import demo
+from cfgbasin_jax.toy import data as toy
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import stub
 from flax import struct
 from reference import causal_og_index, official_dtp_index, official_og_index, rel_err
 
-from cfgbasin_jax import detectors as D
-from cfgbasin_jax import guidance as G
-from cfgbasin_jax import sampler as S
+from cfgbasin_jax.method import detectors as D
+from cfgbasin_jax.method import guidance as G
+from cfgbasin_jax.method import sampler as S
 
 # ---------------------------------------------------------------- the state machines, run in a scan
 

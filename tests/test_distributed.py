@@ -1,4 +1,4 @@
-"""Multi-process generation (cfgbasin_jax.distributed): settings, deterministic shares, bounded
+"""Multi-process generation (cfgbasin_jax.runs.distributed): settings, deterministic shares, bounded
 start-up, and a real 2-process run on 127.0.0.1 (2 forced host devices each) whose union equals a
 single-process run."""
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cfgbasin_jax import cli
-from cfgbasin_jax import distributed as D
-from cfgbasin_jax import runs as R
+from cfgbasin_jax.apps import generate as cli
+from cfgbasin_jax.runs import distributed as D
+from cfgbasin_jax.runs import folder as R
 
 
 def free_port() -> int:
@@ -120,7 +120,7 @@ def _env(devices: int) -> dict:
 def test_missing_peer_times_out_with_exit_2(tiny_sd1, tmp_path):
     """Process 0 of 2 alone: the watchdog ends it with one line and status 2 (JAX alone would abort
     with a C++ stack trace after its own deadline)."""
-    command = [sys.executable, "-m", "cfgbasin_jax.cli", "--method", "stp", "--pretrained_model_name_or_path",
+    command = [sys.executable, "-m", "cfgbasin_jax.apps.generate", "--method", "stp", "--pretrained_model_name_or_path",
                str(tiny_sd1.path), "--exp", "imagenette", "--end_iter", "4", "--outdir", str(tmp_path / "out"),
                "--coordinator", f"127.0.0.1:{free_port()}", "--num_processes", "2", "--process_id", "0",
                "--distributed_timeout", "3", "--no_compilation_cache"]
@@ -145,7 +145,7 @@ def test_two_processes_equal_one(tiny_sd1_converted, tmp_path):
               "--no_compilation_cache"]
     multi, single = tmp_path / "multi", tmp_path / "single"
     address = f"127.0.0.1:{free_port()}"
-    base = [sys.executable, "-m", "cfgbasin_jax.cli", *common, "--outdir", str(multi), "--distributed_timeout", "120"]
+    base = [sys.executable, "-m", "cfgbasin_jax.apps.generate", *common, "--outdir", str(multi), "--distributed_timeout", "120"]
     env1 = {**_env(2), D.ENV_COORDINATOR: address, D.ENV_NUM_PROCESSES: "2", D.ENV_PROCESS_ID: "1"}
     procs = [
         subprocess.Popen(base + ["--coordinator", address, "--num_processes", "2", "--process_id", "0"],

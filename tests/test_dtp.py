@@ -6,7 +6,7 @@ import pytest
 from reference import (FlaxBackend, causal_og_index, official_dtp_index, official_og_index, official_pass,
                        official_trajectory, rel_err)
 
-from cfgbasin_jax import guidance as G
+from cfgbasin_jax.method import guidance as G
 
 PROMPTS = ["a red circle on the left", "two blue squares", "a green triangle", "a yellow star at the top"]
 STEPS = 20

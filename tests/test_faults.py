@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cfgbasin_jax import cli
-from cfgbasin_jax import files as F
-from cfgbasin_jax import runs as R
-from cfgbasin_jax.loading import convert
+from cfgbasin_jax.apps import generate as cli
+from cfgbasin_jax.runs import files as F
+from cfgbasin_jax.runs import folder as R
+from cfgbasin_jax.models.loading import convert
 from cfgbasin_jax.convert.__main__ import main as convert_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_second_run_is_refused_and_a_stale_lock_is_taken_over(tiny_sd1, tmp_path
     metadata lines."""
     out = tmp_path / "out"
     common = [*STP, "--pretrained_model_name_or_path", str(tiny_sd1.path), "--outdir", str(out)] + IN_PROCESS
-    first = subprocess.Popen([sys.executable, "-m", "cfgbasin_jax.cli", *common, "--start_iter", "0",
+    first = subprocess.Popen([sys.executable, "-m", "cfgbasin_jax.apps.generate", *common, "--start_iter", "0",
                               "--end_iter", "12"], env=env_cpu(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         lock = out / R.lock_name(0)
@@ -172,7 +172,7 @@ def test_second_run_is_refused_and_a_stale_lock_is_taken_over(tiny_sd1, tmp_path
             time.sleep(0.05)
         assert first.poll() is None, first.communicate()[0].decode()[-3000:]
         os.kill(first.pid, signal.SIGSTOP)  # holds its lock, whatever the machine's speed
-        second = subprocess.run([sys.executable, "-m", "cfgbasin_jax.cli", *common, "--start_iter", "12",
+        second = subprocess.run([sys.executable, "-m", "cfgbasin_jax.apps.generate", *common, "--start_iter", "12",
                                  "--end_iter", "40"], env=env_cpu(), capture_output=True, text=True, timeout=300)
         assert second.returncode == 2
         line = one_error_line(second.stderr)
@@ -238,7 +238,7 @@ def test_diffusers_folder_fingerprint_follows_its_files(tiny_sd1, tmp_path):
     """A diffusers folder's fingerprint: small files by content, weight files by size and mtime."""
     from safetensors.numpy import load_file, save_file
 
-    from cfgbasin_jax import fingerprint as FP
+    from cfgbasin_jax.runs import fingerprint as FP
 
     model = tmp_path / "sd"
     shutil.copytree(tiny_sd1.path, model)
@@ -345,7 +345,7 @@ def test_interrupted_conversions_leave_no_debris(tiny_sd1, tmp_path):
 
 
 def test_partial_folders_of_running_conversions_are_kept(tmp_path):
-    from cfgbasin_jax.loading import remove_stale_partials
+    from cfgbasin_jax.models.loading import remove_stale_partials
 
     host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -397,7 +397,7 @@ def test_generation_onto_a_full_disk_then_resume(namespaces, tiny_sd1, tmp_path)
     mnt, snap = tmp_path / "mnt", tmp_path / "snap"
     mnt.mkdir()
     argv = [*STP, "--pretrained_model_name_or_path", str(tiny_sd1.path), "--end_iter", str(n)] + FAST
-    gen = " ".join([sys.executable, "-m", "cfgbasin_jax.cli", *argv, "--compilation_cache", str(tmp_path / "cache")])
+    gen = " ".join([sys.executable, "-m", "cfgbasin_jax.apps.generate", *argv, "--compilation_cache", str(tmp_path / "cache")])
     script = f"""
 mount -t tmpfs -o size=48k tmpfs {mnt} || exit 99
 {gen} --outdir {mnt}/run 2> {tmp_path}/full.err; echo rc_full=$?
@@ -466,7 +466,7 @@ def test_writers_clean_up_after_a_failed_write(tmp_path, monkeypatch):
 
 def test_demo_refuses_bad_flags_before_any_work(tmp_path, capsys, monkeypatch):
     """Defect 6: cfgbasin-demo with --stp_t 2000, --guidance nan or --model /nope gave tracebacks."""
-    from cfgbasin_jax import demo
+    from cfgbasin_jax.apps import demo
 
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("ran the demo"))
     not_a_dir = tmp_path / "file"
@@ -494,8 +494,8 @@ def test_read_only_outputs_of_demo_and_evaluate(namespaces, tmp_path):
     (mnt / "gen" / "Images").mkdir(parents=True)
     script = f"""
 mount -t tmpfs -o size=64k tmpfs {mnt} && mkdir -p {mnt}/gen/Images && mount -o remount,ro {mnt} || exit 99
-{sys.executable} -m cfgbasin_jax.demo --outdir {mnt}/demo 2> {tmp_path}/demo.err; echo rc_demo=$?
-{sys.executable} -m cfgbasin_jax.evaluate --gen {mnt}/gen --train {mnt} --sscd {mnt} 2> {tmp_path}/eval.err
+{sys.executable} -m cfgbasin_jax.apps.demo --outdir {mnt}/demo 2> {tmp_path}/demo.err; echo rc_demo=$?
+{sys.executable} -m cfgbasin_jax.apps.evaluate --gen {mnt}/gen --train {mnt} --sscd {mnt} 2> {tmp_path}/eval.err
 echo rc_eval=$?
 """
     done = in_namespace(script)
@@ -544,7 +544,7 @@ def test_resume_with_another_seed_or_batch_size_is_refused(tiny_sd1, tmp_path, c
 def test_cut_off_last_line_is_skipped_by_every_reader(tmp_path):
     """Defect 8: evaluate refused a metadata file whose last line a kill had cut off, although the
     writer's docs say readers skip it; runs and evaluate now share one parser."""
-    from cfgbasin_jax import evaluate as E
+    from cfgbasin_jax.apps import evaluate as E
 
     (tmp_path / "Images").mkdir()
     for i in range(2):
@@ -566,7 +566,7 @@ def test_cut_off_last_line_is_skipped_by_every_reader(tmp_path):
 
 
 def test_finetune_checks_everything_before_writing(tmp_path, capsys):
-    from cfgbasin_jax.training import main as finetune_main
+    from cfgbasin_jax.toy.train import main as finetune_main
 
     from PIL import Image
 

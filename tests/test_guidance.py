@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfgbasin_jax import detectors as D
-from cfgbasin_jax import guidance as G
+from cfgbasin_jax.method import detectors as D
+from cfgbasin_jax.method import guidance as G
 
 # ---------------------------------------------------------------- schedules
 

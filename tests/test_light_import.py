@@ -57,7 +57,7 @@ def test_demo_without_torch_or_diffusers(tmp_path):
     """cfgbasin-demo on the shipped toy, reduced (3 methods, 3 steps, 2 prompts; the full demo is
     tests/test_demo.py): the baselines module and the report writer are on this path too."""
     out = tmp_path / "demo"
-    result = run_blocked("-m", "cfgbasin_jax.demo", "--outdir", str(out), "--methods", "CFG", "STP", "Aug",
+    result = run_blocked("-m", "cfgbasin_jax.apps.demo", "--outdir", str(out), "--methods", "CFG", "STP", "Aug",
                          "--stp_t", "500", "--steps", "3", "--num_mem_prompts", "1", "--num_plain_prompts", "1",
                          "--samples_per_prompt", "1")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,7 +69,7 @@ def test_bin_weights_without_torch_name_the_file(tiny_sd1, tmp_path):
     src = write_sd_folder(tmp_path / "sd_bin", "sd1", tiny_sd1.unet, tiny_sd1.vae, tiny_sd1.text_encoder, "bin")
     code = f"""
 from cfgbasin_jax.convert import ConversionError
-from cfgbasin_jax.loading import load_unet_folder
+from cfgbasin_jax.models.loading import load_unet_folder
 try:
     load_unet_folder({str(src / "unet")!r})
 except ConversionError as err:

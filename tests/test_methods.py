@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cfgbasin_jax import guidance as G
-from cfgbasin_jax import methods as M
+from cfgbasin_jax.method import guidance as G
+from cfgbasin_jax.method import registry as M
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -35,7 +35,9 @@ def test_paper_defaults():
 
 def test_cli_demo_and_bench_share_the_registry():
     from bench import runners
-    from cfgbasin_jax import baselines, cli, demo
+    from cfgbasin_jax import baselines
+    from cfgbasin_jax.apps import generate as cli
+    from cfgbasin_jax.apps import demo
 
     assert cli.METHODS == M.names(cli_only=True)
     assert demo.METHODS == tuple(M.get(n).label for n in M.names())

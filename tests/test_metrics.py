@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from cfgbasin_jax.convert import sscd as convert_sscd
-from cfgbasin_jax.evaluate import main as evaluate_main
+from cfgbasin_jax.apps.evaluate import main as evaluate_main
 from cfgbasin_jax.metrics import clip_score as C
 from cfgbasin_jax.metrics import images as I
 from cfgbasin_jax.metrics.detection import detection_score, roc_auc, tpr_at_fpr
@@ -248,7 +248,7 @@ def tiny_clip(tmp_path_factory):
     """Tiny random PyTorch CLIPModel folder (+ tokenizer, 30px processor) and its Flax conversion."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from cfgbasin_jax.tiny import tiny_vocab_size, write_tiny_tokenizer
+    from cfgbasin_jax.models.tiny import tiny_vocab_size, write_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("clip")
     pt_dir, flax_dir = str(root / "pt"), str(root / "flax")
@@ -492,7 +492,7 @@ def test_clip_model_matches_pytorch(tiny_clip):
     Measured (max abs err / max |PyTorch|, float32, transformers 5.24): image 3.0e-7, text 3.3e-7. Bound 1e-4."""
     import jax.numpy as jnp
 
-    from cfgbasin_jax.clip import CLIPModel
+    from cfgbasin_jax.models.clip import CLIPModel
 
     model, tokenizer, processor, pt_dir, _ = tiny_clip
     rng = np.random.default_rng(4)
@@ -554,7 +554,7 @@ def test_clip_config_reads_what_transformers_reads():
     """Legacy text_config_dict / vision_config_dict and missing keys resolve as in transformers."""
     from transformers import CLIPConfig
 
-    from cfgbasin_jax.clip import clip_config
+    from cfgbasin_jax.models.clip import clip_config
 
     raw = {
         "projection_dim": 16,
@@ -594,7 +594,7 @@ def test_clip_score_parity_with_pytorch(tiny_clip, tmp_path):
     # the PyTorch folder also loads directly (converted in memory), from safetensors or a pickled .bin
     direct = C.load_clip(pt_dir)
     np.testing.assert_allclose(C.text_embeddings(direct, PROMPTS), C.text_embeddings(scorer, PROMPTS), atol=1e-6)
-    from cfgbasin_jax.tiny import write_tiny_tokenizer
+    from cfgbasin_jax.models.tiny import write_tiny_tokenizer
 
     model.config.save_pretrained(str(tmp_path / "bin"))  # transformers 5 writes only safetensors: pickle by hand
     torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
@@ -781,7 +781,7 @@ def test_evaluate_refuses_bad_flags_before_computing_and_writes_atomically(tmp_p
                                                                          monkeypatch):
     """Issue 15: `--threshold nan` reported 0.0% copies; an unwritable --out failed only after every
     metric was computed (no row printed); eval.json was written in place, not atomically."""
-    from cfgbasin_jax import evaluate as E
+    from cfgbasin_jax.apps import evaluate as E
 
     gen, train = eval_folders
     args = ["--gen", gen, "--train", train, "--sscd", tiny_sscd[2]]

@@ -1,4 +1,4 @@
-"""Our linen UNet (cfgbasin_jax.unet) and attention implementations against PyTorch diffusers.
+"""Our linen UNet (cfgbasin_jax.models.unet) and attention implementations against PyTorch diffusers.
 
 Measured (max abs err / max abs of the PyTorch UNet output, float32, batch 2, 4 input seeds):
   ours 1.7e-5 to 3.5e-5 (tiny sd1 at 32x32 latents, self-attention over 1024 tokens on the chunked
@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from cfgbasin_jax import attention as A
-from cfgbasin_jax import models, tiny
+from cfgbasin_jax.models import attention as A
+from cfgbasin_jax.models import builders as models
+from cfgbasin_jax.models import tiny
 from cfgbasin_jax.convert import ConversionError
 from cfgbasin_jax.convert.mapping import state_dict_to_flax
 from cfgbasin_jax.convert.weights import StateDict
-from cfgbasin_jax.loading import load_unet_folder
-from cfgbasin_jax.unet import UNet2DConditionModel
+from cfgbasin_jax.models.loading import load_unet_folder
+from cfgbasin_jax.models.unet import UNet2DConditionModel
 
 UNET_RTOL = 5e-5
 
@@ -189,7 +190,7 @@ def test_bad_attention_choice_fails_cleanly():
         A.attend(q, k[:, :, :1], v)
 
 
-# --- CLIP text encoder (cfgbasin_jax.clip) against transformers' PyTorch CLIPTextModel -----------------------
+# --- CLIP text encoder (cfgbasin_jax.models.clip) against transformers' PyTorch CLIPTextModel -----------------------
 #
 # Measured (max abs err / max |PyTorch|, float32, transformers 5.24; 3 prompts + 2 random id rows, and a
 # right-padded batch with its attention mask), last_hidden_state / pooler_output:
@@ -288,7 +289,7 @@ def test_text_encoder_param_tree_is_transformers_flax_layout():
 def test_activations_match_transformers():
     from transformers.activations import ACT2FN
 
-    from cfgbasin_jax.clip import ACTIVATIONS
+    from cfgbasin_jax.models.clip import ACTIVATIONS
 
     x = np.linspace(-6, 6, 1201, dtype=np.float32)
     for name, fn in ACTIVATIONS.items():
@@ -335,7 +336,7 @@ def test_text_config_reads_what_transformers_reads():
     """Keys a config leaves out take transformers' defaults; generic keys written by transformers load."""
     from transformers import CLIPTextConfig
 
-    from cfgbasin_jax.clip import TextConfig, text_config
+    from cfgbasin_jax.models.clip import TextConfig, text_config
 
     for overrides in ({}, {"hidden_act": "gelu", "num_hidden_layers": 23, "eos_token_id": 2, "dropout": 0.0},
                       SD21_TEXT_ENCODER):

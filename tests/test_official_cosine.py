@@ -1,4 +1,4 @@
-"""OG+DTP at the official script's precision (cfgbasin_jax.official_cosine, precision="official").
+"""OG+DTP at the official script's precision (cfgbasin_jax.method.official_cosine, precision="official").
 
 The official opposite-guidance script records ``1 - torch.nn.functional.cosine_similarity(x_{j+1}.flatten(),
 x_j.flatten(), dim=0)`` in float32 and applies ``argrelextrema(np.array(diffs), np.less)`` to it. Here:
@@ -17,9 +17,9 @@ import pytest
 import torch
 from reference import official_og_index, pt_embed, pt_scheduler
 
-from cfgbasin_jax import guidance as G
-from cfgbasin_jax import official_cosine as OC
-from cfgbasin_jax import sampler as S
+from cfgbasin_jax.method import guidance as G
+from cfgbasin_jax.method import official_cosine as OC
+from cfgbasin_jax.method import sampler as S
 
 F32 = np.float32
 ULP1 = 2.0**-24  # the spacing of float32 just below 1: 1 - cos is a multiple of it when cos >= 0.5

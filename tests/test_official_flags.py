@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cfgbasin_jax import cli
-from cfgbasin_jax import guidance as G
+from cfgbasin_jax.apps import generate as cli
+from cfgbasin_jax.method import guidance as G
 from cfgbasin_jax import schedulers
-from cfgbasin_jax.tiny import SD1_SCHEDULER
+from cfgbasin_jax.models.tiny import SD1_SCHEDULER
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"

@@ -1,4 +1,4 @@
-"""Prompt-set readers (cfgbasin_jax.prompts): the reference scripts' selection rules, validation,
+"""Prompt-set readers (cfgbasin_jax.runs.prompts): the reference scripts' selection rules, validation,
 and SD's CLIP tokenization (truncation to 77 tokens) of the 500 real memorized prompts."""
 
 import gzip
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cfgbasin_jax import prompts as P
+from cfgbasin_jax.runs import prompts as P
 from cfgbasin_jax.pipeline import Pipeline
 
 DATA = Path(__file__).parent / "data"
@@ -190,7 +190,7 @@ def test_select_range():
 def _sd_clip_tokenizer_dir(root: Path) -> Path:
     """SD's CLIP tokenizer files built from open_clip's BPE merges the way CLIP builds its vocab:
     256 byte-unicode chars, their </w> forms, one token per merge, then the two special tokens."""
-    from cfgbasin_jax.tokenizer import bytes_to_unicode
+    from cfgbasin_jax.models.tokenizer import bytes_to_unicode
 
     spec = importlib.util.find_spec("open_clip")  # locates the package without importing it
     if spec is None or spec.origin is None:

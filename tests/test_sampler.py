@@ -9,9 +9,9 @@ import pytest
 import stub
 from reference import rel_err
 
-from cfgbasin_jax import detectors as D
-from cfgbasin_jax import guidance as G
-from cfgbasin_jax import sampler as S
+from cfgbasin_jax.method import detectors as D
+from cfgbasin_jax.method import guidance as G
+from cfgbasin_jax.method import sampler as S
 
 STEPS = 8
 B = 2
@@ -63,7 +63,7 @@ def test_halves_needed_rule():
     (dict(before=_full(7.5).T), r"before must be \[B=2, S=8\]"),
     (dict(scheduler="ddim"), "scheduler must be a cfgbasin_jax.schedulers.Scheduler"),
     (dict(cond=jnp.zeros((3, 3, 5))), r"cond must be \[B=2,L,D\]"),
-    (dict(detector="noise_diff"), "detector must be a cfgbasin_jax.detectors.Detector"),
+    (dict(detector="noise_diff"), "detector must be a cfgbasin_jax.method.detectors.Detector"),
 ])
 def test_functional_api_validates_in_one_line(batch, bad, match):
     params, sched, x0, cond, uncond = batch

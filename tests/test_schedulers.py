@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from cfgbasin_jax import schedulers as S
-from cfgbasin_jax import tiny
+from cfgbasin_jax.models import tiny
 
 # the scheduler configs SD 1.4 and SD 2.1 ship (one copy, shared with the tiny test models)
 SD14 = tiny.SD1_SCHEDULER

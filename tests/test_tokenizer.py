@@ -1,4 +1,4 @@
-"""The CLIP tokenizer path (cfgbasin_jax.tokenizer): loading, writing, saving, ids.
+"""The CLIP tokenizer path (cfgbasin_jax.models.tokenizer): loading, writing, saving, ids.
 
 Oracle: CLIP's tokenizer rule restated in plain Python (tests/clip_reference.py). The pinned ids were
 measured identical with transformers 4.57 (CLIPTokenizerFast) and 5.24 (CLIPTokenizer, the same
@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from clip_reference import clip_ids, read_bpe
 
-from cfgbasin_jax import tiny, toy
-from cfgbasin_jax import tokenizer as T
+from cfgbasin_jax.models import tiny
+from cfgbasin_jax.toy import data as toy
+from cfgbasin_jax.models import tokenizer as T
 from cfgbasin_jax.convert import ConversionError
 from cfgbasin_jax.convert.sd_folder import load_tokenizer as load_sd_tokenizer
 

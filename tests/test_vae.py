@@ -1,4 +1,4 @@
-"""Our VAE (cfgbasin_jax.vae) against PyTorch diffusers' AutoencoderKL on tiny random models.
+"""Our VAE (cfgbasin_jax.models.vae) against PyTorch diffusers' AutoencoderKL on tiny random models.
 
 The PyTorch model is saved as a diffusers vae/ folder (safetensors) and converted by our converter,
 so the check covers the parameter mapping too. Measured (float32, max abs err / max |reference|, CPU;
@@ -16,9 +16,10 @@ import pytest
 import torch
 from tiny_sd import build_torch_vae
 
-from cfgbasin_jax import models, tiny
+from cfgbasin_jax.models import builders as models
+from cfgbasin_jax.models import tiny
 from cfgbasin_jax.convert import ConversionError, sd_folder
-from cfgbasin_jax.vae import AutoencoderKL, DiagonalGaussian
+from cfgbasin_jax.models.vae import AutoencoderKL, DiagonalGaussian
 
 RTOL = 1e-4
 

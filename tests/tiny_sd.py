@@ -1,7 +1,7 @@
 """Tiny random PyTorch Stable Diffusion models and diffusers-format folders (the test oracle).
 
 `make_tiny_sd(root, variant, weights)` builds the PyTorch UNet2DConditionModel, AutoencoderKL and
-CLIPTextModel of `cfgbasin_jax.tiny.tiny_configs(variant)` (seeded with torch.manual_seed), writes a
+CLIPTextModel of `cfgbasin_jax.models.tiny.tiny_configs(variant)` (seeded with torch.manual_seed), writes a
 complete diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
 with `.safetensors` or pickled `.bin` weights, and returns both.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cfgbasin_jax.tiny import tiny_configs, write_tiny_tokenizer
+from cfgbasin_jax.models.tiny import tiny_configs, write_tiny_tokenizer
 
 # path: the diffusers folder; unet / vae / text_encoder: PyTorch modules (eval, float32);
 # tokenizer: CLIPTokenizer; scheduler_config: dict as in scheduler/scheduler_config.json.

@@ -1,7 +1,7 @@
-"""CLIP score with our CLIP (:class:`cfgbasin_jax.clip.CLIPModel`): cosine similarity of image and
+"""CLIP score with our CLIP (:class:`cfgbasin_jax.models.clip.CLIPModel`): cosine similarity of image and
 caption embeddings.
 
-Scale convention (both are reported by :func:`cfgbasin_jax.evaluate.evaluate`):
+Scale convention (both are reported by :func:`cfgbasin_jax.apps.evaluate.evaluate`):
   * ``cos``        raw cosine similarity of the projected, L2-normalised embeddings, in [-1, 1];
   * ``clip_score`` ``100 * max(cos, 0)``, the common "CLIPScore" scale (torchmetrics; Hessel et al.
     use ``2.5 * max(cos, 0)`` instead).
@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfgbasin_jax import tokenizer as T
-from cfgbasin_jax.clip import CLIPModel, clip_config
+from cfgbasin_jax.models import tokenizer as T
+from cfgbasin_jax.models.clip import CLIPModel, clip_config
 from cfgbasin_jax.convert.errors import ConversionError
 from cfgbasin_jax.metrics.images import CLIP_MEAN, CLIP_STD, ClipPreprocess
 
@@ -52,7 +52,7 @@ class ClipWeightsError(ValueError):
 
 @dataclasses.dataclass
 class ClipScorer:
-    """A loaded CLIP: the model (:class:`cfgbasin_jax.clip.CLIPModel`), its params, the tokenizer
+    """A loaded CLIP: the model (:class:`cfgbasin_jax.models.clip.CLIPModel`), its params, the tokenizer
     and the image recipe."""
 
     model: Any

@@ -17,7 +17,7 @@ Pieces (small and pure where possible):
 A pixel-space model has ``components.vae = None``; it is saved in the small toy format of
 :func:`save_pixel_model` / :func:`load_pixel_components` (configs + tokenizer + safetensors).
 A model with a VAE (a converted SD folder) trains on VAE latents and is saved with
-:func:`cfgbasin_jax.loading.save_components`.
+:func:`cfgbasin_jax.models.loading.save_components`.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import numpy as np
 import optax
 
 from cfgbasin_jax import schedulers
-from cfgbasin_jax.loading import (  # noqa: F401  (the pixel-model format lives in loading)
+from cfgbasin_jax.models.loading import (  # noqa: F401  (the pixel-model format lives in loading)
     PIXEL_FORMAT, Components, is_pixel_model, load_pixel_components, pixel_components, save_pixel_model)
-from cfgbasin_jax.models import build_text_encoder, build_unet, component_param_shapes
-from cfgbasin_jax.tokenizer import load_tokenizer
+from cfgbasin_jax.models.builders import build_text_encoder, build_unet, component_param_shapes
+from cfgbasin_jax.models.tokenizer import load_tokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Options that may change when a run is resumed (everything else must match the stored run).
@@ -236,7 +236,7 @@ def toy_model_configs(beta_schedule: str = "scaled_linear") -> dict:
     channels; a 2-layer 64-wide CLIP text encoder over the toy vocabulary; a DDIM scheduler with
     SD's noise schedule ("scaled_linear") or DDPM's ("linear", 1e-4..0.02: terminal SNR ~4e-5,
     so that at 16x16 pixels the image's mean colour cannot be read from the initial noise)."""
-    from cfgbasin_jax import toy
+    from cfgbasin_jax.toy import data as toy
 
     with_vocab = _toy_vocab_size()
     unet = {
@@ -288,7 +288,7 @@ def toy_model_configs(beta_schedule: str = "scaled_linear") -> dict:
 def _toy_vocab_size() -> int:
     import tempfile
 
-    from cfgbasin_jax import toy
+    from cfgbasin_jax.toy import data as toy
 
     with tempfile.TemporaryDirectory() as tmp:
         toy.write_toy_tokenizer(tmp)
@@ -301,7 +301,8 @@ def init_toy_components(seed: int = 0, configs: dict | None = None, tokenizer_di
     """Randomly initialised pixel-space toy model (Flax-style initialisers on the host, seeded)."""
     import tempfile
 
-    from cfgbasin_jax import tiny, toy
+    from cfgbasin_jax.models import tiny
+    from cfgbasin_jax.toy import data as toy
 
     configs = configs or toy_model_configs()
     unet = build_unet(configs["unet"])
@@ -324,7 +325,7 @@ def load_model(model: str, dtype="float32", seed: int = 0, toy_beta_schedule: st
         return init_toy_components(seed, configs=toy_model_configs(toy_beta_schedule or "scaled_linear"))
     if is_pixel_model(model):
         return load_pixel_components(model, dtype)
-    from cfgbasin_jax.loading import load_components
+    from cfgbasin_jax.models.loading import load_components
 
     return load_components(model, dtype=dtype)
 
@@ -501,7 +502,7 @@ def _check_resume(output_dir: Path, cfg: TrainConfig) -> None:
 
 def _store_config(output_dir: Path, cfg: TrainConfig) -> None:
     """Write train_config.json (the stored run's step count follows the latest --max_train_steps)."""
-    from cfgbasin_jax import files as F
+    from cfgbasin_jax.runs import files as F
 
     F.atomic_write_text(output_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
@@ -533,7 +534,7 @@ def train(cfg: TrainConfig, components: Components | None = None, log=print) -> 
     checkpoints/, model/}``."""
     import orbax.checkpoint as ocp
 
-    from cfgbasin_jax import files as F
+    from cfgbasin_jax.runs import files as F
 
     cfg.check()  # everything is checked before output_dir is written
     try:
@@ -634,7 +635,7 @@ def _save_trained(comps: Components, state: dict, cfg: TrainConfig, model_dir: P
     if trained.vae is None:
         save_pixel_model(trained, model_dir, cfg.save_dtype, extra={"training": dataclasses.asdict(cfg), "steps": int(state["step"])})
     else:
-        from cfgbasin_jax.loading import save_components
+        from cfgbasin_jax.models.loading import save_components
 
         save_components(trained, model_dir, overwrite=True)
     return trained
@@ -745,7 +746,7 @@ def build_parser():
 def main(argv=None) -> int:
     import sys
 
-    from cfgbasin_jax import files as F
+    from cfgbasin_jax.runs import files as F
     from cfgbasin_jax.convert.errors import ConversionError
 
     args = vars(build_parser().parse_args(argv))

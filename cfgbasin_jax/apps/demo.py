@@ -25,8 +25,9 @@ from typing import Sequence
 
 import numpy as np
 
-from cfgbasin_jax import TOY_MODEL, toy
-from cfgbasin_jax import methods as M
+from cfgbasin_jax import TOY_MODEL
+from cfgbasin_jax.toy import data as toy
+from cfgbasin_jax.method import registry as M
 
 SHIPPED_MODEL = TOY_MODEL
 # Every method of the registry, by its table label: the transition methods, then the inference-time
@@ -174,8 +175,8 @@ def alignment(image: np.ndarray, objects: Sequence[toy.ShapeSpec]) -> float:
 
 def load_demo_pipeline(model: str | None, log=print):
     """(Pipeline, description, is_toy): the shipped toy, a given pixel-model folder, or - when the
-    shipped weights are missing - cfgbasin_jax.tiny.random_components() with a notice."""
-    from cfgbasin_jax.loading import is_pixel_model, load_pixel_components
+    shipped weights are missing - cfgbasin_jax.models.tiny.random_components() with a notice."""
+    from cfgbasin_jax.models.loading import is_pixel_model, load_pixel_components
     from cfgbasin_jax.pipeline import Pipeline
 
     path = Path(model) if model else SHIPPED_MODEL
@@ -183,18 +184,18 @@ def load_demo_pipeline(model: str | None, log=print):
         return Pipeline(load_pixel_components(path)), f"toy model {path}", True
     if model:
         raise ValueError(f"--model {model}: not a pixel-model folder (needs model.json + params.safetensors)")
-    from cfgbasin_jax.tiny import random_components
+    from cfgbasin_jax.models.tiny import random_components
 
     log(
         "NOTICE: the shipped toy weights are not there (" + str(path) + "); falling back to "
-        "cfgbasin_jax.tiny.random_components(): a RANDOM untrained model. The numbers below say "
+        "cfgbasin_jax.models.tiny.random_components(): a RANDOM untrained model. The numbers below say "
         "nothing about memorization."
     )
     return Pipeline(random_components()), "random tiny model (fallback: shipped toy weights missing)", False
 
 
 def method_guidance(name: str, scale: float, stp_t: int, og_t: int, og_scale: float):
-    """The registry method ``name`` (:mod:`cfgbasin_jax.methods`) with the demo's settings: CFG scale
+    """The registry method ``name`` (:mod:`cfgbasin_jax.method.registry`) with the demo's settings: CFG scale
     ``scale`` everywhere, STP at ``stp_t``, the opposite-guidance methods at ``og_scale`` (OG+STP at ``og_t``)."""
     method = M.get(name)
     params = {"scale": scale}
@@ -422,7 +423,7 @@ def format_table(rows: list[dict]) -> str:
 def _report_text(cfg, model_desc, is_toy, threshold, lay_threshold, prompts, n_mem, stp_t, og_t, table, total_s) -> str:
     notice = "" if is_toy else (
         "\n> **NOTICE: the shipped toy weights were not found; this report uses a RANDOM untrained model "
-        "(`cfgbasin_jax.tiny.random_components()`). Its numbers say nothing about memorization.**\n")
+        "(`cfgbasin_jax.models.tiny.random_components()`). Its numbers say nothing about memorization.**\n")
     plist = "\n".join(f"- {'**memorized**' if m >= 0 else 'plain'}: {c}" for c, _, m in prompts)
     method_lines = (
         f"- CFG: constant scale {cfg.guidance}\n"
@@ -497,8 +498,8 @@ class DemoError(ValueError):
 
 def check_config(cfg: DemoConfig) -> None:
     """Every flag, checked before anything is computed or written (DemoError naming the flag)."""
-    from cfgbasin_jax import files as F
-    from cfgbasin_jax.training import is_pixel_model
+    from cfgbasin_jax.runs import files as F
+    from cfgbasin_jax.toy.train import is_pixel_model
 
     for name in ("num_mem_prompts", "num_plain_prompts", "samples_per_prompt", "steps"):
         minimum = 3 if name == "steps" else (1 if name == "samples_per_prompt" else 0)
@@ -532,7 +533,7 @@ def check_config(cfg: DemoConfig) -> None:
 
 
 def main(argv=None) -> int:
-    from cfgbasin_jax import files as F
+    from cfgbasin_jax.runs import files as F
 
     args = build_parser().parse_args(argv)
     cfg = DemoConfig(**{**vars(args), "methods": tuple(args.methods)})

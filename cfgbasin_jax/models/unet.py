@@ -6,7 +6,7 @@ same parameter tree (``conv_in``, ``time_embedding/linear_1``, ``down_blocks_0/r
 
 Differences from diffusers' Flax modules (each one brings the outputs closer to PyTorch's or makes
 them faster, never changes the parameters):
-  * attention through :func:`cfgbasin_jax.attention.attend`, chosen per backend (``attention``);
+  * attention through :func:`cfgbasin_jax.models.attention.attend`, chosen per backend (``attention``);
   * exact (erf) gelu in GEGLU, as PyTorch's GEGLU (diffusers' Flax GEGLU uses the tanh approximation);
   * no ``added_cond_kwargs`` / ControlNet residual inputs (the configs this project accepts have none).
 
@@ -22,7 +22,7 @@ import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cfgbasin_jax import attention as A
+from cfgbasin_jax.models import attention as A
 
 
 @flax.struct.dataclass
@@ -293,7 +293,7 @@ class MidBlock(nn.Module):
 
 class UNet2DConditionModel(nn.Module):
     """SD's conditional UNet (see the module docstring). Fields as diffusers' Flax UNet config;
-    ``attention`` picks the attention implementation (:data:`cfgbasin_jax.attention.IMPLEMENTATIONS`).
+    ``attention`` picks the attention implementation (:data:`cfgbasin_jax.models.attention.IMPLEMENTATIONS`).
 
     ``attention_head_dim`` is the NUMBER of heads per block (diffusers' naming quirk).
     ``use_memory_efficient_attention`` and ``split_head_dim`` are diffusers' Flax attention

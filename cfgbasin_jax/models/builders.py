@@ -9,9 +9,9 @@ is the NUMBER of attention heads per block (head width = block channels // atten
 `num_attention_heads` is refused by both. The parity tests check this on an SD2-style per-block
 tuple.
 
-The UNet and the VAE are this project's own linen modules (:mod:`cfgbasin_jax.unet`,
-:mod:`cfgbasin_jax.vae`) with diffusers' Flax parameter trees (``FlaxUNet2DConditionModel``,
-``FlaxAutoencoderKL``), the attention implementation chosen per backend (:mod:`cfgbasin_jax.attention`)
+The UNet and the VAE are this project's own linen modules (:mod:`cfgbasin_jax.models.unet`,
+:mod:`cfgbasin_jax.models.vae`) with diffusers' Flax parameter trees (``FlaxUNet2DConditionModel``,
+``FlaxAutoencoderKL``), the attention implementation chosen per backend (:mod:`cfgbasin_jax.models.attention`)
 and PyTorch's exact gelu. Nothing here imports diffusers.
 
 Parameter shapes come from `jax.eval_shape` (`param_shapes`): nothing is initialised to learn them.
@@ -167,7 +167,7 @@ def _per_block(config: Mapping, key: str, n_blocks: int, what: str) -> None:
 
 def unet_flax_kwargs(config: Mapping) -> dict:
     """Validate a diffusers UNet2DConditionModel config; return the Flax UNet's kwargs (accepted by
-    both :class:`cfgbasin_jax.unet.UNet2DConditionModel` and diffusers' FlaxUNet2DConditionModel)."""
+    both :class:`cfgbasin_jax.models.unet.UNet2DConditionModel` and diffusers' FlaxUNet2DConditionModel)."""
     what = "UNet"
     _check_known(config, set(_UNET_FLAX_KEYS) | set(_UNET_FIXED) | set(_UNET_IGNORED), what)
     _check_fixed(config, _UNET_FIXED, what)
@@ -200,7 +200,7 @@ def unet_flax_kwargs(config: Mapping) -> dict:
 
 def vae_flax_kwargs(config: Mapping) -> dict:
     """Validate a diffusers AutoencoderKL config; return the Flax VAE's kwargs (accepted by both
-    :class:`cfgbasin_jax.vae.AutoencoderKL` and diffusers' FlaxAutoencoderKL)."""
+    :class:`cfgbasin_jax.models.vae.AutoencoderKL` and diffusers' FlaxAutoencoderKL)."""
     what = "VAE"
     _check_known(config, set(_VAE_FLAX_KEYS) | set(_VAE_FIXED) | set(_VAE_IGNORED), what)
     _check_fixed(config, _VAE_FIXED, what)
@@ -229,26 +229,26 @@ def vae_flax_kwargs(config: Mapping) -> dict:
 
 
 def text_encoder_config(config: Mapping):
-    """Validate a transformers CLIPTextModel config dict; return :class:`cfgbasin_jax.clip.TextConfig`."""
-    from cfgbasin_jax.clip import text_config
+    """Validate a transformers CLIPTextModel config dict; return :class:`cfgbasin_jax.models.clip.TextConfig`."""
+    from cfgbasin_jax.models.clip import text_config
 
     return text_config(config, "text encoder", architectures=("CLIPTextModel",))
 
 
 def build_unet(config: Mapping, dtype: Any = "float32", attention: str = "auto"):
-    """The UNet (linen module, :class:`cfgbasin_jax.unet.UNet2DConditionModel`) computing in `dtype`,
+    """The UNet (linen module, :class:`cfgbasin_jax.models.unet.UNet2DConditionModel`) computing in `dtype`,
     from a diffusers UNet config. Its parameter tree is diffusers' FlaxUNet2DConditionModel's.
 
     attention: "auto" (per backend: chunked on CPU, cuDNN-fused on GPU, XLA on TPU) or one of
-    :data:`cfgbasin_jax.attention.IMPLEMENTATIONS`.
+    :data:`cfgbasin_jax.models.attention.IMPLEMENTATIONS`.
     """
-    from cfgbasin_jax.unet import UNet2DConditionModel
+    from cfgbasin_jax.models.unet import UNet2DConditionModel
 
     return UNet2DConditionModel(**unet_flax_kwargs(config), attention=_attention(attention), dtype=resolve_dtype(dtype))
 
 
 def _attention(attention: str) -> str:
-    from cfgbasin_jax.attention import IMPLEMENTATIONS
+    from cfgbasin_jax.models.attention import IMPLEMENTATIONS
 
     if attention not in IMPLEMENTATIONS:
         raise ConversionError(f"unknown attention implementation {attention!r}: use one of {', '.join(IMPLEMENTATIONS)}")
@@ -256,21 +256,21 @@ def _attention(attention: str) -> str:
 
 
 def build_vae(config: Mapping, dtype: Any = "float32", attention: str = "auto"):
-    """The VAE (linen module, :class:`cfgbasin_jax.vae.AutoencoderKL`) computing in `dtype`, from a
+    """The VAE (linen module, :class:`cfgbasin_jax.models.vae.AutoencoderKL`) computing in `dtype`, from a
     diffusers AutoencoderKL config. Its parameter tree is diffusers' FlaxAutoencoderKL's.
 
     attention: the mid-block attention implementation, as for :func:`build_unet`.
     """
-    from cfgbasin_jax.vae import AutoencoderKL
+    from cfgbasin_jax.models.vae import AutoencoderKL
 
     return AutoencoderKL(**vae_flax_kwargs(config), attention=_attention(attention), dtype=resolve_dtype(dtype))
 
 
 def build_text_encoder(config_dict: Mapping, dtype: Any = "float32"):
-    """The CLIP text encoder (linen module, :class:`cfgbasin_jax.clip.CLIPTextModel`) computing in
+    """The CLIP text encoder (linen module, :class:`cfgbasin_jax.models.clip.CLIPTextModel`) computing in
     `dtype`, from a transformers CLIPTextModel config. Its parameter tree is transformers'
     FlaxCLIPTextModule's."""
-    from cfgbasin_jax.clip import CLIPTextModel
+    from cfgbasin_jax.models.clip import CLIPTextModel
 
     return CLIPTextModel(config=text_encoder_config(config_dict), dtype=resolve_dtype(dtype))
 

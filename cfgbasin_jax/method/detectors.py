@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from cfgbasin_jax import official_cosine
-from cfgbasin_jax.arrays import Latents, Mask, PerSample, PerStep, Scalar
+from cfgbasin_jax.method import official_cosine
+from cfgbasin_jax.method.arrays import Latents, Mask, PerSample, PerStep, Scalar
 
 EPS_SIGNALS = ("j", "t", "x", "eps_u", "eps_c", "noise_diff")
 """Known after the UNet halves of step j, before the guided combine."""
@@ -108,7 +108,7 @@ COSINE_FORMULAS: dict[str, Callable[[Latents, Latents], PerSample]] = {
 }
 """Formulas of the latent-cosine signal by precision name. ``"stable"`` (the default) stays smooth
 where consecutive latents are nearly parallel; ``"official"`` is the official script's float32
-``1 - torch cosine_similarity``, bit for bit (:mod:`cfgbasin_jax.official_cosine`), whose values
+``1 - torch cosine_similarity``, bit for bit (:mod:`cfgbasin_jax.method.official_cosine`), whose values
 near convergence are small multiples of 2^-24 with ties. A new formula is one entry here
 (``fn(x_next, x) -> [B]``) and is then accepted as ``precision=``."""
 
@@ -174,7 +174,7 @@ class Detector:
 
     def replay(self, trace) -> "Detector | None":
         """A detector for one more pass from the same noise, decided from this pass's trace
-        (:class:`~cfgbasin_jax.sampler.Trace`), or None (default: a single pass)."""
+        (:class:`~cfgbasin_jax.method.sampler.Trace`), or None (default: a single pass)."""
         return None
 
     def pass_detector(self) -> "Detector":
@@ -339,7 +339,7 @@ class LatentCosineMinimum(Detector):
 class TwoPass(Detector):
     """A first pass sampled with ``first``, then a replay from the same noise with the detector that
     ``rule(trace of the first pass)`` returns (``rule`` is static). The sampler never sees a
-    TwoPass: :func:`cfgbasin_jax.sampler.run_passes` runs its :meth:`pass_detector`."""
+    TwoPass: :func:`cfgbasin_jax.method.sampler.run_passes` runs its :meth:`pass_detector`."""
 
     first: Detector
     rule: Callable = struct.field(pytree_node=False)

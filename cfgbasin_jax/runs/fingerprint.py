@@ -1,7 +1,7 @@
 """Model fingerprints: a short hash that tells two models apart, so a resumed run can refuse a
 different model found at the same path.
 
-* **Converted directory** (``cfgbasin-convert`` / :func:`cfgbasin_jax.loading.save_components`):
+* **Converted directory** (``cfgbasin-convert`` / :func:`cfgbasin_jax.models.loading.save_components`):
   ``"content:<hex>"``, computed once at conversion and stored in ``cfgbasin_jax.json``, so reading it
   costs one small file. It hashes what decides the images: every parameter (component, key path,
   dtype, shape, bytes), the model and scheduler configs (keys starting with ``_``, such as
@@ -112,7 +112,7 @@ def weight_files(folder, kind: str) -> list[Path]:
 def model_fingerprint(path) -> str:
     """The fingerprint of a converted directory or a diffusers-format SD folder (cheap: see the
     module docstring). Raises ConversionError for a folder the loader could not read either."""
-    from cfgbasin_jax.loading import FORMAT_FILE, is_converted
+    from cfgbasin_jax.models.loading import FORMAT_FILE, is_converted
 
     root = Path(path)
     if is_converted(root):

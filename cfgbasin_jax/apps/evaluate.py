@@ -5,7 +5,7 @@ training set, prompt alignment (CLIP score), and FID (not available in this buil
 
 Generation folder layout: ``OUTDIR/Images/{i}.png`` or ``OUTDIR/Images/{i}_{t}.png`` and, optionally,
 ``OUTDIR/metadata.jsonl`` with one object per image holding at least ``index`` (int), ``prompt`` (str)
-and ``file`` (path relative to OUTDIR), read by :func:`cfgbasin_jax.runs.read_metadata_file` (a last
+and ``file`` (path relative to OUTDIR), read by :func:`cfgbasin_jax.runs.folder.read_metadata_file` (a last
 line cut off by a killed run is skipped with a note). Without metadata the images are read from ``Images/`` in the
 order of their leading integers and captions come from ``--captions`` (line ``i`` = prompt ``i``);
 ``--captions`` also overrides the metadata prompts when both are given.
@@ -37,8 +37,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cfgbasin_jax import files as F
-from cfgbasin_jax import runs as R
+from cfgbasin_jax.runs import files as F
+from cfgbasin_jax.runs import folder as R
 from cfgbasin_jax.metrics import images as I
 
 PREFETCH_BATCHES = 2  # batches being decoded while the device runs the current one

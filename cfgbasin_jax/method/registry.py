@@ -19,7 +19,7 @@ import dataclasses
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-from cfgbasin_jax import guidance as G
+from cfgbasin_jax.method import guidance as G
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Method:
     cli: bool = True
 
     def guidance(self, **params) -> G.Guidance:
-        """The method's :class:`~cfgbasin_jax.guidance.Guidance`; ``None`` values keep the defaults."""
+        """The method's :class:`~cfgbasin_jax.method.guidance.Guidance`; ``None`` values keep the defaults."""
         params = {k: v for k, v in params.items() if v is not None}
         unknown = set(params) - set(self.defaults) - {"shape_before", "shape_after", "precision", "fallback"}
         if unknown:

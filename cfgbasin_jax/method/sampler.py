@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from cfgbasin_jax import detectors as D
-from cfgbasin_jax.arrays import Embeddings, Latents, Mask, PerSample, PerStep, StepIndex
-from cfgbasin_jax.detectors import cosine_distance, l2_norm  # noqa: F401  (re-exported)
+from cfgbasin_jax.method import detectors as D
+from cfgbasin_jax.method.arrays import Embeddings, Latents, Mask, PerSample, PerStep, StepIndex
+from cfgbasin_jax.method.detectors import cosine_distance, l2_norm  # noqa: F401  (re-exported)
 from cfgbasin_jax.schedulers import Scheduler
 
 # Which UNet halves a step runs (the lax.switch branch index).
@@ -141,7 +141,7 @@ def _validate(scheduler, latents, cond, uncond, before, after, detector) -> None
         raise ValueError(f"sampler: scheduler must be a cfgbasin_jax.schedulers.Scheduler (make one with "
                          f"schedulers.make_scheduler(name, config, steps)), got {type(scheduler).__name__}")
     if detector is not None and not isinstance(detector, D.Detector):
-        raise ValueError(f"sampler: detector must be a cfgbasin_jax.detectors.Detector, got {type(detector).__name__}")
+        raise ValueError(f"sampler: detector must be a cfgbasin_jax.method.detectors.Detector, got {type(detector).__name__}")
     if jnp.ndim(latents) < 2:
         raise ValueError(f"sampler: latents must be [B,C,h,w], got shape {jnp.shape(latents)}")
     b, steps = jnp.shape(latents)[0], scheduler.timesteps.shape[0]
@@ -173,7 +173,7 @@ def sample_loop(
     """One sampling pass from ``latents`` [B,C,h,w] (already scaled by init_noise_sigma).
 
     cond, uncond: [B,L,D] text embeddings. before, after: float32 [B,S] per-step scales.
-    detector: a :class:`~cfgbasin_jax.detectors.Detector` with per-sample leaves (default: never
+    detector: a :class:`~cfgbasin_jax.method.detectors.Detector` with per-sample leaves (default: never
     switch, i.e. ``before`` throughout). ``scheduler``: a :class:`cfgbasin_jax.schedulers.Scheduler`.
     ``on_step(j)``, if given, is traced into every step (e.g. a host callback advancing a progress
     bar). ``skip_halves=False`` always runs both halves (the reference path; same results within

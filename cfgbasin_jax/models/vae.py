@@ -5,7 +5,7 @@ names and parameter tree (``encoder/conv_in``, ``encoder/down_blocks_0/resnets_0
 ``encoder/mid_block/attentions_0/query``, ``decoder/up_blocks_0/upsamplers_0/conv``,
 ``quant_conv``, ``post_quant_conv``, ...), so converted checkpoints load unchanged. Its outputs
 follow PyTorch diffusers' ``AutoencoderKL``; the mid-block self-attention (one head over all
-channels) runs through :func:`cfgbasin_jax.attention.attend`, chosen per backend.
+channels) runs through :func:`cfgbasin_jax.models.attention.attend`, chosen per backend.
 
 The call interface is also diffusers' Flax one::
 
@@ -22,8 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cfgbasin_jax import attention as A
-from cfgbasin_jax.unet import Upsample
+from cfgbasin_jax.models import attention as A
+from cfgbasin_jax.models.unet import Upsample
 
 NORM_EPS = 1e-6  # every GroupNorm of diffusers' VAE
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance clip (diffusers' DiagonalGaussianDistribution)
@@ -226,10 +226,10 @@ class Decoder(nn.Module):
 
 class AutoencoderKL(nn.Module):
     """SD's VAE (see the module docstring). Fields as diffusers' Flax AutoencoderKL config, plus
-    ``attention`` (:data:`cfgbasin_jax.attention.IMPLEMENTATIONS`) for the mid-block attention.
+    ``attention`` (:data:`cfgbasin_jax.models.attention.IMPLEMENTATIONS`) for the mid-block attention.
 
     ``down_block_types`` / ``up_block_types`` must be all DownEncoderBlock2D / UpDecoderBlock2D
-    (checked by :func:`cfgbasin_jax.models.vae_flax_kwargs`); ``sample_size`` and
+    (checked by :func:`cfgbasin_jax.models.builders.vae_flax_kwargs`); ``sample_size`` and
     ``scaling_factor`` are carried for the pipeline and not used by the module.
     """
 

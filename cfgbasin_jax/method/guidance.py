@@ -2,7 +2,7 @@
 
 A :class:`Guidance` says which classifier-free-guidance scale applies *before* the transition point
 and which *after* it, each optionally shaped over the timestep (the official ``--CFG_scheduling``
-shapes), and which transition detector (:mod:`cfgbasin_jax.detectors`) decides when the transition
+shapes), and which transition detector (:mod:`cfgbasin_jax.method.detectors`) decides when the transition
 happens. :func:`plan` turns schedules into per-sample, per-step scale arrays [B,S] plus one batched
 detector for the sampler.
 
@@ -21,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfgbasin_jax import detectors as D
-from cfgbasin_jax.arrays import PerSample, PerStep, Timesteps
+from cfgbasin_jax.method import detectors as D
+from cfgbasin_jax.method.arrays import PerSample, PerStep, Timesteps
 
 SHAPES = ("static", "linear", "invlinear", "cosine", "sine", "v_shape", "a_shape")
 SIGNALS = ("noise_diff", "latent_cosine")
 MODES = ("exact", "causal")
 PRECISIONS = tuple(D.COSINE_FORMULAS)
-"""Formulas of the latent-cosine signal (:data:`cfgbasin_jax.detectors.COSINE_FORMULAS`): "stable" (default)
+"""Formulas of the latent-cosine signal (:data:`cfgbasin_jax.method.detectors.COSINE_FORMULAS`): "stable" (default)
 and "official" (the official script's float32 ``1 - torch cosine_similarity``, bit for bit)."""
 
 # The official opposite-guidance script falls back to this index when c has no local minimum.
@@ -52,10 +52,10 @@ class Guidance:
       t: static rule: ``before`` applies while the step's timestep is ``> t``, ``after`` while
         ``<= t`` (an integer, or an integer array [B]).
       signal: dynamic rule: "noise_diff" | "latent_cosine", or a
-        :class:`~cfgbasin_jax.detectors.Detector` (a user-defined rule).
+        :class:`~cfgbasin_jax.method.detectors.Detector` (a user-defined rule).
       mode: latent-cosine rule: "exact" | "causal".
       fallback: causal latent-cosine rule: switch at this step if no minimum is confirmed by then.
-      precision: latent-cosine formula (:data:`cfgbasin_jax.detectors.COSINE_FORMULAS`).
+      precision: latent-cosine formula (:data:`cfgbasin_jax.method.detectors.COSINE_FORMULAS`).
     """
 
     before: Any
@@ -196,18 +196,18 @@ def dynamic_transition(
       a minimum at index >= 2 (the step after it is observed); a sample with no such minimum by
       step ``fallback`` switches there ("official": the official rule's own fallback,
       :data:`LATENT_COSINE_FALLBACK_INDEX`; ``None``: never switch without a minimum).
-      ``precision`` names the formula of c (:data:`cfgbasin_jax.detectors.COSINE_FORMULAS`):
+      ``precision`` names the formula of c (:data:`cfgbasin_jax.method.detectors.COSINE_FORMULAS`):
       "stable" (default) computes ``0.5 ||x_{j+1}/|x_{j+1}| - x_j/|x_j|||^2``, which keeps float32 precision
       when consecutive latents are nearly parallel; "official" computes it as the official script does
       (float32 ``1 - torch cosine_similarity``, whose values near convergence are small multiples of
       2^-24 with ties), so the official rule sees the official script's ties and spurious minima.
-    signal=<a Detector>: a user-defined rule (see :mod:`cfgbasin_jax.detectors`); ``mode``,
+    signal=<a Detector>: a user-defined rule (see :mod:`cfgbasin_jax.method.detectors`); ``mode``,
       ``fallback`` and ``precision`` do not apply.
     """
     custom = isinstance(signal, D.Detector)
     if not custom and signal not in SIGNALS:
         raise ValueError(f"guidance: unknown signal {signal!r}; expected one of {', '.join(SIGNALS)} or a "
-                         "cfgbasin_jax.detectors.Detector")
+                         "cfgbasin_jax.method.detectors.Detector")
     if mode not in MODES:
         raise ValueError(f"guidance: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     causal = signal == "latent_cosine" and mode == "causal"
@@ -287,7 +287,7 @@ class Plan(NamedTuple):
     """Per-sample, per-step guidance data for the sampler (numpy, or jnp when built from tracers).
 
     before, after: float32 [B, S] scales before / from the transition on.
-    detector: a :class:`~cfgbasin_jax.detectors.Detector` with per-sample leaves [B,...].
+    detector: a :class:`~cfgbasin_jax.method.detectors.Detector` with per-sample leaves [B,...].
     """
 
     before: PerStep
@@ -326,7 +326,7 @@ def check_steps(g: Guidance, steps: int, num_train_timesteps: int) -> None:
 def plan_batch(g: Guidance, batch: int, timesteps: Timesteps, num_train_timesteps: int = 1000) -> Plan:
     """The plan of one schedule for ``batch`` samples (per-sample array fields must have length B)."""
     if not isinstance(g, Guidance):
-        raise ValueError(f"guidance: expected a cfgbasin_jax.guidance.Guidance, got {type(g).__name__}")
+        raise ValueError(f"guidance: expected a cfgbasin_jax.method.guidance.Guidance, got {type(g).__name__}")
     steps = int(np.shape(timesteps)[0])
     check_steps(g, steps, num_train_timesteps)
     xp = jnp if _traced(g.before, g.after, g.t, timesteps) or isinstance(g.before, jax.Array) else np
@@ -365,5 +365,5 @@ def plan(guidance: Guidance | Sequence[Guidance], batch: int, timesteps: Timeste
 
 def latent_cosine_transition_index(c) -> int:
     """The official OG rule over one recorded trajectory ``c`` [S] (see
-    :func:`cfgbasin_jax.detectors.first_minimum_index`)."""
+    :func:`cfgbasin_jax.method.detectors.first_minimum_index`)."""
     return int(D.first_minimum_index(np.asarray(c))[0])

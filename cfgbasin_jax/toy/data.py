@@ -12,7 +12,7 @@ the uncaptioned details (background, sizes, exact placement) distinguish a copy.
 
     ds = make_dataset(seed=0)                 # ToyDataset: images uint8 [N,16,16,3], captions, objects
     write_folder(ds, "toy_data")              # 00000.png + 00000.txt ..., memorized first
-    python -m cfgbasin_jax.toy --out toy_data
+    python -m cfgbasin_jax.toy.data --out toy_data
 """
 
 from __future__ import annotations
@@ -256,14 +256,14 @@ def write_folder(ds: ToyDataset, directory) -> Path:
 
 def write_toy_tokenizer(directory, words: Sequence[str] = WORDS, model_max_length: int = MODEL_MAX_LENGTH) -> Path:
     """A CLIP tokenizer folder (byte-level BPE like CLIP's) in which every toy word is one token;
-    other text falls back to bytes. Loads offline with :func:`cfgbasin_jax.tokenizer.load_tokenizer`."""
-    from cfgbasin_jax.tokenizer import write_bpe_tokenizer
+    other text falls back to bytes. Loads offline with :func:`cfgbasin_jax.models.tokenizer.load_tokenizer`."""
+    from cfgbasin_jax.models.tokenizer import write_bpe_tokenizer
 
     return write_bpe_tokenizer(directory, sorted(set(words)), model_max_length)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cfgbasin_jax.toy", description="Write the toy dataset folder.")
+    parser = argparse.ArgumentParser(prog="python -m cfgbasin_jax.toy.data", description="Write the toy dataset folder.")
     parser.add_argument("--out", required=True, help="output folder (PNG + TXT pairs, toy.json)")
     parser.add_argument("--num_plain", type=int, default=3000)
     parser.add_argument("--num_memorized", type=int, default=8)

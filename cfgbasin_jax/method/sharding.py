@@ -73,7 +73,7 @@ def first_device_only(fn: Callable) -> Callable:
 def sharded_sample_loop(loop: Callable, mesh: Mesh, cond_aux: bool = False) -> Callable:
     """shard_map a ``sample_loop(params, scheduler, x0, cond, uncond, before, after, detector)``
     over ``mesh``; returns a function of the same arguments (global arrays; the detector's leaves
-    are per sample) giving a global :class:`~cfgbasin_jax.sampler.Trace` (every field [B,...]).
+    are per sample) giving a global :class:`~cfgbasin_jax.method.sampler.Trace` (every field [B,...]).
     With ``cond_aux=True`` it takes a ninth argument, a pytree of per-sample arrays [B,...]
     (sharded like the batch), passed to the loop as ``cond_aux=``."""
 

@@ -6,7 +6,7 @@
     python scripts/generate_test_dataset_dtp.py ...                  (= --method dtp)
     python scripts/generate_test_dataset_opposite_guidance.py ...    (= --method og-dtp)
 
-Methods (see :mod:`cfgbasin_jax.guidance`):
+Methods (see :mod:`cfgbasin_jax.method.guidance`):
   cfg     constant(guidance_scale)
   stp     static_transition(guidance_change_step, guidance_scale, guidance_scale_later,
           CFG_scheduling, CFG_scheduling_later); a negative guidance_scale is opposite guidance
@@ -28,12 +28,12 @@ cache only (never downloaded); a local diffusers folder or a converted directory
 Where a flag behaves differently from the reference script, its ``--help`` says so ("official: ...");
 README.md, "Differences from the official scripts", gives the whole list.
 
-Outputs, resume, the configuration check and the one-run-per-OUTDIR lock: :mod:`cfgbasin_jax.runs`.
+Outputs, resume, the configuration check and the one-run-per-OUTDIR lock: :mod:`cfgbasin_jax.runs.folder`.
 Every flag is checked before anything is written, against the model's own scheduler config too (the
 transition timestep, the step count). A resume must match the stored run's identity, which includes
-the model's fingerprint (:mod:`cfgbasin_jax.fingerprint`), the seed and the batch size. Multi-process
+the model's fingerprint (:mod:`cfgbasin_jax.runs.fingerprint`), the seed and the batch size. Multi-process
 runs (``--coordinator``, ``--num_processes``, ``--process_id`` or JAX's environment):
-:mod:`cfgbasin_jax.distributed`. Exit status: 0 done, 2 bad input or an I/O error (one line on
+:mod:`cfgbasin_jax.runs.distributed`. Exit status: 0 done, 2 bad input or an I/O error (one line on
 stderr naming the flag or path; nothing half-written, and nothing at all when the input is bad).
 """
 
@@ -50,12 +50,12 @@ import sys
 import time
 from pathlib import Path
 
-from cfgbasin_jax import distributed as D
-from cfgbasin_jax import files as F
-from cfgbasin_jax import guidance as G
-from cfgbasin_jax import methods as M
-from cfgbasin_jax import prompts as P
-from cfgbasin_jax import runs as R
+from cfgbasin_jax.runs import distributed as D
+from cfgbasin_jax.runs import files as F
+from cfgbasin_jax.method import guidance as G
+from cfgbasin_jax.method import registry as M
+from cfgbasin_jax.runs import prompts as P
+from cfgbasin_jax.runs import folder as R
 
 PROG = "cfgbasin-generate"
 METHODS = M.names(cli_only=True)  # cfg, stp, og-stp, dtp, og-dtp, wen (the registry's spellings)
@@ -143,7 +143,7 @@ def build_parser(prog: str = PROG, method: str | None = None) -> argparse.Argume
     filled in by :func:`resolve` (see :data:`METHOD_DEFAULTS`)."""
     description = (f"Generate images with --method {method} (= {PROG} --method {method}); flags and defaults of "
                    "the reference script." if method else "Generate images with the paper's guidance rules.")
-    p = _Parser(prog=prog, description=description + " See the cfgbasin_jax.cli module docstring.",
+    p = _Parser(prog=prog, description=description + " See the cfgbasin_jax.apps.generate module docstring.",
                 allow_abbrev=False)
     if method is None:
         p.add_argument("--method", required=True, choices=METHODS, help="guidance rule")
@@ -431,7 +431,7 @@ def check_schedule(model: Path, scheduler: str, num_inference_steps: int, guidan
 
 def resolve(a: argparse.Namespace, method: str | None, argv: list, env=None) -> Settings:
     """Validate everything that can be checked without writing or touching a JAX backend."""
-    from cfgbasin_jax import fingerprint as FP
+    from cfgbasin_jax.runs import fingerprint as FP
 
     method = method or a.method
     if method not in METHODS:
@@ -657,7 +657,7 @@ def execute(s: Settings) -> int:
 
 
 def lock_outdir(s: Settings) -> R.RunLock:
-    """Take OUTDIR's run lock (see :mod:`cfgbasin_jax.runs`), then check the stored configuration
+    """Take OUTDIR's run lock (see :mod:`cfgbasin_jax.runs.folder`), then check the stored configuration
     again: another run may have written it since :func:`resolve` looked."""
     lock = R.RunLock(s.outdir, s.process.process_id).acquire()
     try:
@@ -671,7 +671,7 @@ def lock_outdir(s: Settings) -> R.RunLock:
 
 
 def _execute(s: Settings, stats: CompileStats, handlers: list) -> int:
-    from cfgbasin_jax.loading import ConversionError
+    from cfgbasin_jax.models.loading import ConversionError
 
     t_load = time.perf_counter()
     try:
@@ -777,7 +777,7 @@ def _write_run(s: Settings, stats: CompileStats, handlers: list, pipe, prompts: 
         records = R.merge_metadata(s.outdir, pid)
         in_range = [r for r in records if s.start <= r["index"] < s.end]
         if s.plot != "none" and in_range:
-            from cfgbasin_jax import plots
+            from cfgbasin_jax.apps import plots
 
             plots.plot_run(in_range, s.outdir / "noise_diff.png", title=f"{s.label}: noise difference, "
                            f"{len(in_range)} image(s); o = transition")
@@ -794,7 +794,7 @@ def _write_run(s: Settings, stats: CompileStats, handlers: list, pipe, prompts: 
 def main(argv=None, method: str | None = None, prog: str | None = None) -> int:
     """Entry point of ``cfgbasin-generate`` and the wrapper scripts (``method`` fixed there).
     Returns the exit status: 0 done, 2 bad input."""
-    from cfgbasin_jax.loading import ConversionError
+    from cfgbasin_jax.models.loading import ConversionError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or PROG

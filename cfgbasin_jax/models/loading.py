@@ -3,7 +3,7 @@
 Converted directory (written by `save_components` / `cfgbasin-convert`; read without torch):
 
     DST/cfgbasin_jax.json                 format marker: {"format", "format_version", "dtype", "source",
-                                          "fingerprint"} (see cfgbasin_jax.fingerprint)
+                                          "fingerprint"} (see cfgbasin_jax.runs.fingerprint)
     DST/params/                           orbax checkpoint {"unet": tree, "vae": tree, "text_encoder": tree}
     DST/{unet,vae,text_encoder}/config.json   the diffusers / transformers configs
     DST/tokenizer/                        CLIP tokenizer files (tokenizer.json, vocab.json, merges.txt, ...)
@@ -34,9 +34,9 @@ import numpy as np
 
 from cfgbasin_jax.convert import sd_folder
 from cfgbasin_jax.convert.errors import ConversionError
-from cfgbasin_jax.models import (build_module, build_text_encoder, build_unet, check_compatible, component_param_shapes,
+from cfgbasin_jax.models.builders import (build_module, build_text_encoder, build_unet, check_compatible, component_param_shapes,
                                  resolve_dtype)
-from cfgbasin_jax.tokenizer import save_tokenizer
+from cfgbasin_jax.models.tokenizer import save_tokenizer
 
 __all__ = [
     "COMPONENTS",
@@ -68,11 +68,11 @@ class Components:
     """Everything the sampler needs. Apply with
     `unet.apply({"params": params["unet"]}, sample_nchw, timesteps, encoder_hidden_states)`.
 
-    unet: cfgbasin_jax.unet.UNet2DConditionModel (linen module, dtype set; the same parameter
+    unet: cfgbasin_jax.models.unet.UNet2DConditionModel (linen module, dtype set; the same parameter
         tree as diffusers' FlaxUNet2DConditionModel)
-    vae: cfgbasin_jax.vae.AutoencoderKL (linen module; diffusers' FlaxAutoencoderKL parameter tree)
+    vae: cfgbasin_jax.models.vae.AutoencoderKL (linen module; diffusers' FlaxAutoencoderKL parameter tree)
     text_encoder: transformers FlaxCLIPTextModule (bare linen module)
-    tokenizer: transformers' CLIP tokenizer (:func:`cfgbasin_jax.tokenizer.load_tokenizer`)
+    tokenizer: transformers' CLIP tokenizer (:func:`cfgbasin_jax.models.tokenizer.load_tokenizer`)
     params: {"unet": tree, "vae": tree, "text_encoder": tree}, jnp arrays in `dtype`
     configs: {"unet": dict, "vae": dict, "text_encoder": dict}, the diffusers / transformers configs
     scheduler_config: dict, as in scheduler/scheduler_config.json
@@ -217,7 +217,7 @@ def check_destination(dst, sources=(), overwrite: bool = False) -> Path:
     the SD folder, a --unet folder); an existing ``dst`` without ``overwrite``; with ``overwrite``,
     an existing ``dst`` that is not a converted directory (no marker file) and not empty; a parent
     that cannot be written. Raises ConversionError naming the paths."""
-    from cfgbasin_jax import files
+    from cfgbasin_jax.runs import files
 
     dst = Path(dst).absolute()
     for src in sources:
@@ -304,14 +304,14 @@ def save_components(components: Components, dst, overwrite: bool = False, source
     Checks first (:func:`check_destination`, with ``components.source`` and ``sources``). Everything
     goes to a hidden sibling ``.DST.partial-HOST-PID-RANDOM`` and is renamed to `dst` at the end, so
     `dst` is never partial. On an error, KeyboardInterrupt or SIGTERM (under
-    :func:`cfgbasin_jax.files.terminate_raises`) the partial folder is removed once orbax's writer
+    :func:`cfgbasin_jax.runs.files.terminate_raises`) the partial folder is removed once orbax's writer
     has stopped; a partial folder of a killed save is removed by the next save to `dst`. An I/O
     error inside orbax is raised as OSError naming the folder. The marker file holds the model's
-    content fingerprint (:mod:`cfgbasin_jax.fingerprint`). ``log(message)`` gets the notes (a
+    content fingerprint (:mod:`cfgbasin_jax.runs.fingerprint`). ``log(message)`` gets the notes (a
     parameter with NaN/Inf values, stale folders removed); default: ``warnings.warn``.
     """
-    from cfgbasin_jax import files
-    from cfgbasin_jax import fingerprint as fp
+    from cfgbasin_jax.runs import files
+    from cfgbasin_jax.runs import fingerprint as fp
 
     dst = check_destination(dst, [components.source, *sources], overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -357,7 +357,7 @@ def _save_params(directory: Path, params: dict, dst: Path) -> None:
     it (thousands of lines, some printed by C code) are dropped."""
     import orbax.checkpoint as ocp
 
-    from cfgbasin_jax import files
+    from cfgbasin_jax.runs import files
 
     local_only = ocp.options.MultiprocessingOptions(
         primary_host=None,

@@ -5,7 +5,7 @@ for CPU: UNet with one cross-attention and one plain block (channels 32, 64), a 
 (downsampling factor 2), a 2-layer 32-wide CLIP text encoder and the variant's scheduler config.
   sd1: epsilon prediction, int attention_head_dim, quick_gelu, SD 1.4's PNDM scheduler config;
   sd2: v_prediction (SD 2.1's DDIM config), per-block head counts, linear projections, gelu.
-`write_tiny_tokenizer(dir)` writes a small byte-level CLIP BPE vocabulary (cfgbasin_jax.tokenizer); `random_components`
+`write_tiny_tokenizer(dir)` writes a small byte-level CLIP BPE vocabulary (cfgbasin_jax.models.tokenizer); `random_components`
 returns randomly initialised `Components` (seeded, shapes from eval_shape, no torch).
 """
 
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfgbasin_jax.loading import COMPONENTS, Components
-from cfgbasin_jax.models import build_module, check_compatible, component_param_shapes, resolve_dtype
-from cfgbasin_jax.tokenizer import bpe_vocabulary, load_tokenizer, write_bpe_tokenizer
+from cfgbasin_jax.models.loading import COMPONENTS, Components
+from cfgbasin_jax.models.builders import build_module, check_compatible, component_param_shapes, resolve_dtype
+from cfgbasin_jax.models.tokenizer import bpe_vocabulary, load_tokenizer, write_bpe_tokenizer
 
 VARIANTS = ("sd1", "sd2")
 MODEL_MAX_LENGTH = 77
