@@ -45,3 +45,29 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
         want = next((j for j, v in enumerate(d[b]) if v < 0.8), -1)
         assert k == want
     assert res.transition_index.tolist() == [-1, -1, 0, 0]  # as the README says
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout tree and the package agree: every subpackage module is named under its
+    folder, and every named module exists."""
+    text = README.read_text(encoding="utf-8")
+    tree = text[text.index("## Layout") :].split("```")[1]
+    package = Path(cfgbasin_jax.__file__).resolve().parent
+    named: dict[str, set] = {}
+    folder = None  # None: outside cfgbasin_jax/; "": its top level; else the subpackage
+    for line in tree.splitlines():
+        head = re.match(r"^  (\w+)/", line)
+        if line.startswith("cfgbasin_jax/") or re.match(r"^  \w+\.py", line):
+            folder = ""
+        elif head:
+            folder = head.group(1)
+        elif not line.startswith(" "):
+            folder = None
+        if folder is not None:
+            body = line[head.end():] if head else line
+            named.setdefault(folder, set()).update(re.findall(r"\b(\w+)\.py\b", body))
+    for sub in ("method", "models", "runs", "toy", "apps", "runtime"):
+        actual = {p.stem for p in (package / sub).glob("*.py")} - {"__init__"}
+        assert named.get(sub) == actual, (sub, named.get(sub), actual)
+    for module in named[""]:
+        assert (package / f"{module}.py").is_file(), module

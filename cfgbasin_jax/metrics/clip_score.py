@@ -1,7 +1,7 @@
 """CLIP score with our CLIP (:class:`cfgbasin_jax.models.clip.CLIPModel`): cosine similarity of image and
 caption embeddings.
 
-Scale convention (both are reported by :func:`cfgbasin_jax.apps.evaluate.evaluate`):
+Scale convention (both are reported by :func:`cfgbasin_jax.metrics.evaluation.evaluate`):
   * ``cos``        raw cosine similarity of the projected, L2-normalised embeddings, in [-1, 1];
   * ``clip_score`` ``100 * max(cos, 0)``, the common "CLIPScore" scale (torchmetrics; Hessel et al.
     use ``2.5 * max(cos, 0)`` instead).
