@@ -173,7 +173,7 @@ def _write_component(folder: Path, kind: str, config: dict) -> int:
     state = {k: v.detach() for k, v in module.state_dict().items()}
     del module
     folder.mkdir(parents=True)
-    stored = dict(config)
+    stored = {k: v for k, v in config.items() if k != "attn_implementation"}  # set by some transformers
     if kind == "text_encoder":
         stored.update(torch_dtype="float32")
     (folder / "config.json").write_text(json.dumps(stored, indent=2))

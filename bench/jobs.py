@@ -130,6 +130,49 @@ def job_load(path: str, dtype: str = "float32") -> dict:
             "rss_before_bytes": base, "rss_loaded_bytes": rss_loaded, "rss_touched_bytes": _rss_bytes()}
 
 
+class PhasePeaks:
+    """Peak resident set per phase of a job (sampled every ``interval`` s in a thread): ``mark(name)``
+    starts a phase; ``peaks`` maps each phase to its highest sampled RSS in bytes."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        self.phase, self.peaks, self.interval = "start", {}, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            rss = _rss_bytes()
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+            self._stop.wait(self.interval)
+
+    def mark(self, phase: str) -> None:
+        rss = _rss_bytes()
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+        self.phase = phase
+
+    def wrap(self, obj, name: str, phase: str) -> None:
+        """``obj.name`` (a bound method) marks ``phase`` when called, then the phase "sample"."""
+        method = getattr(obj, name)
+
+        def marked(*args, **kwargs):
+            self.mark(phase)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.mark("sample")
+
+        setattr(obj, name, marked)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self.mark("end")
+        return dict(self.peaks)
+
+
 def job_generate(path: str, dtype: str = "float32", steps: int = 1, side: int = 512, batch: int = 1,
                  calls: int = 1, decode: bool = True, scheduler: str = "ddim") -> dict:
     import numpy as np
@@ -138,10 +181,15 @@ def job_generate(path: str, dtype: str = "float32", steps: int = 1, side: int = 
     from cfgbasin_jax.method import guidance as G
     from cfgbasin_jax.apps.generate import CompileStats
 
+    phases = PhasePeaks()
+    phases.mark("load")
     start = time.perf_counter()
     pipe = cfgbasin_jax.load_pipeline(path, dtype=dtype)
     load_s = time.perf_counter() - start
     rss_loaded = _rss_bytes()
+    phases.mark("sample")
+    phases.wrap(pipe, "encode_prompts", "encode")
+    phases.wrap(pipe, "decode", "decode")
     times, compile_s, hits, breakdown = [], [], [], []
     for i in range(calls):
         with CompileStats() as stats:
@@ -154,7 +202,7 @@ def job_generate(path: str, dtype: str = "float32", steps: int = 1, side: int = 
         breakdown.append({"trace_s": stats.trace_s, "lower_s": stats.lower_s, "backend_s": stats.backend_s})
     return {"load_s": load_s, "call_s": times, "compile_s": compile_s, "cache_hits": hits, "compile_breakdown": breakdown,
             "param_bytes": _param_bytes(pipe), "rss_loaded_bytes": rss_loaded,
-            "finite": bool(np.all(np.isfinite(res.latents)))}
+            "finite": bool(np.all(np.isfinite(res.latents))), "phase_peak_rss_bytes": phases.stop()}
 
 
 def job_torch_pipe(src: str, steps: int = 1, side: int = 512, batch: int = 1, calls: int = 1,

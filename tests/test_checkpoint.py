@@ -87,6 +87,26 @@ def test_write_params_reports_its_peak(tmp_path):
     assert leaves_equal(restored, params)
 
 
+def test_fingerprint_hashed_while_writing_equals_the_stored_params(tiny_sd1_converted, tmp_path, monkeypatch):
+    """The converter hashes each tensor in its writer threads; the same formula over the params read
+    back gives the stored fingerprint, and one changed value changes it. One sync for the save."""
+    from cfgbasin_jax.runs import fingerprint as FP
+
+    comps = load_components(tiny_sd1_converted)
+    marker = json.loads((tiny_sd1_converted / "cfgbasin_jax.json").read_text())
+    args = (comps.configs, comps.scheduler_config, tiny_sd1_converted / "tokenizer")
+    assert FP.content_fingerprint(comps.params, *args) == marker["fingerprint"]
+    changed = jax.tree.map(np.asarray, comps.params)
+    changed["vae"]["decoder"]["conv_out"]["bias"] = changed["vae"]["decoder"]["conv_out"]["bias"] + 1
+    assert FP.content_fingerprint(changed, *args) != marker["fingerprint"]
+
+    synced = []
+    sync = checkpoint.sync_tree
+    monkeypatch.setattr(checkpoint, "sync_tree", lambda d: synced.append(Path(d).name) or sync(d))
+    checkpoint.write_params(tmp_path / "p", {"unet": {"w": np.ones((4, 4), np.float32)}})
+    assert synced == ["p"]
+
+
 def test_restore_reads_the_files_and_agrees_with_orbax(tiny_sd1_converted):
     params_dir = tiny_sd1_converted / "params"
     stored = checkpoint.open_params(params_dir)
