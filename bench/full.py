@@ -99,6 +99,7 @@ def memory_section(source: Path, converted: Path, side: int, steps: int, dtypes=
         r = jobs.run("generate", no_cache, path=str(converted), dtype=dtype, steps=steps, side=side)
         out[f"ours_{dtype}"] = {"peak_rss_bytes": r["peak_rss_bytes"], "call_s": r["call_s"][0], "load_s": r["load_s"],
                                 "param_bytes": sum(r["param_bytes"].values()), "finite": r["finite"],
+                                "phase_peak_rss_bytes": r["phase_peak_rss_bytes"],
                                 "load_avg": r["load_avg"]}
     log("  memory: diffusers PyTorch pipeline")
     r = jobs.run("torch_pipe", src=str(source), steps=steps, side=side)

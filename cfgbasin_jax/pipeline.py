@@ -203,7 +203,7 @@ class Pipeline:
 
     def _decode_stages(self) -> list:
         """The decode as jitted stages ``f(vae_params, x)`` (:func:`cfgbasin_jax.models.vae.decoder_stages`:
-        one executable per up block, so the host peak is the largest stage's); a pixel-space model
+        one executable per resnet, so the host peak is the largest stage's); a pixel-space model
         (the UNet denoises RGB in [-1, 1]) has one stage."""
         if self._decoders is None:
             if self.vae is None:
@@ -218,8 +218,12 @@ class Pipeline:
     def decode(self, latents) -> np.ndarray:
         """uint8 [B,H,W,3] from final latents [B,C,h,w], as diffusers' SD pipelines do."""
         x, params = jnp.asarray(latents), self.params.get("vae")
+        param_bytes = sum(self.param_bytes().values())
         for stage in self._decode_stages():
             x = stage(params, x)
+            if param_bytes >= memory.MIN_PARAM_BYTES:  # this stage's temporaries back to the OS first
+                x.block_until_ready()
+                memory.release_freed(param_bytes)
         return np.asarray(x)
 
     # ------------------------------------------------------------------ sampling

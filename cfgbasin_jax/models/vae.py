@@ -226,10 +226,11 @@ class Decoder(nn.Module):
 
 def decoder_stages(vae: "AutoencoderKL") -> list:
     """``vae.decode`` as consecutive functions ``f(params, x) -> x`` over the VAE's whole param tree:
-    NHWC latents -> post_quant_conv, conv_in and mid block; each up block; norm, conv_out and the
-    NCHW transpose -> image [B,3,H,W]. The same layers as :meth:`AutoencoderKL.decode` in the same
+    NHWC latents -> post_quant_conv, conv_in and mid block; each resnet and upsampler of the up
+    blocks; norm, conv_out and the NCHW transpose -> image [B,3,H,W]. The same layers as :meth:`AutoencoderKL.decode` in the same
     order; compiled one by one, one stage's temporaries are freed before the next stage runs (on
-    CPU the decoder's peak memory is the largest stage's, not the whole decoder's)."""
+    CPU the decoder's peak memory is the largest stage's: for SD at 512x512, a resnet at full
+    resolution)."""
     channels = tuple(reversed(vae.block_out_channels))
     groups, dtype = vae.norm_num_groups, vae.dtype
 
@@ -240,10 +241,16 @@ def decoder_stages(vae: "AutoencoderKL") -> list:
         x = _conv(channels[0], dtype, None).apply({"params": decoder["conv_in"]}, x)
         return MidBlock(channels[0], groups, vae.attention, dtype).apply({"params": decoder["mid_block"]}, x)
 
-    def up_block(i: int, in_ch: int, out_ch: int):
-        block = ResnetStack(in_ch, out_ch, vae.layers_per_block + 1, groups, "up" if i < len(channels) - 1 else None,
-                            dtype)
-        return lambda params, x: block.apply({"params": params["decoder"][f"up_blocks_{i}"]}, x)
+    def up_block(i: int, in_ch: int, out_ch: int) -> list:
+        """The up block's resnets and upsampler, one stage each."""
+        def stage(module, name):
+            return lambda params, x: module.apply({"params": params["decoder"][f"up_blocks_{i}"][name]}, x)
+
+        stages = [stage(ResnetBlock(in_ch if j == 0 else out_ch, out_ch, groups, dtype=dtype), f"resnets_{j}")
+                  for j in range(vae.layers_per_block + 1)]
+        if i < len(channels) - 1:
+            stages.append(stage(Upsample(out_ch, dtype), "upsamplers_0"))
+        return stages
 
     def last(params, x):
         decoder = params["decoder"]
@@ -252,7 +259,7 @@ def decoder_stages(vae: "AutoencoderKL") -> list:
         return jnp.transpose(x, (0, 3, 1, 2))
 
     ins = (channels[0],) + channels[:-1]
-    return [first, *(up_block(i, ins[i], channels[i]) for i in range(len(channels))), last]
+    return [first, *(stage for i in range(len(channels)) for stage in up_block(i, ins[i], channels[i])), last]
 
 
 class AutoencoderKL(nn.Module):

@@ -1,8 +1,8 @@
 """JAX's persistent compilation cache, on by default for every Pipeline.
 
 A second process sampling the same shapes loads the compiled sampler, text encoder and VAE from
-disk instead of compiling them again (JAX caches compilations that took at least
-``jax_persistent_cache_min_compile_time_secs``, 1 s by default).
+disk instead of compiling them again (every executable: JAX's
+``jax_persistent_cache_min_compile_time_secs``, 1 s by default, is set to 0 with the directory).
 
 Where:
   1. ``load_pipeline(..., compilation_cache=PATH)`` / ``Pipeline(..., compilation_cache=PATH)``;
@@ -36,22 +36,28 @@ def default_dir() -> str | None:
     return os.path.join(base, "cfgbasin_jax", "jax_cache")
 
 
-def configure(cache_dir: str | None) -> str | None:
-    """Point JAX's persistent compilation cache at `cache_dir` (None: leave it as it is); returns the
-    previous directory, for :func:`restore` (the CLI puts it back after a run)."""
+MIN_COMPILE_TIME_S = 0.0  # cache every executable: the decoder's stages compile in under JAX's default 1 s
+
+
+def configure(cache_dir: str | None) -> tuple:
+    """Point JAX's persistent compilation cache at `cache_dir` (None: leave it as it is), caching
+    executables whatever their compile time (:data:`MIN_COMPILE_TIME_S`); returns the previous
+    settings, for :func:`restore` (the CLI puts them back after a run)."""
     import jax
 
-    previous = jax.config.jax_compilation_cache_dir
+    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     if cache_dir is not None:
         jax.config.update("jax_compilation_cache_dir", os.fspath(cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
     return previous
 
 
-def restore(previous: str | None) -> None:
-    """Put back the directory :func:`configure` returned (None included: no cache)."""
+def restore(previous: tuple) -> None:
+    """Put back the settings :func:`configure` returned (no cache included)."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", previous)
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
 
 
 def enable(cache=None) -> str | None:
