@@ -227,7 +227,7 @@ def test_a_second_process_loads_its_compilations_from_the_default_cache(tiny_sd1
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     first, second = runs
     assert first["dir"] == second["dir"] == str(Path(tmp_path) / "cfgbasin_jax" / "jax_cache")
-    assert first["misses"] > 0 and first["hits"] == 0
+    assert first["misses"] > 0  # written (a stage compiled twice with the same program may hit already)
     assert second["hits"] >= first["misses"] and second["misses"] == 0
 
 
