@@ -74,6 +74,15 @@ class StateDict:
         spec = self.specs[key]
         return self.readers[spec.file](spec)
 
+    @classmethod
+    def from_arrays(cls, tensors: dict, source="<memory>") -> "StateDict":
+        """A StateDict over arrays already in memory (e.g. a PyTorch module's state dict as numpy);
+        `source` names it in errors."""
+        source = Path(source)
+        specs = {key: TensorSpec(tuple(np.shape(value)), np.asarray(value).dtype, source, 0, key)
+                 for key, value in tensors.items()}
+        return cls(specs=specs, source=source, readers={source: lambda spec: np.asarray(tensors[spec.name])})
+
 
 def find_weight_file(folder: Path, stems) -> Path:
     """The weight file (or shard index) of a component folder; ConversionError naming the folder if none."""

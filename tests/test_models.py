@@ -65,7 +65,7 @@ def test_param_tree_maps_one_to_one_onto_pytorch(name):
     assert isinstance(ours, UNet2DConditionModel)
     state = {k: v.numpy() for k, v in TorchUNet.from_config(config).state_dict().items()}
     shapes = models.component_param_shapes("unet", ours)
-    params = state_dict_to_flax(StateDict(state, dict.fromkeys(state, "unet"), "unet"), shapes)
+    params = state_dict_to_flax(StateDict.from_arrays(state, "unet"), shapes)
     assert jax.tree.map(np.shape, params) == tree_shapes(ours) and len(jax.tree.leaves(params)) == len(state)
 
 
