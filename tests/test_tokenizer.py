@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 from clip_reference import clip_ids, read_bpe
 
+import cfgbasin_jax
 from cfgbasin_jax.models import tiny
 from cfgbasin_jax.toy import data as toy
 from cfgbasin_jax.models import tokenizer as T
 from cfgbasin_jax.convert import ConversionError
 from cfgbasin_jax.convert.sd_folder import load_tokenizer as load_sd_tokenizer
 
-TOY_DIR = Path(toy.__file__).parent / "data" / "toy" / "tokenizer"
+TOY_DIR = cfgbasin_jax.TOY_MODEL / "tokenizer"
 TRICKY = ["A photo of a CAT", "zebra", "café  crème", "東京", "don't stop!!", "  tabs\tand\nnew lines  ",
           "Ünïcode", "e\u0301 vs \u00e9", "emoji 🐱 x2", "<|startoftext|> inside <|endoftext|>", "", "123 4.5"]
 PINNED = {
