@@ -68,10 +68,10 @@ def load_demo_pipeline(model: str | None, log=print):
 
 
 def method_guidance(name: str, scale: float, stp_t: int, og_t: int, og_scale: float, threshold=None,
-                    gate_steps: int = 1):
+                    gate_steps: int = 1, pre_scale: float | None = None):
     """The registry method ``name`` (:mod:`cfgbasin_jax.method.registry`) with the demo's settings: CFG scale
     ``scale`` everywhere, STP at ``stp_t``, the opposite-guidance methods at ``og_scale`` (OG+STP at ``og_t``);
-    gated methods with the gate ``threshold`` over ``gate_steps`` steps."""
+    gated methods with the gate ``threshold`` over ``gate_steps`` steps (``pre_scale`` before the flag)."""
     method = M.get(name)
     base = method.name.removeprefix("gated-")
     params = {"scale": scale}
@@ -80,7 +80,7 @@ def method_guidance(name: str, scale: float, stp_t: int, og_t: int, og_scale: fl
     if base in ("og-stp", "og-dtp"):
         params.update(before=og_scale, t=og_t if base == "og-stp" else None)
     if base != method.name:
-        params.update(threshold=threshold, gate_steps=gate_steps)
+        params.update(threshold=threshold, gate_steps=gate_steps, pre_scale=pre_scale)
     return method.guidance(**params)
 
 
@@ -175,6 +175,7 @@ class DemoConfig:
     og_scale: float = -2.0
     methods: tuple = DEFAULT_METHODS
     gate_steps: int = 1
+    gate_pre_scale: float | None = None
     num_calibration_prompts: int = 32
 
 
@@ -192,7 +193,8 @@ def calibrate_gate(pipe, ds: toy.ToyDataset, prompts: list, cfg: DemoConfig) -> 
     exclude = list(ds.captions[: ds.num_memorized]) + [p[0] for p in prompts]
     captions = [toy.caption_of(o) for o in toy.plain_prompts(cfg.num_calibration_prompts, cfg.seed + 1, exclude)]
     k = cfg.samples_per_prompt
-    gated = method_guidance("gated-stp", cfg.guidance, 500, 650, cfg.og_scale, gate_steps=cfg.gate_steps)
+    gated = method_guidance("gated-stp", cfg.guidance, 500, 650, cfg.og_scale, gate_steps=cfg.gate_steps,
+                            pre_scale=cfg.gate_pre_scale)
     threshold = detection.calibrate_threshold(
         pipe, [c for c in captions for _ in range(k)], gated, num_inference_steps=cfg.steps, seed=cfg.seed,
         scheduler=cfg.scheduler, progress=False, sample_indices=np.tile(np.arange(k), len(captions)))
@@ -234,7 +236,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
             stp_t = int(np.median(tmin)) if tmin.size else 500
         if stp_t is not None and og_t is None:
             og_t = int(round(stp_t + 0.3 * (1000 - stp_t)))  # the paper's 650 for its 500
-        g = method_guidance(name, cfg.guidance, stp_t or 500, og_t or 650, cfg.og_scale, gate_threshold, cfg.gate_steps)
+        g = method_guidance(name, cfg.guidance, stp_t or 500, og_t or 650, cfg.og_scale, gate_threshold, cfg.gate_steps,
+                            cfg.gate_pre_scale)
         t0 = time.perf_counter()
         compiles = pipe.compile_count()
         res = generate_method(pipe, name, batch_prompts, g, num_inference_steps=cfg.steps, seed=cfg.seed,
@@ -361,7 +364,8 @@ def _report_text(cfg, model_desc, is_toy, threshold, lay_threshold, prompts, n_m
         f"{gate['calibration_prompts']} held-out plain prompts x {cfg.samples_per_prompt} seeds (a 1% false-positive "
         f"rate there). *flagged (mem)* / *flagged (plain)*: the detector's true / false positive rates on the "
         f"demo's memorized / plain prompts. Detection AUC of the score (memorized vs plain, under CFG): "
-        f"{gate['auc']:.3f}.\n")
+        f"{gate['auc']:.3f}. Score steps {cfg.gate_steps}; scale before the flag: "
+        f"{cfg.guidance if cfg.gate_pre_scale is None else cfg.gate_pre_scale}.\n")
     return f"""# cfgbasin-demo report
 
 Model: {model_desc}{notice}
@@ -419,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--og_scale", type=float, default=-2.0)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--gate_steps", type=int, default=1, help="gated methods: steps the memorization score averages over")
+    p.add_argument("--gate_pre_scale", type=float, default=None,
+                   help="gated methods: the scale of the first --gate_steps - 1 steps (default: the CFG scale)")
     p.add_argument("--num_calibration_prompts", type=int, default=32,
                    help="gated methods: held-out plain prompts that set the gate threshold (1%% false positives)")
     return p
@@ -440,8 +446,8 @@ def check_config(cfg: DemoConfig) -> None:
             raise DemoError(f"--{name} must be >= {minimum}, got {getattr(cfg, name)}")
     if cfg.num_mem_prompts + cfg.num_plain_prompts < 1:
         raise DemoError("--num_mem_prompts and --num_plain_prompts are both 0: nothing to sample")
-    for name in ("guidance", "og_scale"):
-        if not np.isfinite(getattr(cfg, name)):
+    for name in ("guidance", "og_scale", "gate_pre_scale"):
+        if getattr(cfg, name) is not None and not np.isfinite(getattr(cfg, name)):
             raise DemoError(f"--{name} must be a finite number, got {getattr(cfg, name)}")
     path = Path(cfg.model) if cfg.model else SHIPPED_MODEL
     if cfg.model and not is_pixel_model(path):
