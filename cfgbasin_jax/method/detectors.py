@@ -16,7 +16,8 @@ Optional hooks with defaults: ``needs_both`` (which samples need both UNet halve
 that skipping a half stays correct), ``select`` (the scale from before/after), ``fell_back`` (the
 switch came from a fallback rule, not a detection), ``replay`` (a detector for one more pass over
 the same noise: the exact two-pass rule), ``latent_cosine`` (the formula of that signal, see
-:data:`COSINE_FORMULAS`) and ``update_at`` (stage routing, for composites).
+:data:`COSINE_FORMULAS`), ``update_at`` (stage routing, for composites) and ``report`` (per-sample
+values kept with each image, e.g. a gate's score and flag).
 
 Built-ins: :class:`FixedSwitch` (constant CFG, STP), :class:`NoiseDiffMinimum` (DTP),
 :class:`LatentCosineMinimum` (causal OG+DTP), :class:`TwoPass` (exact OG+DTP: a recording pass
