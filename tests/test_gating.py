@@ -137,7 +137,8 @@ def test_bad_gates_fail_before_compiling(stub_batch):
     params, sched, x0, cond, uncond = stub_batch
     size = _sample._cache_size()
     for g, match in ((G.gated(MITIGATIONS["dtp"], 1.0, steps=STEPS), f"steps < the {STEPS} sampling steps"),
-                     (G.gated(MITIGATIONS["dtp"], None), "threshold is not set")):
+                     (G.gated(MITIGATIONS["dtp"], None), "threshold is not set"),
+                     (G.gated(MITIGATIONS["dtp"], [1.0, 2.0]), f"2 per-sample values of the gate's threshold for {B}")):
         with pytest.raises(ValueError, match=match):
             _run(stub_batch, g)
     assert _sample._cache_size() == size

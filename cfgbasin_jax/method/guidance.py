@@ -440,6 +440,10 @@ def plan_batch(g: Guidance, batch: int, timesteps: Timesteps, num_train_timestep
         after = shaped_scale(g.shape_after, _per_sample("after", g.after, batch, xp), ts, num_train_timesteps)
     if g.rule == "static" and np.ndim(g.t) == 1 and np.shape(g.t)[0] != batch:
         raise ValueError(f"guidance: {np.shape(g.t)[0]} per-sample values of t for {batch} prompts")
+    for name in ("threshold", "pre_scale"):
+        value = None if g.gate is None else getattr(g.gate, name)
+        if np.ndim(value) == 1 and np.shape(value)[0] != batch:
+            raise ValueError(f"guidance: {np.shape(value)[0]} per-sample values of the gate's {name} for {batch} prompts")
     detector = g.make_detector(timesteps, batch)
     return Plan(before=before.astype(xp.float32), after=after.astype(xp.float32), detector=detector)
 
