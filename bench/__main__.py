@@ -4,6 +4,11 @@ On an accelerator machine the same command measures the accelerator path (the JA
 backend; PyTorch uses CUDA when available), e.g. bfloat16 with fused attention:
 
     python -m bench --pin none --dtype bfloat16 --sizes sd --steps 50
+
+On a full-size random model (built once, offline, cached; see bench/full.py):
+
+    python -m bench --config sd15               # conversion, load, memory, compile, table
+    python -m bench --config sd21 --sections memory
 """
 
 from __future__ import annotations
@@ -17,32 +22,59 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("table", "overhead", "dtp", "percall")
+SECTIONS = ("table", "overhead", "dtp", "percall", "compile")
+FULL_CONFIGS = ("sd15", "sd21")
+# Defaults that differ on a full-size model (--config sd15 / sd21): few steps, batch 1, one round.
+FULL_DEFAULTS = {"runners": "ours,torch_loop,torch_pipe", "repeats": 1, "loop_images": 1, "pin": "none", "steps": 3,
+                 "batch": 1}
+SMALL_DEFAULTS = {"runners": "ours,torch_loop,torch_pipe,flax_pipe", "repeats": 3, "loop_images": 2, "pin": "auto"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from bench import full
+
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None, choices=FULL_CONFIGS,
+                   help="a full-size random model instead of --sizes: sd15 (512x512) or sd21 (768x768); "
+                        "built once under --cache-dir")
     p.add_argument("--sizes", default="tiny,sd", help="comma-separated model sizes: tiny, sd")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
+    p.add_argument("--sections", default=None,
+                   help=f"comma-separated: {', '.join(SECTIONS)}; with --config: {', '.join(full.SECTIONS)}")
     p.add_argument("--methods", default="cfg,stp,dtp,og-dtp", help="table methods (names of cfgbasin_jax.method.registry)")
-    p.add_argument("--runners", default="ours,torch_loop,torch_pipe,flax_pipe", help="table runners")
-    p.add_argument("--batch", type=int, default=None, help="batch of the batched runners (default: per size, 8)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: per size, tiny 50, sd 10)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (median)")
-    p.add_argument("--loop-images", type=int, default=2, help="images per round of the batch-1 loops")
+    p.add_argument("--runners", default=None, help=f"table runners (default {SMALL_DEFAULTS['runners']}; "
+                                                    f"with --config {FULL_DEFAULTS['runners']})")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch of the batched runners (default: per size, tiny 8, sd 4; --config 1)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: per size, tiny 50, sd 10; --config 3)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved timed rounds (median; default 3, --config 1)")
+    p.add_argument("--loop-images", type=int, default=None, help="images per round of the batch-1 loops (2; --config 1)")
     p.add_argument("--dtp-batches", default="1,4,8", help="batch sizes of our sampler in the DTP section")
     p.add_argument("--dtype", default="float32", help="our pipeline's and the Flax anchor's dtype")
-    p.add_argument("--pin", default="auto",
-                   help="run pinned to one core with one thread: 'auto' (last allowed core), a core number, or 'none'")
+    p.add_argument("--pin", default=None,
+                   help="run pinned to one core with one thread: 'auto' (last allowed core; the default), a core "
+                        "number, or 'none' (the default with --config)")
     p.add_argument("--percall-configs", default="tiny,sd")
     p.add_argument("--percall-batch", type=int, default=16)
     p.add_argument("--percall-latent", type=int, default=32)
     p.add_argument("--percall-repeats", type=int, default=5)
+    p.add_argument("--cache-dir", default=None,
+                   help="--config: where the full-size model is built and converted (default "
+                        "$CFGBASIN_BENCH_CACHE, else $XDG_CACHE_HOME/cfgbasin_jax/bench)")
+    p.add_argument("--memory-steps", type=int, default=1,
+                   help="--config: steps of the memory and compile jobs (batch 1, VAE decode included)")
+    p.add_argument("--memory-dtypes", default="float32,bfloat16", help="--config: our dtypes in the memory section")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
     args = p.parse_args(argv)
-    bad = [s for s in args.sections.split(",") if s not in SECTIONS]
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    for key, value in (FULL_DEFAULTS if args.config else SMALL_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    known = full.SECTIONS if args.config else SECTIONS
+    args.sections = args.sections or ",".join(known)
+    bad = [s for s in args.sections.split(",") if s not in known]
     if bad:
-        p.error(f"--sections: unknown {', '.join(bad)} (use {', '.join(SECTIONS)})")
+        p.error(f"--sections: unknown {', '.join(bad)} (use {', '.join(known)})")
     return args
 
 
@@ -83,8 +115,7 @@ def run(args, log=print) -> dict:
                        else f"default threads (PyTorch {torch.get_num_threads()})")
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if sys.argv[0].endswith(
-            ("__main__.py", "bench")) else [])),
+        "command": " ".join(["python -m bench"] + [shlex.quote(a) for a in args.argv]),
         "args": vars(args), "machine": info, "sizes": {},
         "notes": [
             "ratios are measured in the same run, interleaved round by round; the machine is shared, "
@@ -99,8 +130,14 @@ def run(args, log=print) -> dict:
     if not diffusers_flax.available():
         result["notes"].append(f"(d) diffusers Flax and the per-call diffusers Flax UNet: {diffusers_flax.SKIP_NOTE}")
     started = time.time()
+    if args.config:
+        from bench import full
+
+        result["notes"] = result["notes"][:3] + full.NOTES
+        full.run(args, result, log=log)
+        sections = []
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
-        for name in args.sizes.split(","):
+        for name in ([] if args.config else args.sizes.split(",")):
             size = M.SIZES[name]
             steps = args.steps or size.steps
             batch = args.batch or size.batch
@@ -114,6 +151,11 @@ def run(args, log=print) -> dict:
                     tuple(args.runners.split(",")), log=log)
             if "overhead" in sections:
                 result.setdefault("overhead", {})[name] = harness.overhead(models, batch, steps, args.repeats, log=log)
+            if "compile" in sections:  # a second process on the same shapes (diffusers folder, converted in memory)
+                from bench import full
+
+                result.setdefault("compile", {})[name] = full.compile_section(
+                    models.folder, Path(tmp), size.latent * models.pipe.vae_scale_factor, steps, batch, log=log)
             if "dtp" in sections:
                 batches = [int(b) for b in args.dtp_batches.split(",")]
                 result.setdefault("dtp", {})[name] = harness.dtp_batches(
@@ -124,7 +166,7 @@ def run(args, log=print) -> dict:
                                             all_cpus, log=log)
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_s"] = time.time() - started
-    md, js = report.write(result, Path(args.out))
+    md, js = report.write(result, Path(args.out), args.config or "latest")
     log(report.markdown(result))
     log(f"wrote {md} and {js}")
     return result

@@ -106,6 +106,8 @@ def targets(result: dict) -> list:
         if "stp_sweep" in tab:
             lines.append(f"- recompilations over a {len(tab['stp_sweep']['points'])}-point sweep of t, `{name}`: "
                          f"{tab['stp_sweep']['recompiles']}")
+    for name, cp in result.get("compile", {}).items():
+        lines.append(compile_line(name, cp))
     for name, run in result.get("dtp", {}).items():
         best = max((k for k in run["rows"] if k.startswith("ours_b")), key=lambda k: int(k.split("_b")[-1]), default=None)
         if best:
@@ -114,20 +116,68 @@ def targets(result: dict) -> list:
     return lines
 
 
+def _gb(n) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def fullsize_tables(result: dict) -> list:
+    """Conversion, load, memory and compile figures of a full-size run (``python -m bench --config``)."""
+    full = result.get("fullsize")
+    if not full:
+        return []
+    lines = ["", f"#### `{full['config']}`: {full['description']}", ""]
+    c = full.get("convert")
+    if c:
+        lines += [f"- conversion: {c['convert_s']:.1f} s ({c['convert_vs_read_disk']:.2f}x the {c['read_disk_s']:.1f} s "
+                  f"read of the {_gb(c['weight_bytes'])} of weights from disk; {c['convert_vs_read_cache']:.1f}x "
+                  f"the {c['read_cache_s']:.1f} s read from the page cache); peak RSS {_gb(c['peak_rss_bytes'])} = "
+                  f"{c['peak_rss_vs_weights']:.2f}x the weights (target <= 1.3x); load avg {c['load_avg'][0]}"]
+    ld = full.get("load")
+    if ld:
+        lines += [f"- load_pipeline: {ld['load_disk_s']:.1f} s from disk ({ld['load_vs_read_disk']:.2f}x the "
+                  f"{ld['read_disk_s']:.1f} s read of the {_gb(ld['checkpoint_bytes'])} checkpoint; target <= 2x), "
+                  f"{ld['load_cache_s']:.1f} s from the page cache ({ld['load_cache_vs_read_cache']:.1f}x its "
+                  f"{ld['read_cache_s']:.1f} s read); peak RSS {_gb(ld['peak_rss_bytes'])}, params "
+                  f"{_gb(ld['param_bytes'])}; load avg {ld['load_avg'][0]}"]
+    m = full.get("memory")
+    if m:
+        rows = [[label, _gb(m[k]["peak_rss_bytes"]), _f(m[k]["call_s"], "{:.1f}"), _f(m[k]["load_s"], "{:.1f}"),
+                 m[k]["load_avg"][0]]
+                for k, label in (("ours_float32", "ours, float32"), ("ours_bfloat16", "ours, bfloat16"),
+                                 ("torch_pipe", "diffusers StableDiffusionPipeline (PyTorch, float32)")) if k in m]
+        lines += ["", f"Peak RSS of one job: batch 1, {m['steps']} DDIM step(s), {m['side']}x{m['side']}, CFG 7.5, "
+                  f"VAE decode (ours / PyTorch: {m['ours_vs_torch']:.2f}x; target <= 1x):", ""]
+        lines += _table(["process", "peak RSS", "generate s", "load s", "load avg"], rows)
+    if full.get("compile"):
+        lines += ["", compile_line(full["config"], full["compile"])]
+    return lines
+
+
+def compile_line(name: str, cp: dict) -> str:
+    """One line: compile time, and a second process's first call against the steady call."""
+    b = cp["second_process_compile_breakdown"]
+    return (f"- compile, `{name}` (batch {cp.get('batch', 1)}, {cp['steps']} steps, {cp['side']}x{cp['side']}): first call "
+            f"{cp['first_call_s']:.1f} s ({cp['compile_s']:.1f} s compiling), steady {cp['steady_call_s']:.1f} s; a "
+            f"second process on the same persistent cache: first call {cp['second_process_first_call_s']:.1f} s = "
+            f"{cp['second_process_vs_steady']:.2f}x the steady call (target <= 1.1x; {cp['second_process_cache_hits']} "
+            f"cache hits; tracing {b['trace_s']:.1f} s, lowering {b['lower_s']:.1f} s, loading the executables "
+            f"{b['backend_s']:.1f} s); load avg {cp['load_avg'][0]}")
+
+
 def markdown(result: dict) -> str:
     info = result["machine"]
     lines = [f"### Benchmark ({result['date']})", "", f"Machine: {measure.machine_line(info)}", "",
              f"Command: `{result['command']}`"]
-    lines += targets(result) + main_table(result) + dtp_table(result) + percall_table(result)
+    lines += targets(result) + fullsize_tables(result) + main_table(result) + dtp_table(result) + percall_table(result)
     if result.get("notes"):
         lines += ["", "Notes:"] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
 
 
-def write(result: dict, out_dir: Path) -> tuple:
-    """Write latest.md and latest.json under out_dir; return their paths."""
+def write(result: dict, out_dir: Path, name: str = "latest") -> tuple:
+    """Write NAME.md and NAME.json under out_dir; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    md, js = out_dir / "latest.md", out_dir / "latest.json"
+    md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
     md.write_text(markdown(result))
     js.write_text(json.dumps(result, indent=1, default=float))
     return md, js

@@ -15,9 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfgbasin_jax.runtime import compile_cache
 from cfgbasin_jax.method import guidance as G
+from cfgbasin_jax.runtime import memory
 from cfgbasin_jax.method import sharding as parallel
 from cfgbasin_jax.method import sampler as S
+from cfgbasin_jax.models.vae import decoder_stages
 from cfgbasin_jax import schedulers
 
 
@@ -110,9 +113,12 @@ class SamplingOptions:
 class Pipeline:
     """Flax Stable Diffusion with transition-point guidance. Wraps loaded ``Components``
     (see :mod:`cfgbasin_jax.models.loading`): unet, vae, text_encoder modules, params, tokenizer, configs.
-    ``components.vae`` may be None for a pixel-space model (the UNet denoises RGB in [-1, 1])."""
+    ``components.vae`` may be None for a pixel-space model (the UNet denoises RGB in [-1, 1]).
+    ``compilation_cache``: JAX's persistent compilation cache (see :mod:`cfgbasin_jax.runtime.compile_cache`:
+    on by default; a directory, or False to leave JAX's setting alone)."""
 
-    def __init__(self, components):
+    def __init__(self, components, compilation_cache=None):
+        self.compilation_cache = compile_cache.enable(compilation_cache)
         self.components = components
         self.unet = components.unet
         self.vae = components.vae
@@ -123,7 +129,7 @@ class Pipeline:
         self._samplers: dict = {}
         self._placed: tuple = (None, None, None)  # (key, replicated params, source kept alive)
         self._encode = jax.jit(self._encode_ids)
-        self._decode = jax.jit(self._decode_latents)
+        self._decoders: list | None = None  # jitted decode stages, built on first use
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -189,18 +195,40 @@ class Pipeline:
         return self._encode(self.params["text_encoder"], jnp.asarray(self.tokenize(prompts)))
 
     # ------------------------------------------------------------------ images
-    def _decode_latents(self, params, latents):
-        if self.vae is None:  # pixel-space model: the "latents" are the image in [-1, 1]
-            img = latents
-        else:
-            z = jnp.transpose(latents / self.vae_scaling_factor, (0, 2, 3, 1)).astype(self.components.dtype)
-            img = self.vae.apply({"params": params}, z, method=self.vae.decode).sample
+    def _latents_in(self, latents):
+        """[B,C,h,w] final latents -> the VAE's NHWC input in the model dtype."""
+        return jnp.transpose(latents / self.vae_scaling_factor, (0, 2, 3, 1)).astype(self.components.dtype)
+
+    @staticmethod
+    def _to_uint8(img):
+        """[B,3,H,W] in [-1, 1] -> uint8 [B,H,W,3], as diffusers' SD pipelines round."""
         img = jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
         return jnp.round(jnp.transpose(img, (0, 2, 3, 1)) * 255.0).astype(jnp.uint8)
 
+    def _decode_stages(self) -> list:
+        """The decode as jitted stages ``f(vae_params, x)`` (:func:`cfgbasin_jax.models.vae.decoder_stages`:
+        one executable per resnet, so the host peak is the largest stage's); a pixel-space model
+        (the UNet denoises RGB in [-1, 1]) has one stage."""
+        if self._decoders is None:
+            if self.vae is None:
+                stages = [lambda params, img: self._to_uint8(img)]
+            else:
+                first, *middle, last = decoder_stages(self.vae)
+                stages = [lambda params, latents: first(params, self._latents_in(latents)), *middle,
+                          lambda params, x: self._to_uint8(last(params, x))]
+            self._decoders = [jax.jit(stage) for stage in stages]
+        return self._decoders
+
     def decode(self, latents) -> np.ndarray:
         """uint8 [B,H,W,3] from final latents [B,C,h,w], as diffusers' SD pipelines do."""
-        return np.asarray(self._decode(self.params.get("vae"), jnp.asarray(latents)))
+        x, params = jnp.asarray(latents), self.params.get("vae")
+        param_bytes = sum(self.param_bytes().values())
+        for stage in self._decode_stages():
+            x = stage(params, x)
+            if param_bytes >= memory.MIN_PARAM_BYTES:  # this stage's temporaries back to the OS first
+                x.block_until_ready()
+                memory.release_freed(param_bytes)
+        return np.asarray(x)
 
     # ------------------------------------------------------------------ sampling
     def unet_fn(self, params, x, t, context):
@@ -391,6 +419,8 @@ class Pipeline:
         run = lambda det: self._run_pass(sched, x0, cond, uncond, before, after, det, opts, aux)  # noqa: E731
         trace = S.combine_passes(S.run_passes(run, detector))
         real = lambda x: np.asarray(x)[:n]  # noqa: E731
+        if opts.decode:  # the sampler's freed temporaries back to the OS before the decoder's come
+            memory.release_freed(sum(self.param_bytes().values()))
         return dict(
             images=self.decode(trace.latents)[:n] if opts.decode else None,
             latents=real(trace.latents),

@@ -14,15 +14,20 @@ Keys of the state dict that no Flax leaf consumed are "unexpected", except known
 (`IGNORED_BUFFERS`). Every error names the weight file and the PyTorch key.
 transformers 5.x saves a bare CLIPTextModel without the `text_model.` prefix of its (and every
 earlier) checkpoint: `with_prefix` puts it back.
+
+Everything is checked from the weight files' headers first (`plan_leaves`); the tensors are then
+read one at a time (`lazy_flax_params`: one LazyLeaf per Flax leaf, laid out and cast on reading).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
+from cfgbasin_jax.models.checkpoint import LazyLeaf, aligned_empty
 from cfgbasin_jax.convert.errors import ConversionError
 from cfgbasin_jax.convert.weights import StateDict
 
@@ -81,32 +86,72 @@ def expected_torch_shape(leaf: str, flax_shape: tuple) -> tuple:
     return tuple(flax_shape)
 
 
+def layout_of(torch_shape: tuple, leaf: str, flax_shape: tuple) -> str | None:
+    """How a PyTorch tensor of `torch_shape` becomes the Flax leaf of `flax_shape`: "same",
+    "linear" (transpose), "conv" (OIHW -> HWIO) or "conv1x1" (a 1x1 conv weight as a Dense kernel);
+    None when the shapes cannot match."""
+    torch_shape, flax_shape = tuple(torch_shape), tuple(flax_shape)
+    if leaf != "kernel":
+        layout, shape = "same", torch_shape
+    elif len(torch_shape) == 2 and len(flax_shape) == 2:
+        layout, shape = "linear", torch_shape[::-1]
+    elif len(torch_shape) == 4 and len(flax_shape) == 4:
+        out_ch, in_ch, height, width = torch_shape
+        layout, shape = "conv", (height, width, in_ch, out_ch)
+    elif len(torch_shape) == 4 and len(flax_shape) == 2 and torch_shape[2:] == (1, 1):
+        layout, shape = "conv1x1", torch_shape[1::-1]
+    else:
+        return None
+    return layout if shape == flax_shape else None
+
+
+# layout -> (PyTorch -> Flax, Flax -> PyTorch); views, nothing is copied.
+_LAYOUTS = {
+    "same": (lambda a: a, lambda a: a),
+    "linear": (lambda a: a.T, lambda a: a.T),
+    "conv": (lambda a: np.transpose(a, (2, 3, 1, 0)), lambda a: np.transpose(a, (3, 2, 0, 1))),
+    "conv1x1": (lambda a: a[:, :, 0, 0].T, lambda a: a.T[:, :, None, None]),
+}
+
+
+def apply_layout(array: np.ndarray, layout: str) -> np.ndarray:
+    """A view of `array` in the Flax layout (see layout_of)."""
+    return _LAYOUTS[layout][0](array)
+
+
+def to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
+    """The inverse of apply_layout: a view of a Flax leaf in PyTorch's layout."""
+    return _LAYOUTS[layout][1](array)
+
+
+def torch_state_dict(flax_params: Mapping, torch_shapes: Mapping, aliases: Mapping[str, tuple] | None = None) -> dict:
+    """Flax params -> {PyTorch key: numpy array} for a module whose state dict has `torch_shapes`
+    ({key: shape}); the inverse of the conversion (e.g. to run PyTorch on weights made in JAX)."""
+    out = {}
+    for path, value in _flatten(flax_params):
+        value = np.asarray(value)
+        key = next((k for k in torch_key_candidates(path, aliases) if k in torch_shapes), None)
+        layout = None if key is None else layout_of(torch_shapes[key], path[-1], value.shape)
+        if layout is None:
+            raise ConversionError(f"Flax parameter {'/'.join(path)} {value.shape}: no PyTorch key of a matching shape")
+        out[key] = np.array(to_torch_layout(value, layout), order="C")  # a writable copy
+    return out
+
+
 def to_flax_layout(array: np.ndarray, leaf: str, flax_shape: tuple) -> np.ndarray | None:
-    """PyTorch layout -> Flax layout for one leaf; None when the shapes cannot match."""
-    if leaf == "kernel":
-        if array.ndim == 2 and len(flax_shape) == 2:
-            array = array.T
-        elif array.ndim == 4 and len(flax_shape) == 4:
-            array = np.transpose(array, (2, 3, 1, 0))
-        elif array.ndim == 4 and len(flax_shape) == 2 and array.shape[2:] == (1, 1):
-            array = array[:, :, 0, 0].T
-        else:
-            return None
-    return array if tuple(array.shape) == tuple(flax_shape) else None
+    """PyTorch layout -> Flax layout for one leaf (a view); None when the shapes cannot match."""
+    layout = layout_of(array.shape, leaf, flax_shape)
+    return None if layout is None else apply_layout(array, layout)
 
 
 def with_prefix(state: StateDict, prefix: str) -> StateDict:
     """`state` with `prefix` + "." before every key that lacks it, unless some parameter key (buffers
     such as position_ids do not count) already starts with it."""
     mark = prefix + "."
-    if any(key.startswith(mark) and not _is_ignored(key) for key in state.tensors):
+    if any(key.startswith(mark) and not _is_ignored(key) for key in state.specs):
         return state
-    rename = {key: key if key.startswith(mark) else mark + key for key in state.tensors}
-    return StateDict(
-        tensors={rename[key]: value for key, value in state.tensors.items()},
-        files={rename[key]: path for key, path in state.files.items()},
-        source=state.source,
-    )
+    specs = {key if key.startswith(mark) else mark + key: spec for key, spec in state.specs.items()}
+    return StateDict(specs=specs, source=state.source, readers=state.readers)
 
 
 def _flatten(tree: Mapping, prefix: tuple = ()) -> list:
@@ -133,42 +178,83 @@ def _is_ignored(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in IGNORED_BUFFERS
 
 
-def state_dict_to_flax(
-    state: StateDict, target_shapes: Mapping, aliases: Mapping[str, tuple] | None = None
-) -> dict:
-    """Map `state` onto the Flax tree `target_shapes` (leaves with .shape); float32 numpy leaves.
+@dataclass(frozen=True)
+class LeafSource:
+    """Where one Flax leaf comes from: its Flax path and shape, the PyTorch key and the layout."""
+
+    path: tuple
+    shape: tuple
+    key: str
+    layout: str
+
+
+def plan_leaves(state: StateDict, target_shapes: Mapping, aliases: Mapping[str, tuple] | None = None) -> list:
+    """The LeafSource of every leaf of the Flax tree `target_shapes` (leaves with .shape), checked
+    against the state dict's headers only (nothing is read).
 
     Raises ConversionError naming the file and key for a missing parameter, a shape mismatch, a
     non-float weight, or an unexpected parameter.
     """
-    tensors = state.tensors
+    specs = state.specs
     used = set()
-    flat = []
+    plan = []
     for path, spec in _flatten(target_shapes):
         candidates = torch_key_candidates(path, aliases)
-        key = next((k for k in candidates if k in tensors), None)
+        key = next((k for k in candidates if k in specs), None)
         leaf, shape = path[-1], tuple(spec.shape)
         if key is None:
             raise ConversionError(
                 f"{state.source}: missing parameter {candidates[0]!r} "
                 f"(shape {expected_torch_shape(leaf, shape)}, for Flax {'/'.join(path)})"
             )
-        array = np.asarray(tensors[key])
-        if array.dtype.kind not in _FLOAT_KINDS and array.dtype.name != "bfloat16":
-            raise ConversionError(f"{state.files[key]}: parameter {key!r} has non-float dtype {array.dtype}")
-        converted = to_flax_layout(array, leaf, shape)
-        if converted is None:
+        source = specs[key]
+        if source.dtype is None or (source.dtype.kind not in _FLOAT_KINDS and source.dtype.name != "bfloat16"):
+            dtype = "unsupported" if source.dtype is None else source.dtype
+            raise ConversionError(f"{source.file}: parameter {key!r} has non-float dtype {dtype}")
+        layout = layout_of(source.shape, leaf, shape)
+        if layout is None:
             raise ConversionError(
-                f"{state.files[key]}: parameter {key!r} has shape {tuple(array.shape)}, the model "
+                f"{source.file}: parameter {key!r} has shape {tuple(source.shape)}, the model "
                 f"config needs {expected_torch_shape(leaf, shape)}"
             )
         used.add(key)
-        flat.append((path, np.asarray(converted, dtype=np.float32)))
-    unexpected = sorted(k for k in tensors if k not in used and not _is_ignored(k))
+        plan.append(LeafSource(path, shape, key, layout))
+    unexpected = sorted(k for k in specs if k not in used and not _is_ignored(k))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise ConversionError(
-            f"{state.files[unexpected[0]]}: unexpected parameter {unexpected[0]!r}{more} "
+            f"{specs[unexpected[0]].file}: unexpected parameter {unexpected[0]!r}{more} "
             "that the model config has no place for"
         )
-    return _nest(flat)
+    return plan
+
+
+def lazy_leaf(state: StateDict, source: LeafSource, dtype) -> LazyLeaf:
+    """The Flax leaf `source` of `state` in `dtype`, read only when asked for: one tensor, as a
+    (possibly transposed) view of its aligned read buffer, or cast into a new aligned buffer."""
+    dtype = np.dtype(dtype)
+    spec = state.specs[source.key]
+
+    def read() -> np.ndarray:
+        array = apply_layout(state.read(source.key), source.layout)
+        if array.dtype == dtype:
+            return array  # a view: the writer (or to_device) copies it once, laid out
+        out = aligned_empty(source.shape, dtype)
+        np.copyto(out, array, casting="unsafe")
+        return out
+
+    return LazyLeaf(source.shape, dtype, read, (str(spec.file), spec.offset))
+
+
+def lazy_flax_params(state: StateDict, target_shapes: Mapping, dtype, aliases: Mapping[str, tuple] | None = None) -> dict:
+    """`target_shapes`' tree of LazyLeaf in `dtype`, validated up front (see plan_leaves)."""
+    return _nest([(source.path, lazy_leaf(state, source, dtype)) for source in plan_leaves(state, target_shapes, aliases)])
+
+
+def state_dict_to_flax(
+    state: StateDict, target_shapes: Mapping, aliases: Mapping[str, tuple] | None = None
+) -> dict:
+    """Map `state` onto the Flax tree `target_shapes` (leaves with .shape); float32 numpy leaves,
+    all read now (see lazy_flax_params for one at a time). Errors as plan_leaves."""
+    plan = plan_leaves(state, target_shapes, aliases)
+    return _nest([(source.path, lazy_leaf(state, source, np.float32).read()) for source in plan])

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from cfgbasin_jax.convert.errors import ConversionError
-from cfgbasin_jax.convert.mapping import VAE_ATTENTION_ALIASES, state_dict_to_flax, with_prefix
+from cfgbasin_jax.convert.mapping import VAE_ATTENTION_ALIASES, lazy_flax_params, state_dict_to_flax, with_prefix
 from cfgbasin_jax.convert.weights import read_component_state_dict
 
 MODEL_FOLDERS = ("unet", "vae", "text_encoder")
@@ -73,10 +73,22 @@ def load_tokenizer(folder: Path):
         raise ConversionError(str(err)) from err
 
 
+def _component_state(folder: Path, kind: str):
+    """`folder`'s state dict (opened lazily) with the key prefix the mapping expects."""
+    state = read_component_state_dict(Path(folder), kind)
+    return with_prefix(state, "text_model") if kind == "text_encoder" else state
+
+
+def _aliases(kind: str):
+    return VAE_ATTENTION_ALIASES if kind == "vae" else None
+
+
 def convert_weights(folder: Path, kind: str, target_shapes) -> dict:
     """Read `folder`'s PyTorch weights and map them onto the Flax tree `target_shapes` (float32 numpy)."""
-    state = read_component_state_dict(Path(folder), kind)
-    if kind == "text_encoder":
-        state = with_prefix(state, "text_model")
-    aliases = VAE_ATTENTION_ALIASES if kind == "vae" else None
-    return state_dict_to_flax(state, target_shapes, aliases=aliases)
+    return state_dict_to_flax(_component_state(folder, kind), target_shapes, aliases=_aliases(kind))
+
+
+def lazy_weights(folder: Path, kind: str, target_shapes, dtype) -> dict:
+    """`folder`'s PyTorch weights as the Flax tree `target_shapes` of LazyLeaf in `dtype`: every key,
+    shape and dtype is checked now, from the file headers; each tensor is read when its leaf is."""
+    return lazy_flax_params(_component_state(folder, kind), target_shapes, dtype, aliases=_aliases(kind))

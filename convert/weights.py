@@ -1,20 +1,27 @@
-"""Read a PyTorch state dict from a diffusers / transformers weight folder into numpy, without torch
-for safetensors.
+"""Open a PyTorch state dict from a diffusers / transformers weight folder lazily: every key's shape
+and dtype up front (from the file headers), one tensor read at a time. No torch for safetensors.
 
 Looked for in this order (first found wins): `<stem>.safetensors`, `<stem>.safetensors.index.json`
 (sharded), `<stem>.bin`, `<stem>.bin.index.json`, then a single `*.safetensors` or `*.bin` file of any
-name (e.g. a `.fp16.` variant). `.bin` files are read with torch.load(weights_only=True); torch is
-imported only there (without it: one ConversionError naming the file).
+name (e.g. a `.fp16.` variant). Safetensors headers are parsed here and each tensor is read with
+one positioned read into an aligned buffer. `.bin` files are opened with
+torch.load(weights_only=True, mmap=True); torch is imported only there (without it: one
+ConversionError naming the file).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import ml_dtypes  # registers numpy's 'bfloat16' for safetensors' numpy API
+import ml_dtypes  # registers numpy's 'bfloat16'
+import numpy as np
 
+from cfgbasin_jax.models.checkpoint import aligned_empty, read_file
 from cfgbasin_jax.convert.errors import ConversionError
 
 # File stems of the weights of each component folder.
@@ -24,19 +31,48 @@ WEIGHT_STEMS = {
     "text_encoder": ("model", "pytorch_model"),
 }
 
+# safetensors dtype names -> numpy (None: a dtype numpy cannot hold; such a tensor cannot be read).
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "U16": np.uint16, "U32": np.uint32, "U64": np.uint64,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """shape, numpy dtype (None if numpy has none), the file holding the tensor, where, and its key
+    in that file (`name`: a StateDict may rename its keys, see mapping.with_prefix)."""
+
+    shape: tuple
+    dtype: np.dtype | None
+    file: Path
+    offset: int
+    name: str
+
 
 @dataclass(frozen=True)
 class StateDict:
-    """A PyTorch state dict as numpy arrays, with the file each key came from.
+    """A PyTorch state dict opened lazily.
 
-    tensors: key -> array (the file's dtype; bfloat16 via ml_dtypes)
+    specs: key -> TensorSpec (shape and dtype from the headers; nothing read yet)
     files: key -> the weight file holding it
     source: the file (or shard index) named in errors about keys that are absent
+    read(key) -> numpy array in the file's dtype (bfloat16 via ml_dtypes), a fresh aligned buffer
     """
 
-    tensors: dict
-    files: dict
+    specs: dict
     source: Path
+    readers: dict  # file -> callable(TensorSpec) -> array
+
+    @property
+    def files(self) -> dict:
+        return {key: spec.file for key, spec in self.specs.items()}
+
+    def read(self, key: str) -> np.ndarray:
+        spec = self.specs[key]
+        return self.readers[spec.file](spec)
 
 
 def find_weight_file(folder: Path, stems) -> Path:
@@ -63,12 +99,12 @@ def find_weight_file(folder: Path, stems) -> Path:
 
 
 def read_state_dict(path: Path) -> StateDict:
-    """Read one weight file or a sharded `*.index.json` into a StateDict."""
+    """Open one weight file or a sharded `*.index.json` as a lazy StateDict."""
     path = Path(path)
     if path.name.endswith(".index.json"):
-        return _read_sharded(path)
-    tensors = _read_file(path)
-    return StateDict(tensors=tensors, files={key: path for key in tensors}, source=path)
+        return _open_sharded(path)
+    specs, reader = _open_file(path)
+    return StateDict(specs=specs, source=path, readers={path: reader})
 
 
 def read_component_state_dict(folder: Path, kind: str) -> StateDict:
@@ -76,25 +112,65 @@ def read_component_state_dict(folder: Path, kind: str) -> StateDict:
     return read_state_dict(find_weight_file(folder, WEIGHT_STEMS[kind]))
 
 
-def _read_file(path: Path) -> dict:
+def _open_file(path: Path) -> tuple[dict, Callable]:
     if path.name.endswith(".safetensors"):
-        return _read_safetensors(path)
+        return _open_safetensors(path)
     if path.name.endswith(".bin"):
-        return _read_torch_bin(path)
+        return _open_torch_bin(path)
     raise ConversionError(f"{path}: unknown weight file type (need .safetensors or .bin)")
 
 
-def _read_safetensors(path: Path) -> dict:
-    from safetensors import safe_open
+# ------------------------------------------------------------------------------------------ safetensors
 
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """({key: {"dtype", "shape", "data_offsets"}}, start of the data) of a safetensors file, checked
+    against the file's size; ConversionError naming the file if malformed."""
     try:
-        with safe_open(str(path), framework="numpy") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError(f"header length {length} exceeds the file")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        start = 8 + length
+        for key, entry in header.items():
+            begin, end = entry["data_offsets"]
+            itemsize = _itemsize(entry["dtype"])
+            nbytes = None if itemsize is None else math.prod(entry["shape"]) * itemsize
+            if not 0 <= begin <= end <= size - start or (nbytes is not None and end - begin != nbytes):
+                raise ValueError(f"tensor {key!r}: data offsets {begin}..{end} do not fit its shape or the file")
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
         raise ConversionError(f"{path}: cannot read safetensors file ({err})") from err
+    return header, start
 
 
-def _read_torch_bin(path: Path) -> dict:
+def _itemsize(dtype_name: str) -> int | None:
+    dtype = SAFETENSORS_DTYPES.get(dtype_name)
+    return None if dtype is None else np.dtype(dtype).itemsize
+
+
+def _open_safetensors(path: Path) -> tuple[dict, Callable]:
+    header, start = safetensors_header(path)
+    specs = {}
+    for key, entry in header.items():
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        specs[key] = TensorSpec(tuple(entry["shape"]), None if dtype is None else np.dtype(dtype), path,
+                                start + entry["data_offsets"][0], key)
+
+    def read(spec: TensorSpec) -> np.ndarray:
+        return read_file(path, spec.shape, spec.dtype, spec.offset)
+
+    return specs, read
+
+
+# ---------------------------------------------------------------------------------------------- .bin
+
+
+def _open_torch_bin(path: Path) -> tuple[dict, Callable]:
     try:
         import torch
     except ImportError as err:
@@ -104,41 +180,64 @@ def _read_torch_bin(path: Path) -> dict:
         ) from err
 
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
         raise ConversionError(f"{path}: cannot read pickled weights ({err})") from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ConversionError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    tensors = {}
+    specs = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        value = value.detach().cpu()
+        specs[key] = TensorSpec(tuple(value.shape), _torch_numpy_dtype(value.dtype), path, 0, key)
+
+    def read(spec: TensorSpec) -> np.ndarray:
+        value = state[spec.name].detach().cpu()
         if value.dtype == torch.bfloat16:
-            tensors[key] = value.float().numpy().astype(ml_dtypes.bfloat16)
+            source = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         else:
-            tensors[key] = value.numpy()
-    return tensors
+            source = value.numpy()
+        out = aligned_empty(source.shape, source.dtype)
+        np.copyto(out, source)
+        return out
+
+    return specs, read
 
 
-def _read_sharded(index_path: Path) -> StateDict:
+def _torch_numpy_dtype(dtype):
+    import torch
+
+    if dtype == torch.bfloat16:
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
+    except (TypeError, RuntimeError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------- sharded
+
+
+def _open_sharded(index_path: Path) -> StateDict:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConversionError(f"{index_path}: not a shard index with a 'weight_map' ({err})") from err
-    tensors, files = {}, {}
+    specs, readers = {}, {}
     for shard_name in sorted(set(weight_map.values())):
         shard = index_path.parent / shard_name
         if not shard.is_file():
             raise ConversionError(f"{index_path}: shard file {shard_name} is missing")
-        for key, value in _read_file(shard).items():
-            tensors[key] = value
-            files[key] = shard
+        shard_specs, readers[shard] = _open_file(shard)
+        specs.update(shard_specs)
     for key, shard_name in weight_map.items():
-        if key not in tensors:
+        if key not in specs:
             raise ConversionError(
                 f"{index_path.parent / shard_name}: parameter {key!r} listed in {index_path.name} is absent"
             )
-    return StateDict(tensors=tensors, files=files, source=index_path)
+    return StateDict(specs=specs, source=index_path, readers=readers)

@@ -1,7 +1,19 @@
 """Shared session fixtures: tiny random SD models (PyTorch oracle + diffusers folders on disk)."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 from tiny_sd import make_tiny_sd
+
+# The library turns JAX's persistent compilation cache on by default (cfgbasin_jax.runtime.compile_cache):
+# give the test session (and the processes it starts) its own directory, not the user's cache.
+if "CFGBASIN_JAX_COMPILATION_CACHE" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="cfgbasin_test_jax_cache_")
+    os.environ["CFGBASIN_JAX_COMPILATION_CACHE"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, True)
 
 
 @pytest.fixture(scope="session")

@@ -119,6 +119,25 @@ def test_report_markdown_and_json(stp_table, tmp_path):
     assert np.isclose(loaded["percall"]["pinned_1_thread"]["results"][0]["ratio_vs_torch"]["ours"], 0.9)
 
 
+def test_accelerator_run_on_cpu_with_the_tiny_config(tmp_path):
+    """python -m bench.accelerator end to end on CPU (the tiny config, 3 steps, batch 1): the table,
+    the attention choice, parity against PyTorch and the saved reference, the runner rows."""
+    from bench import accelerator
+
+    out = tmp_path / "accelerator.md"
+    assert accelerator.main(["--config", "tiny", "--steps", "3", "--batches", "1", "--methods", "cfg,dtp",
+                             "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "JAX backend cpu" in text and "attention: chunked" in text
+    errors = {line.split(" vs ")[1].split(":")[0]: float(line.rsplit(": ", 1)[1].split()[0])
+              for line in text.splitlines() if line.startswith("- UNet parity")}
+    assert len(errors) == 2 and all(err <= 1e-4 for err in errors.values()), errors
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| CFG", "| DTP"))]
+    assert [(r[0], r[1]) for r in rows] == [("| CFG 7.5", "1"), ("| DTP (1.0, then 7.5)", "1")]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0 and row[5] == "6"  # 3 steps x 2 halves
+
+
 def test_import_time_targets_and_probe():
     from bench import import_time
 

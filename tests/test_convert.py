@@ -297,14 +297,17 @@ def test_old_vae_attention_names_and_position_ids_buffer(tiny_sd1, tmp_path, loa
 def test_text_encoder_keys_with_or_without_the_text_model_prefix():
     """transformers 5 saves CLIPTextModel without the `text_model.` prefix that every SD checkpoint has."""
     from cfgbasin_jax.convert.mapping import with_prefix
-    from cfgbasin_jax.convert.weights import StateDict
+    from cfgbasin_jax.convert.weights import StateDict, TensorSpec
 
     def state(*keys):
-        return StateDict({k: np.zeros(1) for k in keys}, {k: Path("w") for k in keys}, Path("w"))
+        specs = {k: TensorSpec((1,), np.dtype(np.float32), Path("w"), 0, k) for k in keys}
+        return StateDict(specs, Path("w"), {Path("w"): lambda spec: np.full(1, len(spec.name), np.float32)})
 
     new = with_prefix(state("embeddings.token_embedding.weight", "text_model.embeddings.position_ids"), "text_model")
-    assert set(new.tensors) == set(new.files) == {"text_model.embeddings.token_embedding.weight",
-                                                   "text_model.embeddings.position_ids"}
+    assert set(new.specs) == set(new.files) == {"text_model.embeddings.token_embedding.weight",
+                                                 "text_model.embeddings.position_ids"}
+    # a renamed key still reads the tensor stored under its old name
+    assert new.read("text_model.embeddings.token_embedding.weight")[0] == len("embeddings.token_embedding.weight")
     old = state("text_model.embeddings.token_embedding.weight")
     assert with_prefix(old, "text_model") is old
 

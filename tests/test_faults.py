@@ -294,12 +294,12 @@ def test_overwrite_never_deletes_the_source_or_unrelated_files(tiny_sd1, tmp_pat
 _SLOW_SAVE = """
 import pathlib, sys, time
 import orbax.checkpoint as ocp
-original = ocp.StandardCheckpointer.save
+original = ocp.Checkpointer.save  # the params checkpoint's writer (cfgbasin_jax.models.checkpoint.write_params)
 def save(self, *args, **kwargs):
     original(self, *args, **kwargs)
-    pathlib.Path(sys.argv[-1]).write_text("saving")  # orbax's writer threads may still be busy
+    pathlib.Path(sys.argv[-1]).write_text("saving")
     time.sleep(300)
-ocp.StandardCheckpointer.save = save
+ocp.Checkpointer.save = save
 from cfgbasin_jax.convert.__main__ import main
 sys.exit(main(sys.argv[1:-1]))
 """

@@ -69,7 +69,7 @@ def test_readme_layout_names_every_module():
         if folder is not None:
             body = line[head.end():] if head else line
             named.setdefault(folder, set()).update(re.findall(r"\b(\w+)\.py\b", body))
-    for sub in ("method", "models", "runs", "toy", "apps"):
+    for sub in ("method", "models", "runs", "toy", "apps", "runtime"):
         actual = {p.stem for p in (package / sub).glob("*.py")} - {"__init__"}
         assert named.get(sub) == actual, (sub, named.get(sub), actual)
     for module in named[""]:

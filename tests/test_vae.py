@@ -19,7 +19,7 @@ from tiny_sd import build_torch_vae
 from cfgbasin_jax.models import builders as models
 from cfgbasin_jax.models import tiny
 from cfgbasin_jax.convert import ConversionError, sd_folder
-from cfgbasin_jax.models.vae import AutoencoderKL, DiagonalGaussian
+from cfgbasin_jax.models.vae import AutoencoderKL, DiagonalGaussian, decoder_stages
 
 RTOL = 1e-4
 
@@ -87,6 +87,10 @@ def test_decode_matches_pytorch(name, latent_side, vaes):
     err = rel_err(got, ref)
     print(f"{name} decode {latent_side}x{latent_side}: {err:.1e}")
     assert err <= RTOL, f"{name} decode at {latent_side}x{latent_side}: {err:.2e}"
+    staged = nhwc  # the pipeline's decode: the same layers compiled stage by stage
+    for stage in decoder_stages(ours):
+        staged = jax.jit(stage)(params, staged)
+    assert rel_err(staged, ref) <= RTOL, f"{name} staged decode at {latent_side}x{latent_side}"
 
 
 def test_nchw_latents_and_posterior_sampling(vaes):

@@ -151,12 +151,11 @@ def _use_json(text: str) -> bool:
     return True
 
 
-def default_compilation_cache() -> str:
-    """$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME (or ~/.cache)/cfgbasin_jax/jax_cache."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "cfgbasin_jax", "jax_cache")
+def default_compilation_cache() -> str | None:
+    """The library's default (:func:`cfgbasin_jax.runtime.compile_cache.default_dir`)."""
+    from cfgbasin_jax.runtime.compile_cache import default_dir
+
+    return default_dir()
 
 
 def build_parser(prog: str = PROG, method: str | None = None) -> argparse.ArgumentParser:
@@ -229,8 +228,8 @@ def build_parser(prog: str = PROG, method: str | None = None) -> argparse.Argume
     add("--distributed", action="store_true", help="multi-process via JAX's cluster detection (SLURM, MPI, ...)")
     add("--distributed_timeout", type=float, default=D.DEFAULT_TIMEOUT_S, help="seconds to wait for all processes")
     add("--compilation_cache", default=None,
-        help="persistent JAX compilation cache folder (default: $JAX_COMPILATION_CACHE_DIR or "
-             "~/.cache/cfgbasin_jax/jax_cache)")
+        help="persistent JAX compilation cache folder (default: $CFGBASIN_JAX_COMPILATION_CACHE, "
+             "$JAX_COMPILATION_CACHE_DIR or ~/.cache/cfgbasin_jax/jax_cache; see cfgbasin_jax.runtime.compile_cache)")
     add("--no_compilation_cache", action="store_true", help="do not use a persistent compilation cache")
     add("--plot", default="run", choices=PLOT_MODES,
         help="noise-difference plots: run (OUTDIR/noise_diff.png), images (also OUTDIR/Plots/{i}.png) or none")
@@ -579,7 +578,9 @@ def cached_pipeline(model: Path, unet_path: Path | None, dtype: str, fingerprint
     if key not in _PIPELINES:
         if len(_PIPELINES) >= 2:
             _PIPELINES.pop(next(iter(_PIPELINES)))
-        _PIPELINES[key] = (fingerprint, cfgbasin_jax.load_pipeline(model, dtype=dtype, unet_path=unet_path))
+        # The command configures the compilation cache itself (--compilation_cache / --no_compilation_cache).
+        _PIPELINES[key] = (fingerprint, cfgbasin_jax.load_pipeline(model, dtype=dtype, unet_path=unet_path,
+                                                                   compilation_cache=False))
     return _PIPELINES[key][1]
 
 
@@ -637,24 +638,6 @@ class CompileStats:
         else:
             cache = f"persistent cache unused ({cache_dir})"
         return f"compile {self.compile_s:.1f} s (backend {self.backend_s:.1f} s); {cache}"
-
-
-def _configure_cache(cache_dir: str | None) -> dict:
-    """Point JAX's persistent compilation cache at ``cache_dir``; returns the previous values."""
-    import jax
-
-    names = ("jax_compilation_cache_dir",)
-    old = {n: getattr(jax.config, n) for n in names}
-    if cache_dir is not None:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir))
-    return old
-
-
-def _restore_cache(old: dict) -> None:
-    import jax
-
-    for name, value in old.items():
-        jax.config.update(name, value)
 
 
 class _LogFile(logging.FileHandler):
@@ -730,7 +713,9 @@ def _records(s: Settings, batch: list[int], prompts: list[str], res, n_tokens: d
 
 def execute(s: Settings) -> int:
     """Run a validated :class:`Settings`: start processes, load, generate what is missing, merge."""
-    old_cache = _configure_cache(s.compilation_cache)
+    from cfgbasin_jax.runtime import compile_cache
+
+    old_cache = compile_cache.configure(s.compilation_cache)
     handlers = [_log_handler(logging.StreamHandler(sys.stderr), s.process)]
     lock = None
     try:
@@ -743,7 +728,7 @@ def execute(s: Settings) -> int:
             return _execute(s, stats, handlers)
     finally:
         _log_teardown(handlers)
-        _restore_cache(old_cache)
+        compile_cache.restore(old_cache)
         if lock is not None:
             lock.release()
 

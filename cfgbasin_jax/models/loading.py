@@ -4,7 +4,8 @@ Converted directory (written by `save_components` / `cfgbasin-convert`; read wit
 
     DST/cfgbasin_jax.json                 format marker: {"format", "format_version", "dtype", "source",
                                           "fingerprint"} (see cfgbasin_jax.runs.fingerprint)
-    DST/params/                           orbax checkpoint {"unet": tree, "vae": tree, "text_encoder": tree}
+    DST/params/                           orbax checkpoint {"unet": tree, "vae": tree, "text_encoder": tree},
+                                          one plain file per parameter (see cfgbasin_jax.models.checkpoint)
     DST/{unet,vae,text_encoder}/config.json   the diffusers / transformers configs
     DST/tokenizer/                        CLIP tokenizer files (tokenizer.json, vocab.json, merges.txt, ...)
     DST/scheduler/scheduler_config.json
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfgbasin_jax.models import checkpoint
 from cfgbasin_jax.convert import sd_folder
 from cfgbasin_jax.convert.errors import ConversionError
 from cfgbasin_jax.models.builders import (build_module, build_text_encoder, build_unet, check_compatible, component_param_shapes,
@@ -96,15 +98,11 @@ def is_converted(path) -> bool:
     return (Path(path) / FORMAT_FILE).is_file()
 
 
-def _cast_tree(tree, dtype):
-    """Numpy leaves -> jnp arrays of `dtype`, cast on the host (no per-shape compiled converts)."""
-    return jax.tree.map(lambda leaf: jnp.asarray(np.asarray(leaf).astype(dtype)), tree)
-
-
-def _converted_weights(folder: Path, kind: str, module, dtype) -> dict:
-    """Params of one diffusers model subfolder, converted in memory, as jnp arrays of `dtype`."""
-    params = sd_folder.convert_weights(folder, kind, component_param_shapes(kind, module))
-    return _cast_tree(params, dtype)
+def _converted_weights(folder: Path, kind: str, module, dtype, lazy: bool = False) -> dict:
+    """Params of one diffusers model subfolder in `dtype`, checked from the file headers first: as
+    LazyLeafs (`lazy`, read when written) or read tensor by tensor straight to the device."""
+    params = sd_folder.lazy_weights(folder, kind, component_param_shapes(kind, module), dtype)
+    return params if lazy else checkpoint.materialize(params)
 
 
 def load_unet_folder(folder, dtype="float32") -> tuple:
@@ -125,40 +123,24 @@ def _check_marker(root: Path) -> None:
         )
 
 
-def _restore_params(params_dir: Path, modules: dict, dtype) -> dict:
-    """The orbax checkpoint at `params_dir`, restored into the shapes of `modules`, as `dtype`."""
-    import orbax.checkpoint as ocp
-
-    if not params_dir.is_dir():
-        raise ConversionError(f"missing folder {params_dir} (the orbax params checkpoint)")
-    # Each process restores its own copy onto its first local device (multi-host runs included:
-    # the restore is process-local, so no process waits on another).
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {
-        kind: jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-            component_param_shapes(kind, module, dtype=dtype),
-        )
-        for kind, module in modules.items()
-    }
-    try:
-        local_only = ocp.options.MultiprocessingOptions(
-            primary_host=None,
-            active_processes={jax.process_index()},
-            barrier_sync_key_prefix=f"restore_p{jax.process_index()}",
-        )
-        with ocp.StandardCheckpointer(multiprocessing_options=local_only) as checkpointer:
-            return checkpointer.restore(params_dir.absolute(), target)
-    except Exception as err:  # orbax raises ValueError/KeyError/... for a tree that does not fit
-        raise ConversionError(f"{params_dir}: params do not fit the stored configs ({err})") from err
+def _restore_params(params_dir: Path, modules: dict, dtype, configs: dict | None = None) -> dict:
+    """The params checkpoint at `params_dir`, restored into the shapes of `modules`, as `dtype`,
+    each tensor straight to this process's first local device (see cfgbasin_jax.models.checkpoint).
+    With the `configs` the checkpoint was written for, its own shapes are used (no module tracing)."""
+    target = None if configs is None else checkpoint.stored_shapes(params_dir, configs, dtype)
+    if target is None:
+        target = {kind: component_param_shapes(kind, module, dtype=dtype) for kind, module in modules.items()}
+    return checkpoint.restore_params(params_dir, target)
 
 
-def load_components(path, dtype="float32", unet_path=None) -> Components:
+def load_components(path, dtype="float32", unet_path=None, lazy: bool = False) -> Components:
     """Components from a converted directory, a diffusers SD folder (converted in memory) or a
     pixel-space model folder (the shipped toy).
 
     dtype: 'float32' | 'bfloat16' | 'float16' for both params and module computation.
     unet_path: a diffusers `unet/` folder whose UNet replaces the pipeline's.
+    lazy: params read from diffusers weight files stay LazyLeafs (checked, not read) until
+    save_components writes them one at a time (streamed conversion).
     Raises ConversionError naming the file, key or setting at fault.
     """
     dtype = resolve_dtype(dtype)
@@ -185,14 +167,15 @@ def load_components(path, dtype="float32", unet_path=None) -> Components:
     modules = {kind: build_module(kind, configs[kind], dtype) for kind in COMPONENTS}
 
     if converted:
-        stored_modules = dict(modules)
+        stored_modules, stored_configs = dict(modules), dict(configs)
         if swap:  # the checkpoint holds the original UNet: restore it into its own shapes, then drop it
-            stored_modules["unet"] = build_module("unet", sd_folder.read_model_config(root / "unet"), dtype)
-        params = dict(_restore_params(root / PARAMS_DIR, stored_modules, dtype))
+            stored_configs["unet"] = sd_folder.read_model_config(root / "unet")
+            stored_modules["unet"] = build_module("unet", stored_configs["unet"], dtype)
+        params = dict(_restore_params(root / PARAMS_DIR, stored_modules, dtype, stored_configs))
         if swap:
-            params["unet"] = _converted_weights(folders["unet"], "unet", modules["unet"], dtype)
+            params["unet"] = _converted_weights(folders["unet"], "unet", modules["unet"], dtype, lazy)
     else:
-        params = {kind: _converted_weights(folders[kind], kind, modules[kind], dtype) for kind in COMPONENTS}
+        params = {kind: _converted_weights(folders[kind], kind, modules[kind], dtype, lazy) for kind in COMPONENTS}
 
     return Components(
         unet=modules["unet"],
@@ -304,10 +287,12 @@ def save_components(components: Components, dst, overwrite: bool = False, source
     Checks first (:func:`check_destination`, with ``components.source`` and ``sources``). Everything
     goes to a hidden sibling ``.DST.partial-HOST-PID-RANDOM`` and is renamed to `dst` at the end, so
     `dst` is never partial. On an error, KeyboardInterrupt or SIGTERM (under
-    :func:`cfgbasin_jax.runs.files.terminate_raises`) the partial folder is removed once orbax's writer
-    has stopped; a partial folder of a killed save is removed by the next save to `dst`. An I/O
+    :func:`cfgbasin_jax.runs.files.terminate_raises`) the partial folder is removed once the writers
+    have stopped; a partial folder of a killed save is removed by the next save to `dst`. An I/O
     error inside orbax is raised as OSError naming the folder. The marker file holds the model's
-    content fingerprint (:mod:`cfgbasin_jax.runs.fingerprint`). ``log(message)`` gets the notes (a
+    content fingerprint (:mod:`cfgbasin_jax.runs.fingerprint`), hashed from the tensors as they are
+    written. Params are written one tensor at a time (LazyLeafs are read only then; see
+    :mod:`cfgbasin_jax.models.checkpoint`). ``log(message)`` gets the notes (a
     parameter with NaN/Inf values, stale folders removed); default: ``warnings.warn``.
     """
     from cfgbasin_jax.runs import files
@@ -328,20 +313,20 @@ def save_components(components: Components, dst, overwrite: bool = False, source
         save_tokenizer(components.tokenizer, tmp / "tokenizer")
         params = {kind: components.params[kind] for kind in COMPONENTS}
 
-        def nonfinite(key, count, size):
+        hasher = fp.ParamHasher()
+        _save_params(tmp / PARAMS_DIR, params, dst, {kind: components.configs[kind] for kind in COMPONENTS},
+                     hasher.add)
+        for key, count, size in hasher.nonfinite():
             _note(log, f"warning: parameter {key} has {count} non-finite value(s) (NaN/Inf) of {size}; "
                        "the model will produce NaN images")
-
         marker = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "dtype": jnp.dtype(components.dtype).name,
             "source": components.source,
-            fp.MARKER_KEY: fp.content_fingerprint(params, components.configs, components.scheduler_config,
-                                                  tmp / "tokenizer", nonfinite),
+            fp.MARKER_KEY: hasher.fingerprint(components.configs, components.scheduler_config, tmp / "tokenizer"),
         }
         sd_folder.write_json(tmp / FORMAT_FILE, marker)
-        _save_params(tmp / PARAMS_DIR, params, dst)
         _replace_dir(tmp, dst)
     except BaseException:
         with files.signals_deferred():
@@ -350,31 +335,19 @@ def save_components(components: Components, dst, overwrite: bool = False, source
     return dst
 
 
-def _save_params(directory: Path, params: dict, dst: Path) -> None:
-    """The orbax checkpoint of ``params`` at ``directory``. However this ends (an error, Ctrl-C,
-    SIGTERM), orbax's writer threads have stopped when it returns. An I/O error (full disk) is
-    raised as one OSError naming ``dst``; the background writers' tracebacks and log records about
-    it (thousands of lines, some printed by C code) are dropped."""
-    import orbax.checkpoint as ocp
-
+def _save_params(directory: Path, params: dict, dst: Path, configs: dict, on_write) -> None:
+    """The params checkpoint of ``params`` at ``directory``, written tensor by tensor
+    (:func:`cfgbasin_jax.models.checkpoint.write_params`; ``on_write(key, array)`` sees each tensor as it
+    is written). However this ends (an error, Ctrl-C, SIGTERM), the writer threads have stopped
+    when it returns. An I/O error (full disk) is raised as one OSError naming ``dst``; the
+    background writers' tracebacks and log records about it (some printed by C code) are dropped."""
     from cfgbasin_jax.runs import files
 
-    local_only = ocp.options.MultiprocessingOptions(
-        primary_host=None,
-        active_processes={jax.process_index()},
-        barrier_sync_key_prefix=f"restore_p{jax.process_index()}",
-    )
     with files.stderr_captured() as captured, _quiet_orbax_logs(directory):
-        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=local_only)
         try:
-            checkpointer.save(directory, params)
-            checkpointer.wait_until_finished()
+            checkpoint.write_params(directory, params, configs=configs, on_write=on_write)
         except BaseException as err:
-            with files.signals_deferred():  # let the writer stop before the caller removes its folder
-                with contextlib.suppress(Exception):
-                    checkpointer.wait_until_finished()
-                with contextlib.suppress(Exception):
-                    checkpointer.close()
+            with files.signals_deferred():
                 gc.collect()  # futures report unread errors when collected: let that happen here
             io_error = files.as_os_error(err, dst) if isinstance(err, Exception) else None
             if io_error is not None or not isinstance(err, Exception):
@@ -382,7 +355,6 @@ def _save_params(directory: Path, params: dict, dst: Path) -> None:
             if io_error is not None and io_error is not err:
                 raise io_error from None
             raise
-        checkpointer.close()
 
 
 class _DropRecordsAbout(logging.Filter):
@@ -440,7 +412,9 @@ def convert(src, dst, dtype="float32", unet_path=None, overwrite=False, log=None
     """
     sources = [src, unet_path]
     check_destination(dst, sources, overwrite)  # fail before the (slow) load; save re-checks
-    components = load_components(src, dtype=dtype, unet_path=unet_path)
+    # Streamed: every weight is checked from the file headers here, then read, laid out, cast and
+    # written one tensor at a time by save_components (never two copies of the model in memory).
+    components = load_components(src, dtype=dtype, unet_path=unet_path, lazy=True)
     return save_components(components, dst, overwrite=overwrite, sources=sources, log=log)
 
 

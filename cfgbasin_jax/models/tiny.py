@@ -171,9 +171,10 @@ def random_params(shapes, seed=0, dtype="float32") -> dict:
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def random_components(variant: str = "sd1", seed: int = 0, dtype="float32") -> Components:
-    """Tiny SD components with random params (`random_params`, seeded), no torch."""
-    configs = tiny_configs(variant)
+def random_components(variant: str = "sd1", seed: int = 0, dtype="float32", configs: dict | None = None) -> Components:
+    """Tiny SD components with random params (`random_params`, seeded), no torch. `configs` (the
+    same keys as tiny_configs) builds another architecture with the tiny tokenizer, e.g. SD 1.5's."""
+    configs = tiny_configs(variant) if configs is None else configs
     dtype = resolve_dtype(dtype)
     model_configs = {kind: configs[kind] for kind in COMPONENTS}
     check_compatible(model_configs)

@@ -224,6 +224,44 @@ class Decoder(nn.Module):
         return _head(x, self.groups, self.out_channels, self.dtype)
 
 
+def decoder_stages(vae: "AutoencoderKL") -> list:
+    """``vae.decode`` as consecutive functions ``f(params, x) -> x`` over the VAE's whole param tree:
+    NHWC latents -> post_quant_conv, conv_in and mid block; each resnet and upsampler of the up
+    blocks; norm, conv_out and the NCHW transpose -> image [B,3,H,W]. The same layers as :meth:`AutoencoderKL.decode` in the same
+    order; compiled one by one, one stage's temporaries are freed before the next stage runs (on
+    CPU the decoder's peak memory is the largest stage's: for SD at 512x512, a resnet at full
+    resolution)."""
+    channels = tuple(reversed(vae.block_out_channels))
+    groups, dtype = vae.norm_num_groups, vae.dtype
+
+    def first(params, z):
+        decoder = params["decoder"]
+        x = _conv(vae.latent_channels, dtype, None, kernel=1, padding="VALID").apply(
+            {"params": params["post_quant_conv"]}, z)
+        x = _conv(channels[0], dtype, None).apply({"params": decoder["conv_in"]}, x)
+        return MidBlock(channels[0], groups, vae.attention, dtype).apply({"params": decoder["mid_block"]}, x)
+
+    def up_block(i: int, in_ch: int, out_ch: int) -> list:
+        """The up block's resnets and upsampler, one stage each."""
+        def stage(module, name):
+            return lambda params, x: module.apply({"params": params["decoder"][f"up_blocks_{i}"][name]}, x)
+
+        stages = [stage(ResnetBlock(in_ch if j == 0 else out_ch, out_ch, groups, dtype=dtype), f"resnets_{j}")
+                  for j in range(vae.layers_per_block + 1)]
+        if i < len(channels) - 1:
+            stages.append(stage(Upsample(out_ch, dtype), "upsamplers_0"))
+        return stages
+
+    def last(params, x):
+        decoder = params["decoder"]
+        x = nn.GroupNorm(num_groups=groups, epsilon=NORM_EPS).apply({"params": decoder["conv_norm_out"]}, x)
+        x = _conv(vae.out_channels, dtype, None).apply({"params": decoder["conv_out"]}, nn.swish(x))
+        return jnp.transpose(x, (0, 3, 1, 2))
+
+    ins = (channels[0],) + channels[:-1]
+    return [first, *(stage for i in range(len(channels)) for stage in up_block(i, ins[i], channels[i])), last]
+
+
 class AutoencoderKL(nn.Module):
     """SD's VAE (see the module docstring). Fields as diffusers' Flax AutoencoderKL config, plus
     ``attention`` (:data:`cfgbasin_jax.models.attention.IMPLEMENTATIONS`) for the mid-block attention.
