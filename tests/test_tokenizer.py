@@ -8,7 +8,6 @@ others give 109.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 from clip_reference import clip_ids, read_bpe

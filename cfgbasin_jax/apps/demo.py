@@ -21,7 +21,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
