@@ -38,6 +38,8 @@ class GenerationResult:
     timesteps: int [S]. unet_evals: UNet sample-evaluations spent on the B real samples.
     nonfinite: bool [B], the trajectory produced a NaN/Inf. sample_indices: int [B] noise indices.
     detector_state: the detector's final state, numpy leaves [B,...] (of the last pass).
+    gate_score, gate_flagged: float32 / bool [B], a gated schedule's memorization score and flag
+    (:func:`cfgbasin_jax.method.guidance.gated`); None for other schedules.
     """
 
     images: np.ndarray | None
@@ -54,6 +56,8 @@ class GenerationResult:
     prompts: list
     transition_fallback: np.ndarray | None = None
     detector_state: object = None
+    gate_score: np.ndarray | None = None
+    gate_flagged: np.ndarray | None = None
 
 
 def prng_key(seed, owner: str = "generate") -> jax.Array:
@@ -376,6 +380,8 @@ class Pipeline:
                                           slice(i, min(i + chunk, b)), chunk, opts) for i in starts]
         cat = lambda k: np.concatenate([p[k] for p in parts], axis=0)  # noqa: E731
         index = cat("transition_index")
+        state = jax.tree.map(lambda *xs: np.concatenate(xs), *[p["detector_state"] for p in parts])
+        report = plan.detector.report(state)
         return GenerationResult(
             images=cat("images") if decode else None,
             latents=cat("latents"),
@@ -390,7 +396,9 @@ class Pipeline:
             sample_indices=sample_indices,
             prompts=prompts,
             transition_fallback=cat("transition_fallback"),
-            detector_state=jax.tree.map(lambda *xs: np.concatenate(xs), *[p["detector_state"] for p in parts]),
+            detector_state=state,
+            gate_score=report.get("gate_score"),
+            gate_flagged=report.get("gate_flagged"),
         )
 
     def _generate_chunk(self, sched, plan: G.Plan, prompts, negative, sample_indices, latents, shape, rows, size,

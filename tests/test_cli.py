@@ -306,3 +306,49 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_sd1, tmp_path):
         assert (killed / "Images" / name).read_bytes() == (reference / "Images" / name).read_bytes(), name
     assert records(killed) == records(reference)
     assert [r["index"] for r in records(killed)] == list(range(n))
+
+
+# ------------------------------------------------------------------------------------ gated methods
+
+
+def test_gated_method_calibrates_then_records_score_and_flag(tiny_sd1, tmp_path):
+    """--method gated-og-stp --gate_calibrate: the threshold is the plain prompts' (1 - fpr) percentile
+    (restated), and every image's score and flag are in metadata.jsonl. Calibrating on the run's own
+    prompts and seeds at fpr 0.5 flags exactly the two images above their median."""
+    captions = list(P.imagenette_prompts()[:4])
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(captions[:2]) + "\n\n" + "\n".join(captions[2:]) + "\n")
+    out = tmp_path / "gated"
+    argv = ["--method", "gated-og-stp", "--pretrained_model_name_or_path", str(tiny_sd1.path), "--exp", "imagenette",
+            "--end_iter", "4", "--outdir", str(out), "--gate_calibrate", str(plain), "--gate_fpr", "0.5"] + IN_PROCESS
+    assert cli.main(argv) == 0
+    recs = records(out)
+    pipe = cli.cached_pipeline(tiny_sd1.path.resolve(), None, "float32")
+    kwargs = dict(num_inference_steps=STEPS, seed=42, height=16, width=16, scheduler="dpm++2m", progress=False)
+    cal = pipe.generate(captions, G.constant(7.5), decode=False, **kwargs)
+    want = np.percentile(cal.noise_diff[:, 0].astype(np.float64), 50)
+    threshold = json.loads((out / R.CONFIG_FILE).read_text())["run"]["gate_threshold"]
+    assert threshold == pytest.approx(want, rel=1e-5)
+    assert all(r["gate_threshold"] == threshold and r["method"] == "gated-og-stp" for r in recs)
+    assert [r["gate_flagged"] for r in recs] == [r["gate_score"] > threshold for r in recs]
+    assert sum(r["gate_flagged"] for r in recs) == 2
+    for r in recs:  # og-stp's transition for the flagged, none (constant CFG) for the rest
+        assert (r["transition_index"] >= 0) == r["gate_flagged"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "needs exactly one of --gate_threshold and --gate_calibrate"),
+    (["--gate_threshold", "-1"], "--gate_threshold: guidance: threshold must be >= 0"),
+    (["--gate_threshold", "nan"], "--gate_threshold: guidance: threshold must be finite"),
+    (["--gate_threshold", "1", "--gate_steps", str(STEPS)], f"--gate_steps {STEPS} must be < the {STEPS} sampling"),
+    (["--gate_calibrate", "missing.txt"], "--gate_calibrate: missing.txt: prompt file not found"),
+    (["--gate_threshold", "1", "--gate_fpr", "0.1"], "--gate_fpr applies only with --gate_calibrate"),
+])
+def test_gated_bad_input_one_line_exit_2(tiny_sd1, tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--method", "gated-stp", "--pretrained_model_name_or_path", str(tiny_sd1.path), "--end_iter", "2",
+            "--exp", "imagenette", "--outdir", str(tmp_path / "out")] + IN_PROCESS + flags
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -1,6 +1,6 @@
 """Transition detectors: the built-ins against the official rules restated in plain Python (driven
-directly and inside the sampler with a stub UNet), a user-defined detector, and a composite that
-expresses per-sample gating (issue 18's detect-then-mitigate rule)."""
+directly and inside the sampler with a stub UNet) and a user-defined detector. The built-in gate
+(detect, then mitigate) is tested in test_gating.py."""
 
 from typing import Any
 
@@ -213,56 +213,6 @@ def test_exact_two_pass_is_a_composition_and_reports_the_fallback(stub_batch):
         det = D.broadcast(D.exact_latent_cosine(), B)
         S.sample_loop(params, sched, x0, cond, uncond, jnp.zeros((B, STEPS)), jnp.zeros((B, STEPS)), det,
                       unet_fn=stub.unet)
-
-
-@struct.dataclass
-class Gate(D.Detector):
-    """Issue 18's rule on this interface: flag each sample from the mean noise difference of its
-    first ``steps`` steps; flagged samples follow ``mitigation`` (its scales and detector), the
-    others plain CFG (``after``)."""
-
-    mitigation: D.Detector
-    threshold: Any
-    steps: int = struct.field(pytree_node=False, default=1)
-    reads = ("noise_diff",)
-
-    def init(self, batch):
-        return jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), bool), self.mitigation.init(batch)
-
-    def update_at(self, stage, state, signals, j):
-        total, flagged, inner = state
-        if stage == "eps":
-            total = total + jnp.where(j < self.steps, signals.noise_diff, 0.0)
-            flagged = jnp.where(j == self.steps - 1, total / self.steps > self.threshold, flagged)
-        return total, flagged, self.mitigation.update_at(stage, inner, signals, j)
-
-    def switched(self, state, j):
-        return state[1] & self.mitigation.switched(state[2], j)
-
-    def select(self, state, j, before, after):
-        return jnp.where(state[1], self.mitigation.select(state[2], j, before, after), after)
-
-    def needs_both(self, state, j):
-        return (j < self.steps) | (state[1] & self.mitigation.needs_both(state[2], j))
-
-
-def test_a_composite_expresses_per_sample_gating(stub_batch):
-    cfg = _run(stub_batch, G.constant(4.0))
-    score = np.asarray(cfg.noise_diff)[:, 0]
-    threshold = float(np.median(score))
-    gate = Gate(mitigation=D.LatentCosineMinimum(fallback=np.int32(G.LATENT_COSINE_FALLBACK_INDEX)), threshold=threshold)
-    res = _run(stub_batch, G.dynamic_transition(-2.0, 4.0, signal=gate))
-    flagged = np.asarray(res.detector_state[1])
-    assert flagged.tolist() == (score > threshold).tolist() and 0 < flagged.sum() < B
-    for b in range(B):
-        if not flagged[b]:  # plain CFG from the first step: the constant-CFG sample
-            assert np.all(res.scale[b] == 4.0) and res.transition_index[b] == -1
-            assert rel_err(res.latents[b], cfg.latents[b]) < 1e-6
-        else:  # the mitigation from the first step, switched by its own (causal) rule
-            want = causal_og_index(np.asarray(res.latent_cosine[b]), G.LATENT_COSINE_FALLBACK_INDEX)
-            k = -1 if want is None else want
-            assert res.transition_index[b] == k and res.scale[b, 0] == -2.0
-            assert np.all(res.scale[b, :k if k >= 0 else STEPS] == -2.0)
 
 
 def test_stage_follows_the_signals_read():

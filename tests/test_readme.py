@@ -45,6 +45,9 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
         want = next((j for j, v in enumerate(d[b]) if v < 0.8), -1)
         assert k == want
     assert res.transition_index.tolist() == [-1, -1, 0, 0]  # as the README says
+    out = namespace["out"]  # the gated run: OG+STP for the memorized caption only, as the README says
+    assert out.gate_flagged.tolist() == [True, True, False, False]
+    assert (out.transition_index >= 0).tolist() == out.gate_flagged.tolist()
 
 
 def test_readme_layout_names_every_module():

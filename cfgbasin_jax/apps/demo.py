@@ -21,13 +21,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from cfgbasin_jax import TOY_MODEL
-from cfgbasin_jax.toy import data as toy
 from cfgbasin_jax.method import registry as M
+from cfgbasin_jax.metrics import detection
+from cfgbasin_jax.toy import data as toy
+from cfgbasin_jax.toy.scoring import (alignment, copy_threshold, first_local_min_t, layout_iou, layout_threshold,
+                                      nearest_training, similarity)
 
 SHIPPED_MODEL = TOY_MODEL
 # Every method of the registry, by its table label: the transition methods, then the inference-time
@@ -35,139 +37,9 @@ SHIPPED_MODEL = TOY_MODEL
 # optimisation, CADS, and rand_word_repeat prompt augmentation).
 METHODS = tuple(M.get(name).label for name in M.names())
 BASELINES = tuple(M.get(name).label for name in M.names() if M.get(name).baseline)
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def centred_unit(images: np.ndarray) -> np.ndarray:
-    """uint8/float [N,H,W,3] -> float32 [N,D]: mean-centred, unit-norm pixel vectors."""
-    x = np.asarray(images, np.float32).reshape(len(images), -1)
-    x = x - x.mean(axis=1, keepdims=True)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
-
-
-def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[N,H,W,3] x [N,H,W,3] -> [N]: pairwise cosine of mean-centred pixels (1 = identical)."""
-    return np.sum(centred_unit(a) * centred_unit(b), axis=1)
-
-
-def nearest_training(images: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(similarity [N], index [N]) of each image's nearest training image."""
-    sims = centred_unit(images) @ centred_unit(train).T
-    idx = np.argmax(sims, axis=1)
-    return sims[np.arange(len(images)), idx], idx
-
-
-def caption_variants(objects: Sequence[toy.ShapeSpec], count: int, seed: int) -> np.ndarray:
-    """uint8 [count,16,16,3]: fresh images that satisfy the caption of ``objects`` (same colours,
-    shapes, positions; random background, sizes and jitter), as a generalizing model would draw."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        objs = [
-            dataclasses.replace(o, size=int(rng.choice(toy.SHAPE_SIZES)),
-                                jitter=(int(rng.integers(-toy.JITTER, toy.JITTER + 1)), int(rng.integers(-toy.JITTER, toy.JITTER + 1))))
-            for o in objects
-        ]
-        out.append(toy.render(objs, str(rng.choice(list(toy.BACKGROUNDS)))))
-    return np.stack(out)
-
-
-def copy_threshold(dataset: toy.ToyDataset, count: int = 2000, quantile: float = 0.99, seed: int = 0) -> float:
-    """Similarity above which an output counts as a copy of its duplicated image: the
-    ``quantile`` of the similarity between each duplicated image and fresh non-identical images
-    satisfying its caption (:func:`caption_variants`), over all memorized captions."""
-    sims = []
-    for i in np.nonzero(dataset.memorized)[0]:
-        variants = caption_variants(dataset.objects[i], count // max(dataset.num_memorized, 1), seed + int(i))
-        keep = np.any(variants.reshape(len(variants), -1) != dataset.images[i].reshape(1, -1), axis=1)
-        sims.append(similarity(variants[keep], np.repeat(dataset.images[i][None], keep.sum(), 0)))
-    return float(np.quantile(np.concatenate(sims), quantile))
-
-
-def layout_iou(image: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over the reference's object colours of the IoU between the pixels of that colour in
-    ``image`` and in ``reference`` (nearest-palette classes): 1 when the objects are reproduced
-    exactly (sizes, shapes, placement), whatever the background."""
-    a, b = classify_colours(image), classify_colours(reference)
-    colours = [c for c in np.unique(b) if c < len(toy.COLOURS)]
-    if not colours:
-        return float("nan")
-    return float(np.mean([np.sum((a == c) & (b == c)) / max(np.sum((a == c) | (b == c)), 1) for c in colours]))
-
-
-def layout_threshold(dataset: toy.ToyDataset, count: int = 2000, quantile: float = 0.99, seed: int = 0) -> float:
-    """Layout IoU above which the objects copy the duplicated image: the ``quantile`` of the layout
-    IoU between each duplicated image and fresh caption-satisfying images whose objects differ
-    from it (another size or placement), as :func:`copy_threshold` does for the whole image."""
-    ious = []
-    for i in np.nonzero(dataset.memorized)[0]:
-        variants = caption_variants(dataset.objects[i], count // max(dataset.num_memorized, 1), seed + int(i))
-        ref = dataset.images[i]
-        same_layout = [np.array_equal(classify_colours(v) < len(toy.COLOURS), classify_colours(ref) < len(toy.COLOURS)) for v in variants]
-        ious += [layout_iou(v, ref) for v, same in zip(variants, same_layout) if not same]
-    return float(np.quantile(ious, quantile))
-
-
-_PALETTE_NAMES = list(toy.COLOURS) + [f"bg:{b}" for b in toy.BACKGROUNDS]
-_PALETTE = np.asarray(list(toy.COLOURS.values()) + list(toy.BACKGROUNDS.values()), np.float32)
-
-
-def classify_colours(image: np.ndarray) -> np.ndarray:
-    """int [H,W]: index into the palette (toy colours, then backgrounds) of each pixel's nearest colour."""
-    d = np.sum(np.square(np.asarray(image, np.float32)[:, :, None, :] - _PALETTE[None, None]), axis=-1)
-    return np.argmin(d, axis=-1)
-
-
-def _templates():
-    out = []
-    for shape in toy.SHAPES:
-        for size in toy.SHAPE_SIZES:
-            out.append((shape, size, toy.shape_mask(shape, size, (8, 8), 16)))
-    return out
-
-
-_TEMPLATES = None
-
-
-def object_checks(image: np.ndarray, obj: toy.ShapeSpec) -> tuple[bool, bool]:
-    """(colour-at-position ok, shape ok) for one captioned object, from pixels.
-
-    Colour: at least 5 of the 3x3 pixels at the captioned position have the caption's colour as
-    their nearest palette colour. Shape: the pixels of that colour within 5 px of the position,
-    matched against every (shape, size, +-2 px offset) template; the best IoU names the shape.
-    """
-    global _TEMPLATES
-    if _TEMPLATES is None:
-        _TEMPLATES = _templates()
-    labels = classify_colours(image)
-    target = list(toy.COLOURS).index(obj.colour)
-    r, c = toy.POSITIONS[obj.position]
-    window = labels[r - 1: r + 2, c - 1: c + 2]
-    colour_ok = int(np.sum(window == target)) >= 5
-    mask = labels == target
-    rows, cols = np.mgrid[0:16, 0:16]
-    near = (np.abs(rows + 0.5 - r) <= 5.5) & (np.abs(cols + 0.5 - c) <= 5.5)
-    mask = mask & near
-    if not mask.any():
-        return colour_ok, False
-    best, best_shape = -1.0, None
-    for shape, _size, tmpl in _TEMPLATES:
-        for dr in range(-2, 3):
-            for dc in range(-2, 3):
-                t = np.roll(np.roll(tmpl, r - 8 + dr, axis=0), c - 8 + dc, axis=1) & near
-                inter = np.sum(t & mask)
-                iou = inter / max(np.sum(t | mask), 1)
-                if iou > best:
-                    best, best_shape = iou, shape
-    return colour_ok, best_shape == obj.shape
-
-
-def alignment(image: np.ndarray, objects: Sequence[toy.ShapeSpec]) -> float:
-    """Fraction of the caption's attribute checks (colour at position, shape; per object) passed."""
-    checks = [ok for obj in objects for ok in object_checks(image, obj)]
-    return float(np.mean(checks))
+GATED = tuple(M.get(name).label for name in M.names() if name.startswith("gated-"))
+# By default the gated rows are gated STP and gated OG+STP (--methods adds the gated DTP rules).
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in GATED[2:])
 
 
 # ----------------------------------------------------------------------------- model
@@ -194,15 +66,20 @@ def load_demo_pipeline(model: str | None, log=print):
     return Pipeline(random_components()), "random tiny model (fallback: shipped toy weights missing)", False
 
 
-def method_guidance(name: str, scale: float, stp_t: int, og_t: int, og_scale: float):
+def method_guidance(name: str, scale: float, stp_t: int, og_t: int, og_scale: float, threshold=None,
+                    gate_steps: int = 1, pre_scale: float | None = None):
     """The registry method ``name`` (:mod:`cfgbasin_jax.method.registry`) with the demo's settings: CFG scale
-    ``scale`` everywhere, STP at ``stp_t``, the opposite-guidance methods at ``og_scale`` (OG+STP at ``og_t``)."""
+    ``scale`` everywhere, STP at ``stp_t``, the opposite-guidance methods at ``og_scale`` (OG+STP at ``og_t``);
+    gated methods with the gate ``threshold`` over ``gate_steps`` steps (``pre_scale`` before the flag)."""
     method = M.get(name)
+    base = method.name.removeprefix("gated-")
     params = {"scale": scale}
-    if method.name == "stp":
+    if base == "stp":
         params["t"] = stp_t
-    if method.name in ("og-stp", "og-dtp"):
-        params.update(before=og_scale, t=og_t if method.name == "og-stp" else None)
+    if base in ("og-stp", "og-dtp"):
+        params.update(before=og_scale, t=og_t if base == "og-stp" else None)
+    if base != method.name:
+        params.update(threshold=threshold, gate_steps=gate_steps, pre_scale=pre_scale)
     return method.guidance(**params)
 
 
@@ -218,16 +95,6 @@ def generate_method(pipe, name: str, prompts: list, guidance, **kwargs):
     if method == "prompt-augmentation":  # every sample draws its own 4 repeated words (keyed by its batch position)
         prompts = B.augment_prompts(prompts, "rand_word_repeat", 4, seed=kwargs.get("seed", 0))
     return pipe.generate(prompts, guidance, **kwargs)
-
-
-def first_local_min_t(noise_diff: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-    """int [B]: timestep of each row's first strict local minimum of ||eps_c - eps_u|| (the DTP
-    rule); -1 where there is none."""
-    out = []
-    for d in noise_diff:
-        idx = [k for k in range(1, len(d) - 1) if d[k - 1] > d[k] < d[k + 1]]
-        out.append(int(timesteps[idx[0]]) if idx else -1)
-    return np.asarray(out)
 
 
 # ----------------------------------------------------------------------------- plots and grids
@@ -305,7 +172,10 @@ class DemoConfig:
     stp_t: int | None = None
     og_t: int | None = None
     og_scale: float = -2.0
-    methods: tuple = METHODS
+    methods: tuple = DEFAULT_METHODS
+    gate_steps: int = 1
+    gate_pre_scale: float | None = None
+    num_calibration_prompts: int = 32
 
 
 def _prompt_set(ds: toy.ToyDataset, cfg: DemoConfig):
@@ -314,6 +184,20 @@ def _prompt_set(ds: toy.ToyDataset, cfg: DemoConfig):
     for objs in toy.plain_prompts(cfg.num_plain_prompts, cfg.seed, exclude=ds.captions[: ds.num_memorized]):
         prompts.append((toy.caption_of(objs), objs, -1))
     return prompts
+
+
+def calibrate_gate(pipe, ds: toy.ToyDataset, prompts: list, cfg: DemoConfig) -> tuple[float, list]:
+    """(threshold, calibration captions): the gate's threshold at a 1% false-positive rate on
+    ``cfg.num_calibration_prompts`` held-out plain prompts (none of the demo's), with the demo's seeds."""
+    exclude = list(ds.captions[: ds.num_memorized]) + [p[0] for p in prompts]
+    captions = [toy.caption_of(o) for o in toy.plain_prompts(cfg.num_calibration_prompts, cfg.seed + 1, exclude)]
+    k = cfg.samples_per_prompt
+    gated = method_guidance("gated-stp", cfg.guidance, 500, 650, cfg.og_scale, gate_steps=cfg.gate_steps,
+                            pre_scale=cfg.gate_pre_scale)
+    threshold = detection.calibrate_threshold(
+        pipe, [c for c in captions for _ in range(k)], gated, num_inference_steps=cfg.steps, seed=cfg.seed,
+        scheduler=cfg.scheduler, progress=False, sample_indices=np.tile(np.arange(k), len(captions)))
+    return threshold, captions
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
@@ -332,6 +216,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     sample_ids = np.asarray([j for _ in prompts for j in range(k)])  # same seeds for every prompt and method
     info = {i * k + j: prompts[i] for i in range(len(prompts)) for j in range(k)}
 
+    gate_threshold, calibration = None, []
+    if set(cfg.methods) & set(GATED):
+        gate_threshold, calibration = calibrate_gate(pipe, ds, prompts, cfg)
+        log(f"gate threshold {gate_threshold:.4f} (99th percentile over {len(calibration)} held-out plain prompts)")
+
     runs: dict = {}
     stp_t, og_t = cfg.stp_t, cfg.og_t
     order = ["CFG"] + [m for m in cfg.methods if m != "CFG"]
@@ -346,7 +235,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
             stp_t = int(np.median(tmin)) if tmin.size else 500
         if stp_t is not None and og_t is None:
             og_t = int(round(stp_t + 0.3 * (1000 - stp_t)))  # the paper's 650 for its 500
-        g = method_guidance(name, cfg.guidance, stp_t or 500, og_t or 650, cfg.og_scale)
+        g = method_guidance(name, cfg.guidance, stp_t or 500, og_t or 650, cfg.og_scale, gate_threshold, cfg.gate_steps,
+                            cfg.gate_pre_scale)
         t0 = time.perf_counter()
         compiles = pipe.compile_count()
         res = generate_method(pipe, name, batch_prompts, g, num_inference_steps=cfg.steps, seed=cfg.seed,
@@ -385,29 +275,56 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
             "wall_s": runs[name]["wall"],
             "compiled": runs[name]["compiled"],
             "transition_t_median": float(np.median(tt)) if tt.size else float("nan"),
+            **gate_rates(res.gate_flagged, is_mem),
         }
         rows.append(row)
         grid_rows = []
         for i, (caption, objs, mem_index) in enumerate(prompts):
             ref = train_images[mem_index] if mem_index >= 0 else np.full((16, 16, 3), 255, np.uint8)
             grid_rows.append([ref] + [imgs[i * k + j] for j in range(k)])
-        _save_png(_grid(grid_rows), out / f"grid_{name.replace('+', '_')}.png")
+        _save_png(_grid(grid_rows), out / grid_file(name))
         runs[name]["nn_sim"] = nn_sim
     _plot_traces(out / "noise_diff.png", runs, n_mem * k, stp_t or 500, og_t or 650)
 
     table = format_table(rows)
-    report = _report_text(cfg, model_desc, is_toy, threshold, lay_threshold, prompts, n_mem, stp_t, og_t, table, time.perf_counter() - t_start)
+    gate = {"threshold": gate_threshold, "calibration_prompts": len(calibration), "steps": cfg.gate_steps,
+            "auc": detection_auc(runs, n_mem * k, cfg.gate_steps)}
+    report = _report_text(cfg, model_desc, is_toy, threshold, lay_threshold, prompts, n_mem, stp_t, og_t, table,
+                          time.perf_counter() - t_start, gate)
     (out / "report.md").write_text(report, encoding="utf-8")
     (out / "results.json").write_text(json.dumps({"rows": rows, "copy_threshold": threshold, "layout_threshold": lay_threshold, "stp_t": stp_t, "og_t": og_t,
-                                                   "model": model_desc, "config": dataclasses.asdict(cfg)}, indent=2, default=str), encoding="utf-8")
+                                                   "gate": gate, "model": model_desc, "config": dataclasses.asdict(cfg)}, indent=2, default=str), encoding="utf-8")
     return {"rows": rows, "table": table, "report": out / "report.md", "stp_t": stp_t, "og_t": og_t,
-            "threshold": threshold, "is_toy": is_toy, "runs": runs}
+            "threshold": threshold, "is_toy": is_toy, "runs": runs, "gate": gate}
+
+
+def grid_file(method: str) -> str:
+    """The image grid's file name of a method label ("OG+STP" -> grid_OG_STP.png)."""
+    return f"grid_{method.replace('+', '_').replace(' ', '_')}.png"
+
+
+def gate_rates(flagged, is_mem) -> dict:
+    """The gate's true / false positive rates (flagged memorized / plain samples); NaN without a gate."""
+    if flagged is None:
+        return {"flagged_mem": float("nan"), "flagged_plain": float("nan")}
+    flagged = np.asarray(flagged, bool)
+    rate = lambda sel: float(np.mean(flagged[sel])) if sel.any() else float("nan")  # noqa: E731
+    return {"flagged_mem": rate(is_mem), "flagged_plain": rate(~is_mem)}
+
+
+def detection_auc(runs: dict, n_mem: int, gate_steps: int) -> float:
+    """ROC AUC of the gate's score (memorized vs plain samples) under constant CFG, NaN if one group is empty."""
+    score = detection.detection_score(runs["CFG"]["result"].noise_diff, gate_steps)
+    if n_mem == 0 or n_mem == len(score):
+        return float("nan")
+    return detection.roc_auc(score[:n_mem], score[n_mem:])
 
 
 def format_table(rows: list[dict]) -> str:
     head = ("| method | copies (mem) | layout copies (mem) | sim to dup. (mem) | p95 NN sim (mem) | p95 NN sim (plain) | "
-            "alignment (mem) | alignment (plain) | UNet evals/sample | wall s | median transition t |")
-    sep = "|" + "---|" * 11
+            "alignment (mem) | alignment (plain) | UNet evals/sample | wall s | median transition t | "
+            "flagged (mem) | flagged (plain) |")
+    sep = "|" + "---|" * 13
     lines = [head, sep]
     for r in rows:
         tt = "-" if np.isnan(r["transition_t_median"]) else f"{r['transition_t_median']:.0f}"
@@ -415,12 +332,17 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['method']} | {r['copy_rate_mem']:.0%} | {r['layout_copy_rate_mem']:.0%} | {r['sim_own_mem']:.3f} | {r['p95_nn_mem']:.3f} | "
             f"{r['p95_nn_plain']:.3f} | {r['align_mem']:.2f} | {r['align_plain']:.2f} | "
-            f"{r['unet_evals_per_sample']:.1f} | {wall} | {tt} |"
+            f"{r['unet_evals_per_sample']:.1f} | {wall} | {tt} | {_rate(r['flagged_mem'])} | {_rate(r['flagged_plain'])} |"
         )
     return "\n".join(lines)
 
 
-def _report_text(cfg, model_desc, is_toy, threshold, lay_threshold, prompts, n_mem, stp_t, og_t, table, total_s) -> str:
+def _rate(value: float) -> str:
+    return "-" if np.isnan(value) else f"{value:.0%}"
+
+
+def _report_text(cfg, model_desc, is_toy, threshold, lay_threshold, prompts, n_mem, stp_t, og_t, table, total_s,
+                 gate) -> str:
     notice = "" if is_toy else (
         "\n> **NOTICE: the shipped toy weights were not found; this report uses a RANDOM untrained model "
         "(`cfgbasin_jax.models.tiny.random_components()`). Its numbers say nothing about memorization.**\n")
@@ -432,7 +354,17 @@ def _report_text(cfg, model_desc, is_toy, threshold, lay_threshold, prompts, n_m
         f"- DTP: scale 1 until the first local minimum of ||eps_c - eps_u|| is detected, then {cfg.guidance}\n"
         f"- OG+DTP: scale {cfg.og_scale} until the first local minimum of the latents' cosine distance "
         f"(exact two-pass rule), then {cfg.guidance}\n"
+        + "".join(f"- {m}: {m.split(' ', 1)[1]} for samples whose mean ||eps_c - eps_u|| over the first "
+                  f"{cfg.gate_steps} step(s) exceeds the gate threshold, constant CFG {cfg.guidance} for the rest\n"
+                  for m in GATED if m in cfg.methods)
     )
+    gate_text = "" if gate["threshold"] is None else (
+        f"\nGate: threshold {gate['threshold']:.4f}, the 99th percentile of the score over "
+        f"{gate['calibration_prompts']} held-out plain prompts x {cfg.samples_per_prompt} seeds (a 1% false-positive "
+        f"rate there). *flagged (mem)* / *flagged (plain)*: the detector's true / false positive rates on the "
+        f"demo's memorized / plain prompts. Detection AUC of the score (memorized vs plain, under CFG): "
+        f"{gate['auc']:.3f}. Score steps {cfg.gate_steps}; scale before the flag: "
+        f"{cfg.guidance if cfg.gate_pre_scale is None else cfg.gate_pre_scale}.\n")
     return f"""# cfgbasin-demo report
 
 Model: {model_desc}{notice}
@@ -447,7 +379,7 @@ STP's t is the median timestep of the first local minimum of ||eps_c - eps_u|| m
 ## Results
 
 {table}
-
+{gate_text}
 Columns: *copies (mem)*: fraction of memorized-prompt outputs whose similarity to their duplicated training image
 exceeds {threshold:.3f}, the 99th percentile of the similarity between each duplicated image and fresh images that
 satisfy the same caption (random background, sizes, jitter): an output above it is closer to the duplicate than
@@ -464,7 +396,7 @@ generate call (* = includes compiling its sampler).
 Each grid: one row per prompt (memorized prompts first), first column the duplicated training image (blank for
 plain prompts), then the samples.
 
-{chr(10).join(f'![{m}](grid_{m.replace("+", "_")}.png)' + chr(10) + f'*{m}*' + chr(10) for m in METHODS if m in cfg.methods)}
+{chr(10).join(f'![{m}]({grid_file(m)})' + chr(10) + f'*{m}*' + chr(10) for m in METHODS if m in cfg.methods)}
 ## Noise difference ||eps_c - eps_u||
 
 ![noise difference](noise_diff.png)
@@ -488,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stp_t", type=int, default=None, help="STP transition timestep (default: measured)")
     p.add_argument("--og_t", type=int, default=None, help="OG+STP transition timestep (default: from STP's)")
     p.add_argument("--og_scale", type=float, default=-2.0)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    p.add_argument("--gate_steps", type=int, default=1, help="gated methods: steps the memorization score averages over")
+    p.add_argument("--gate_pre_scale", type=float, default=None,
+                   help="gated methods: the scale of the first --gate_steps - 1 steps (default: the CFG scale)")
+    p.add_argument("--num_calibration_prompts", type=int, default=32,
+                   help="gated methods: held-out plain prompts that set the gate threshold (1%% false positives)")
     return p
 
 
@@ -501,14 +438,15 @@ def check_config(cfg: DemoConfig) -> None:
     from cfgbasin_jax.runs import files as F
     from cfgbasin_jax.toy.train import is_pixel_model
 
-    for name in ("num_mem_prompts", "num_plain_prompts", "samples_per_prompt", "steps"):
-        minimum = 3 if name == "steps" else (1 if name == "samples_per_prompt" else 0)
+    for name in ("num_mem_prompts", "num_plain_prompts", "samples_per_prompt", "steps", "gate_steps",
+                 "num_calibration_prompts"):
+        minimum = 3 if name == "steps" else (1 if name in ("samples_per_prompt", "gate_steps", "num_calibration_prompts") else 0)
         if getattr(cfg, name) < minimum:
             raise DemoError(f"--{name} must be >= {minimum}, got {getattr(cfg, name)}")
     if cfg.num_mem_prompts + cfg.num_plain_prompts < 1:
         raise DemoError("--num_mem_prompts and --num_plain_prompts are both 0: nothing to sample")
-    for name in ("guidance", "og_scale"):
-        if not np.isfinite(getattr(cfg, name)):
+    for name in ("guidance", "og_scale", "gate_pre_scale"):
+        if getattr(cfg, name) is not None and not np.isfinite(getattr(cfg, name)):
             raise DemoError(f"--{name} must be a finite number, got {getattr(cfg, name)}")
     path = Path(cfg.model) if cfg.model else SHIPPED_MODEL
     if cfg.model and not is_pixel_model(path):
@@ -522,6 +460,8 @@ def check_config(cfg: DemoConfig) -> None:
             raise DemoError(f"{path / 'model.json'}: cannot read the scheduler config ({err})") from None
     if cfg.steps > num_train:
         raise DemoError(f"--steps {cfg.steps} must be <= {num_train} (the model's num_train_timesteps)")
+    if cfg.gate_steps >= cfg.steps:
+        raise DemoError(f"--gate_steps {cfg.gate_steps} must be < --steps {cfg.steps}")
     for name in ("stp_t", "og_t"):
         value = getattr(cfg, name)
         if value is not None and not 0 <= value < num_train:

@@ -2,6 +2,7 @@
 ``scripts/``).
 
     cfgbasin-generate --method {cfg,stp,og-stp,dtp,og-dtp} [flags of the reference scripts]
+    cfgbasin-generate --method gated-og-stp --gate_calibrate plain.txt [...]   (detect, then mitigate)
     python scripts/generate_test_dataset_stp.py ...                  (= --method stp)
     python scripts/generate_test_dataset_dtp.py ...                  (= --method dtp)
     python scripts/generate_test_dataset_opposite_guidance.py ...    (= --method og-dtp)
@@ -17,6 +18,12 @@ Methods (see :mod:`cfgbasin_jax.method.guidance`):
   og-dtp  dynamic_transition(before=-|guidance_scale|, after=guidance_scale_later (default:
           guidance_scale), "latent_cosine", mode=--og_mode (exact: the reference's two passes),
           precision=--og_precision (official: the reference's float32 torch cosine, bit for bit))
+  gated-{stp,og-stp,dtp,og-dtp}   guidance.gated(<that method, same flags>, threshold): a sample whose
+          ||eps_c - eps_u|| averaged over its first --gate_steps steps exceeds the threshold follows the
+          method, the others constant CFG at --guidance_scale_later. The threshold is --gate_threshold,
+          or calibrated before sampling from --gate_calibrate FILE (prompts known to be plain, one per
+          line or .jsonl): the (1 - --gate_fpr) quantile of their scores (metrics.detection). Each
+          image's score and flag are in metadata.jsonl (gate_score, gate_flagged, gate_threshold).
 
 Defaults follow the reference scripts: stp/og-stp/cfg: --img_size 256, --end_iter 10000, --exp
 laion10k (``--prompt_json``, default ./laion_combined_captions.json), --outdir
@@ -82,6 +89,8 @@ _STP_DEFAULTS = dict(guidance_scale=_PAPER["cfg"]["scale"], guidance_scale_later
                      outdir="LAION_10k_DCR_with_text_100000_0_500_7_5_else_cosine_1")
 _DTP_DEFAULTS = dict(guidance_scale=_PAPER["dtp"]["before"], guidance_scale_later=_PAPER["dtp"]["scale"],
                      guidance_change_step=None, end_iter=200, img_size=512, exp="sdv1_pretrained", outdir="output")
+GATE_FLAGS = ("gate_threshold", "gate_calibrate", "gate_fpr", "gate_steps", "gate_pre_scale")
+GATED_PREFIX = "gated-"
 METHOD_DEFAULTS = {
     "cfg": {**_STP_DEFAULTS, "guidance_scale_later": None},
     "wen": {**_STP_DEFAULTS, "guidance_scale_later": None},
@@ -99,6 +108,18 @@ UNUSED_FLAGS = {
     "dtp": ("guidance_change_step", "og_mode", "og_precision"),
     "og-dtp": ("guidance_change_step",),
 }
+
+
+def base_method(method: str) -> str:
+    """The method a gated method mitigates with (``gated-og-stp`` -> ``og-stp``); others unchanged."""
+    return method[len(GATED_PREFIX):] if method.startswith(GATED_PREFIX) else method
+
+
+for _name in tuple(METHOD_DEFAULTS):  # gated-X: X's defaults and flags, plus the gate's flags
+    if GATED_PREFIX + _name in METHODS:
+        METHOD_DEFAULTS[GATED_PREFIX + _name] = METHOD_DEFAULTS[_name]
+        UNUSED_FLAGS[GATED_PREFIX + _name] = UNUSED_FLAGS[_name]
+    UNUSED_FLAGS[_name] += GATE_FLAGS
 
 log = logging.getLogger("cfgbasin_jax.generate")
 
@@ -184,6 +205,18 @@ def build_parser(prog: str = PROG, method: str | None = None) -> argparse.Argume
     add("--og_precision", default=None, choices=OG_PRECISIONS,
         help="og-dtp latent-cosine signal: stable (default, smooth float32 formula) or official (the official "
              "script's float32 1 - torch cosine_similarity, bit for bit, with its ties near convergence)")
+    add("--gate_threshold", type=float, default=None,
+        help="gated methods: flag a sample when its score (mean ||eps_c - eps_u|| over the first --gate_steps "
+             "steps) exceeds this (>= 0); or use --gate_calibrate")
+    add("--gate_calibrate", default=None, metavar="PROMPT_FILE",
+        help="gated methods: set the threshold before sampling from these prompts known to be plain (one per "
+             "line, or .jsonl with 'caption'), at --gate_fpr false positives")
+    add("--gate_fpr", type=float, default=None, help="gated methods: false-positive rate of --gate_calibrate "
+        "(default 0.01: the 99th percentile of the plain prompts' scores)")
+    add("--gate_steps", type=int, default=1, help="gated methods: steps the score averages over (default 1)")
+    add("--gate_pre_scale", type=float, default=None,
+        help="gated methods: the scale of the first --gate_steps - 1 steps, before the flag is known "
+             "(default: the CFG scale --guidance_scale_later)")
     add("--prompt_augmentation", default=None,
         help="baseline (Somepalli et al.): rand_numb_add | rand_word_add | rand_word_repeat, 4 insertions")
     add("--cads", type=_bool, nargs="?", const=True, default=False,
@@ -250,6 +283,14 @@ class Settings:
     resume: bool
     warnings: list
     argv: list
+    gate_calibration: dict | None = None  # {"file", "prompts", "digest", "fpr"}: calibrate before sampling
+    gate_threshold: float | None = None  # the threshold in use (given, or calibrated)
+
+    def sampling_guidance(self) -> G.Guidance:
+        """The schedule sampled: ``guidance`` with the calibrated threshold, if any."""
+        if self.guidance.gate is not None and self.guidance.gate.threshold is None and self.gate_threshold is not None:
+            return G.with_threshold(self.guidance, self.gate_threshold)
+        return self.guidance
 
     def identity(self) -> dict:
         """What must match for a resume (paths absolute). The batch size is part of it: XLA's
@@ -270,6 +311,8 @@ class Settings:
             "exp": self.prompt_set.exp,
             "prompt_source": self.prompt_set.source,
             "baselines": self.baselines,
+            **({"gate_calibration": {k: v for k, v in self.gate_calibration.items() if k != "prompts"}}
+               if self.gate_calibration else {}),
         }
 
     def run_info(self) -> dict:
@@ -281,6 +324,7 @@ class Settings:
             "num_prompts_in_set": len(self.prompt_set),
             "prompt_digest": self.prompt_set.digest(self.start, self.end),
             "num_processes": self.process.num_processes,
+            **({"gate_threshold": self.gate_threshold} if self.guidance.gate is not None else {}),
         }
 
 
@@ -340,6 +384,9 @@ def _scheduler_name(name: str) -> str:
 
 
 def _build_guidance(method: str, a) -> tuple[G.Guidance, float, float]:
+    """(schedule, scale before, scale after) of ``--method method`` from the flags."""
+    if method.startswith(GATED_PREFIX):
+        return _build_gated(method, a)
     for flag in ("CFG_scheduling", "CFG_scheduling_later"):
         if getattr(a, flag) not in G.SHAPES:
             raise CliError(f"--{flag} {getattr(a, flag)!r} is not one of {', '.join(G.SHAPES)}")
@@ -371,6 +418,41 @@ def _build_guidance(method: str, a) -> tuple[G.Guidance, float, float]:
         raise
     except ValueError as err:
         raise CliError(str(err)) from None
+
+
+def _build_gated(method: str, a) -> tuple[G.Guidance, float, float]:
+    """gated-X: X's schedule under a gate (threshold None while --gate_calibrate is pending)."""
+    g, before, after = _build_guidance(base_method(method), a)
+    if (a.gate_threshold is None) == (a.gate_calibrate is None):
+        raise CliError(f"--method {method} needs exactly one of --gate_threshold and --gate_calibrate")
+    if a.gate_fpr is not None and a.gate_calibrate is None:
+        raise CliError("--gate_fpr applies only with --gate_calibrate")
+    checks = {"gate_threshold": {"threshold": a.gate_threshold}, "gate_steps": {"steps": a.gate_steps},
+              "gate_pre_scale": {"pre_scale": a.gate_pre_scale}}
+    for flag, kwargs in checks.items():  # one flag at a time, so the error names it
+        try:
+            G.gated(g, **{"threshold": None, **kwargs})
+        except ValueError as err:
+            raise CliError(f"--{flag}: {err}") from None
+    return G.gated(g, a.gate_threshold, steps=a.gate_steps, pre_scale=a.gate_pre_scale), before, after
+
+
+def _gate_calibration(method: str, a) -> dict | None:
+    """The prompts of --gate_calibrate and the false-positive rate, checked (nothing computed)."""
+    if a.gate_calibrate is None or not method.startswith(GATED_PREFIX):
+        return None
+    from cfgbasin_jax.metrics.detection import DEFAULT_FPR
+
+    fpr = DEFAULT_FPR if a.gate_fpr is None else a.gate_fpr
+    if not 0.0 < fpr < 1.0:
+        raise CliError(f"--gate_fpr must be in (0, 1), got {fpr:g}")
+    path = Path(a.gate_calibrate)
+    try:
+        prompts = P.read_prompt_file(path)
+    except P.PromptError as err:
+        raise CliError(f"--gate_calibrate: {err}") from None
+    digest = P.PromptSet("calibration", str(path.resolve()), tuple(prompts), ()).digest()
+    return {"file": str(path.resolve()), "prompts": prompts, "digest": digest, "fpr": fpr}
 
 
 def _baselines(a) -> dict:
@@ -422,6 +504,9 @@ def check_schedule(model: Path, scheduler: str, num_inference_steps: int, guidan
     if guidance.rule == "static" and not 0 <= guidance.t < num_train:
         raise CliError(f"--guidance_change_step {guidance.t} must be in [0, {num_train - 1}] "
                        f"(a timestep of the model's {num_train})")
+    if guidance.gate is not None and guidance.gate.steps >= len(timesteps):
+        raise CliError(f"--gate_steps {guidance.gate.steps} must be < the {len(timesteps)} sampling steps "
+                       "(--num_inference_steps)")
     try:
         G.check_steps(guidance, len(timesteps), num_train)  # host only: no JAX backend before distributed init
     except ValueError as err:
@@ -441,7 +526,10 @@ def resolve(a: argparse.Namespace, method: str | None, argv: list, env=None) -> 
         if getattr(a, key) is None:
             setattr(a, key, value)
     guidance, before, after = _build_guidance(method, a)
-    label = "og-stp" if method in ("stp", "og-stp") and before < 0 else ("stp" if method == "og-stp" else method)
+    base = base_method(method)
+    label = "og-stp" if base in ("stp", "og-stp") and before < 0 else ("stp" if base == "og-stp" else base)
+    label = method[: len(method) - len(base)] + label  # gated-stp with a negative scale -> gated-og-stp
+    gate_calibration = _gate_calibration(method, a)
     _check_numbers(a)
     if guidance.rule == "dynamic" and a.num_inference_steps < 3:
         raise CliError(f"--num_inference_steps {a.num_inference_steps}: a dynamic transition needs at least 3 steps")
@@ -467,6 +555,7 @@ def resolve(a: argparse.Namespace, method: str | None, argv: list, env=None) -> 
         img_size=a.img_size, seed=a.seed, dtype=a.dtype, batch_size=a.batch_size, prompt_set=prompt_set,
         start=start, end=end, process=process, distributed_timeout=a.distributed_timeout, compilation_cache=cache,
         plot=a.plot, progress=a.progress, baselines=baselines, resume=False, warnings=warnings, argv=list(argv),
+        gate_calibration=gate_calibration, gate_threshold=a.gate_threshold,
     )
     settings.resume = R.check_config(outdir, settings.identity())
     return settings
@@ -585,7 +674,7 @@ def transition_tag(method: str, index: int, t: int) -> int | None:
 def _generate_kwargs(s: Settings) -> dict:
     """Pipeline.generate arguments of every batch (its default devices are this process's local
     devices, never another process's)."""
-    return dict(guidance=s.guidance, num_inference_steps=s.num_inference_steps, seed=s.seed, height=s.img_size,
+    return dict(guidance=s.sampling_guidance(), num_inference_steps=s.num_inference_steps, seed=s.seed, height=s.img_size,
                 width=s.img_size, scheduler=s.scheduler, progress=s.progress == "steps")
 
 
@@ -596,7 +685,7 @@ def _records(s: Settings, batch: list[int], prompts: list[str], res, n_tokens: d
         rec = {
             "index": i,
             "prompt": s.prompt_set.prompts[i],
-            "file": R.image_file(i, transition_tag(s.method, index, t)),
+            "file": R.image_file(i, transition_tag(base_method(s.method), index, t)),
             "seed": s.seed,
             "method": s.label,
             "guidance_scale": s.scale_before,
@@ -611,8 +700,11 @@ def _records(s: Settings, batch: list[int], prompts: list[str], res, n_tokens: d
             "truncated": n_tokens[i] > max_len,
             "source": s.prompt_set.extras[i],
         }
-        if s.method == "og-dtp":
+        if base_method(s.method) == "og-dtp":
             rec["latent_cosine"] = res.latent_cosine[k]
+        if res.gate_score is not None:
+            rec.update(gate_score=float(res.gate_score[k]), gate_flagged=bool(res.gate_flagged[k]),
+                       gate_threshold=s.gate_threshold)
         if prompts[k] != rec["prompt"]:
             rec["prompt_used"] = prompts[k]
         out.append(rec)
@@ -667,6 +759,8 @@ def _execute(s: Settings, stats: CompileStats, handlers: list) -> int:
     except ValueError as err:
         raise CliError(f"--img_size {s.img_size}: {err}") from None
     load_s = time.perf_counter() - t_load
+    if s.gate_calibration is not None:
+        calibrate_gate(s, pipe)
     prompts = list(s.prompt_set.prompts)
     extra_kwargs = {}
     if s.baselines:
@@ -682,6 +776,20 @@ def _execute(s: Settings, stats: CompileStats, handlers: list) -> int:
     except OSError as err:
         raise R.RunError(f"{F.describe(err)}; every finished image is kept: fix this and rerun the same "
                          "command to resume") from None
+
+
+def calibrate_gate(s: Settings, pipe) -> None:
+    """Set ``s.gate_threshold`` from the --gate_calibrate prompts (sampled as the run samples: same
+    seed, steps, size, scheduler and batch size; sample indices 0..N-1)."""
+    from cfgbasin_jax.metrics.detection import calibrate_threshold
+
+    cal = s.gate_calibration
+    t0 = time.perf_counter()
+    kwargs = {**_generate_kwargs(s), "progress": False, "batch_size": s.batch_size}
+    kwargs.pop("guidance")
+    s.gate_threshold = calibrate_threshold(pipe, cal["prompts"], s.guidance, cal["fpr"], **kwargs)
+    log.info("gate threshold %.4f: the %g quantile of %d plain prompts' scores (%s), %.1f s", s.gate_threshold,
+             1 - cal["fpr"], len(cal["prompts"]), cal["file"], time.perf_counter() - t0)
 
 
 def _write_run(s: Settings, stats: CompileStats, handlers: list, pipe, prompts: list, extra_kwargs: dict,

@@ -16,11 +16,14 @@ Optional hooks with defaults: ``needs_both`` (which samples need both UNet halve
 that skipping a half stays correct), ``select`` (the scale from before/after), ``fell_back`` (the
 switch came from a fallback rule, not a detection), ``replay`` (a detector for one more pass over
 the same noise: the exact two-pass rule), ``latent_cosine`` (the formula of that signal, see
-:data:`COSINE_FORMULAS`) and ``update_at`` (stage routing, for composites).
+:data:`COSINE_FORMULAS`), ``update_at`` (stage routing, for composites) and ``report`` (per-sample
+values kept with each image, e.g. a gate's score and flag).
 
 Built-ins: :class:`FixedSwitch` (constant CFG, STP), :class:`NoiseDiffMinimum` (DTP),
-:class:`LatentCosineMinimum` (causal OG+DTP), and :class:`TwoPass` (exact OG+DTP: a recording pass
-that never switches, composed with a replay rule, :func:`exact_latent_cosine`).
+:class:`LatentCosineMinimum` (causal OG+DTP), :class:`TwoPass` (exact OG+DTP: a recording pass
+that never switches, composed with a replay rule, :func:`exact_latent_cosine`), and :class:`Gated`
+(detect, then mitigate: a per-sample memorization flag from the first steps' signal chooses between
+any of these and constant CFG).
 """
 
 from __future__ import annotations
@@ -184,6 +187,11 @@ class Detector:
     def latent_cosine(self, x_next: Latents, x: Latents) -> PerSample:
         """The latent-cosine signal recorded at every step (default formula: "stable")."""
         return cosine_distance(x_next, x)
+
+    def report(self, state) -> dict:
+        """Per-sample values [B] worth keeping with each image (e.g. a gate's score and flag);
+        default: none."""
+        return {}
 
 
 def concatenate(detectors) -> Detector:
@@ -359,6 +367,84 @@ class TwoPass(Detector):
         return self.rule(trace)
 
 
+GATE_SCORES = {"noise_diff_mean": "noise_diff"}
+"""Scores of :class:`Gated` by name: the signal averaged over the gate's first steps. "noise_diff_mean"
+is Wen et al.'s (ICLR 2024) memorization score, the mean of ``||eps_c - eps_u||``
+(:func:`cfgbasin_jax.metrics.detection.detection_score` of the recorded trace). A new score is one entry."""
+
+
+class GateState(NamedTuple):
+    """score: float32 [B], the running mean of the gate's signal (final from step ``steps - 1`` on).
+    flagged: bool [B], score > threshold (decided at step ``steps - 1``). inner: the mitigation's state."""
+
+    score: jax.Array
+    flagged: jax.Array
+    inner: Any
+
+
+@struct.dataclass
+class Gated(Detector):
+    """Detect, then mitigate: each sample's score (:data:`GATE_SCORES`, averaged over steps
+    ``0..steps-1``, which run both UNet halves) flags it when above ``threshold``. Flagged samples
+    follow ``mitigation`` (its scales and its detector, from step ``steps - 1`` on), the others
+    ``after`` (constant CFG). A step's noise difference is known before its combine, so with
+    ``steps=1`` the flag applies from the first step; before step ``steps - 1`` every sample uses
+    ``pre_scale`` (float32 [B]; None: ``after``, so unflagged samples stay plain CFG throughout).
+
+    threshold: float32 [B] (traced: sweeping it never recompiles). mitigation: any detector (a
+    multi-pass one replays under the same gate). steps, score: static.
+    """
+
+    mitigation: Detector
+    threshold: Any
+    pre_scale: Any = None
+    steps: int = struct.field(pytree_node=False, default=1)
+    score: str = struct.field(pytree_node=False, default="noise_diff_mean")
+    reads = ("noise_diff",)
+
+    @property
+    def passes(self):
+        return self.mitigation.passes
+
+    def init(self, batch):
+        return GateState(jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), bool), self.mitigation.init(batch))
+
+    def update_at(self, stage, state, signals, j):
+        score, flagged = state.score, state.flagged
+        if stage == "eps":
+            value = getattr(signals, GATE_SCORES[self.score])
+            score = score + jnp.where(j < self.steps, value, 0.0) / self.steps
+            flagged = jnp.where(j == self.steps - 1, score > self.threshold, flagged)
+        return GateState(score, flagged, self.mitigation.update_at(stage, state.inner, signals, j))
+
+    def switched(self, state, j):
+        return state.flagged & self.mitigation.switched(state.inner, j)
+
+    def select(self, state, j, before, after):
+        pre = after if self.pre_scale is None else jnp.asarray(self.pre_scale, jnp.result_type(after))
+        mitigated = jnp.where(state.flagged, self.mitigation.select(state.inner, j, before, after), after)
+        return jnp.where(j < self.steps - 1, pre, mitigated)
+
+    def needs_both(self, state, j):
+        return (j < self.steps) | (state.flagged & self.mitigation.needs_both(state.inner, j))
+
+    def fell_back(self, state):
+        return state.flagged & self.mitigation.fell_back(state.inner)
+
+    def replay(self, trace):
+        inner = self.mitigation.replay(trace)
+        return None if inner is None else self.replace(mitigation=inner)
+
+    def pass_detector(self):
+        return self.replace(mitigation=self.mitigation.pass_detector())
+
+    def latent_cosine(self, x_next, x):
+        return self.mitigation.latent_cosine(x_next, x)
+
+    def report(self, state):
+        return {"gate_score": state.score, "gate_flagged": state.flagged}
+
+
 def first_minimum_index(c: PerStep) -> tuple[PerSample, Mask]:
     """The official opposite-guidance rule over whole recorded trajectories c [..., S] (jnp,
     traceable): the first strict local minimum; the second if the first is at index 1 and a
@@ -392,7 +478,7 @@ def exact_latent_cosine(precision: str = "stable") -> TwoPass:
 
 
 __all__ = [
-    "COSINE_FORMULAS", "Detector", "EPS_SIGNALS", "FixedSwitch", "LATENT_COSINE_FALLBACK_INDEX", "LatentCosineMinimum",
+    "COSINE_FORMULAS", "Detector", "EPS_SIGNALS", "FixedSwitch", "GATE_SCORES", "GateState", "Gated", "LATENT_COSINE_FALLBACK_INDEX", "LatentCosineMinimum",
     "MinimumState", "NEVER", "NoiseDiffMinimum", "SIGNALS", "STEP_SIGNALS", "Signals", "TwoPass",
     "broadcast", "concatenate", "cosine_distance", "cosine_formula", "describe", "exact_latent_cosine", "first_minimum_index",
     "l2_norm", "minimum_init", "replay_at_first_minimum", "strict_minimum_behind",

@@ -40,6 +40,31 @@ def _traced(*values) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class Gate:
+    """Detect, then mitigate (see :func:`gated`): samples whose ``score`` over the first ``steps``
+    steps exceeds ``threshold`` follow the schedule, the others constant CFG (its ``after``).
+
+    threshold: a number >= 0, an array [B], a tracer, or None (not set yet: calibrate it with
+    :func:`cfgbasin_jax.metrics.detection.calibrate_threshold`; sampling refuses None).
+    steps: the score's steps (static). score: a name in
+    :data:`cfgbasin_jax.method.detectors.GATE_SCORES` (static). pre_scale: the scale of steps
+    ``0..steps-2``, before the flag is known (None: the CFG scale ``after``).
+    """
+
+    threshold: Any
+    steps: int = 1
+    score: str = "noise_diff_mean"
+    pre_scale: Any = None
+
+    def describe(self) -> dict:
+        out = dataclasses.asdict(self)
+        for name in ("threshold", "pre_scale"):
+            if isinstance(out[name], (np.ndarray, jax.Array, np.generic)):
+                out[name] = np.asarray(out[name]).tolist()
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class Guidance:
     """A guidance schedule. Build it with :func:`constant`, :func:`static_transition`,
     :func:`dynamic_transition` or :func:`per_step`; the fields are its plain description.
@@ -56,6 +81,7 @@ class Guidance:
       mode: latent-cosine rule: "exact" | "causal".
       fallback: causal latent-cosine rule: switch at this step if no minimum is confirmed by then.
       precision: latent-cosine formula (:data:`cfgbasin_jax.method.detectors.COSINE_FORMULAS`).
+      gate: a :class:`Gate` (detect, then mitigate; see :func:`gated`) or None.
     """
 
     before: Any
@@ -68,6 +94,7 @@ class Guidance:
     mode: str | None = None
     fallback: int | None = None
     precision: str | None = None
+    gate: Gate | None = None
 
     def make_detector(self, timesteps: Timesteps, batch: int = 1) -> D.Detector:
         """The transition detector of this schedule for scheduler ``timesteps`` [S], its leaves
@@ -86,6 +113,14 @@ class Guidance:
             detector = D.LatentCosineMinimum(fallback=np.int32(fallback), precision=self.precision)
         else:
             detector = D.exact_latent_cosine(self.precision)
+        if self.gate is not None:
+            gate = self.gate
+            if gate.threshold is None:
+                raise ValueError("guidance: the gate's threshold is not set; give one, or calibrate it on plain "
+                                 "prompts (cfgbasin_jax.metrics.detection.calibrate_threshold)")
+            pre = None if gate.pre_scale is None else _as_float32(gate.pre_scale)
+            detector = D.Gated(mitigation=detector, threshold=_as_float32(gate.threshold), pre_scale=pre,
+                               steps=gate.steps, score=gate.score)
         return D.broadcast(detector, batch)
 
     def describe(self) -> dict:
@@ -97,10 +132,16 @@ class Guidance:
                 continue
             if isinstance(value, D.Detector):
                 value = D.describe(value)
+            elif isinstance(value, Gate):
+                value = value.describe()
             elif isinstance(value, (np.ndarray, jax.Array, np.generic)):
                 value = np.asarray(value).tolist()
             out[field.name] = value
         return out
+
+
+def _as_float32(value):
+    return value if _traced(value) else np.asarray(value, np.float32)
 
 
 def finite_number(owner: str, name: str, value) -> float:
@@ -235,6 +276,62 @@ def dynamic_transition(
     )
 
 
+GATEABLE = ("static", "dynamic")
+"""Rules a gate can mitigate with: STP, OG+STP (static) and DTP, OG+DTP (dynamic)."""
+
+
+def _threshold(value):
+    """A gate threshold: None (set later), a tracer, or finite numbers >= 0 (a number or [B])."""
+    if value is None or _traced(value):
+        return value
+    arr = np.asarray(value, np.float64) if isinstance(value, (np.ndarray, jax.Array, list, tuple)) else None
+    if arr is None:
+        value = finite_number("guidance", "threshold", value)
+        arr = np.asarray(value)
+    if arr.ndim > 1 or arr.size == 0:
+        raise ValueError(f"guidance: threshold must be a number or a 1-D array (one per sample), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"guidance: threshold must be finite, got {arr.tolist()}")
+    if np.any(arr < 0):
+        raise ValueError(f"guidance: threshold must be >= 0 (a noise-difference magnitude), got {arr.tolist()}")
+    return value if arr.ndim == 0 else arr
+
+
+def gated(mitigation: Guidance, threshold, steps: int = 1, score: str = "noise_diff_mean", pre_scale=None) -> Guidance:
+    """Detect, then mitigate, per sample in one compiled pass: a sample whose ``score`` (the mean of
+    ``||eps_c - eps_u||`` over its first ``steps`` steps, Wen et al.'s memorization signal) exceeds
+    ``threshold`` follows ``mitigation`` (STP, OG+STP, DTP or OG+DTP); every other sample follows
+    constant CFG at the mitigation's ``after`` scale. The threshold is traced (sweeping it never
+    recompiles); calibrate it on plain prompts with
+    :func:`cfgbasin_jax.metrics.detection.calibrate_threshold`.
+
+    With ``steps=1`` the flag is known before the first update, so both groups follow their rule
+    from the first step. With ``steps > 1`` the first ``steps - 1`` updates use ``pre_scale``
+    (default: the CFG scale, so unflagged samples stay identical to CFG).
+    """
+    if not isinstance(mitigation, Guidance):
+        raise ValueError(f"guidance: gated needs a Guidance as mitigation, got {type(mitigation).__name__}")
+    if mitigation.gate is not None:
+        raise ValueError("guidance: the mitigation is already gated")
+    if mitigation.rule not in GATEABLE:
+        raise ValueError(f"guidance: a {mitigation.rule} schedule cannot be gated (nothing to mitigate with); the "
+                         "mitigation must be a transition method: STP, OG+STP, DTP or OG+DTP")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"guidance: gate steps must be an integer >= 1, got {steps!r}")
+    if score not in D.GATE_SCORES:
+        raise ValueError(f"guidance: unknown gate score {score!r}; expected one of {', '.join(D.GATE_SCORES)}")
+    gate = Gate(threshold=_threshold(threshold), steps=int(steps), score=score,
+                pre_scale=None if pre_scale is None else _scale("pre_scale", pre_scale))
+    return dataclasses.replace(mitigation, gate=gate)
+
+
+def with_threshold(g: Guidance, threshold) -> Guidance:
+    """The gated schedule ``g`` with another threshold (validated as in :func:`gated`)."""
+    if not isinstance(g, Guidance) or g.gate is None:
+        raise ValueError("guidance: with_threshold needs a gated schedule (guidance.gated)")
+    return dataclasses.replace(g, gate=dataclasses.replace(g.gate, threshold=_threshold(threshold)))
+
+
 def per_step(scales) -> Guidance:
     """A user-supplied scale for every step (float array [S], S = the scheduler's step count, or
     [B,S] with one row per sample)."""
@@ -321,6 +418,8 @@ def check_steps(g: Guidance, steps: int, num_train_timesteps: int) -> None:
         value = getattr(g, name)
         if not _traced(value) and not np.all(np.isfinite(np.asarray(value, np.float64))):
             raise ValueError(f"guidance: {name} must be finite, got {value}")
+    if g.gate is not None and g.gate.steps >= steps:
+        raise ValueError(f"guidance: the gate's score needs steps < the {steps} sampling steps, got steps={g.gate.steps}")
 
 
 def plan_batch(g: Guidance, batch: int, timesteps: Timesteps, num_train_timesteps: int = 1000) -> Plan:
@@ -341,6 +440,10 @@ def plan_batch(g: Guidance, batch: int, timesteps: Timesteps, num_train_timestep
         after = shaped_scale(g.shape_after, _per_sample("after", g.after, batch, xp), ts, num_train_timesteps)
     if g.rule == "static" and np.ndim(g.t) == 1 and np.shape(g.t)[0] != batch:
         raise ValueError(f"guidance: {np.shape(g.t)[0]} per-sample values of t for {batch} prompts")
+    for name in ("threshold", "pre_scale"):
+        value = None if g.gate is None else getattr(g.gate, name)
+        if np.ndim(value) == 1 and np.shape(value)[0] != batch:
+            raise ValueError(f"guidance: {np.shape(value)[0]} per-sample values of the gate's {name} for {batch} prompts")
     detector = g.make_detector(timesteps, batch)
     return Plan(before=before.astype(xp.float32), after=after.astype(xp.float32), detector=detector)
 

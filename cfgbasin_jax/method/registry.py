@@ -11,6 +11,9 @@ Parameters of :meth:`Method.guidance` (missing ones take the method's defaults):
   t       static rules: the transition timestep
   mode    OG+DTP: "exact" (two passes, the official rule) or "causal" (one pass)
   shape_before, shape_after, precision, fallback: passed to the guidance builder
+  threshold, gate_steps, pre_scale   gated methods (detect, then mitigate; ``guidance.gated``): the
+          score threshold (no paper default: give it or calibrate it on plain prompts,
+          ``metrics.detection.calibrate_threshold``), the score's steps, the scale before the flag
 """
 
 from __future__ import annotations
@@ -63,9 +66,21 @@ def _latent_cosine(before, scale, mode, **kw):
 
 
 _CFG = MappingProxyType({"scale": 7.5})
+_GATE = {"threshold": None, "gate_steps": 1, "pre_scale": None}
 
-_ALL = (
-    Method("cfg", "CFG", "ordinary classifier-free guidance at every step", _CFG, _constant, ("constant",)),
+
+def _gated_of(base: Method) -> Method:
+    """``gated-<base>``: flagged samples follow ``base``, the others constant CFG (``guidance.gated``)."""
+
+    def build(threshold, gate_steps, pre_scale, **kw):
+        return G.gated(base.build(**kw), threshold, steps=gate_steps, pre_scale=pre_scale)
+
+    return Method(f"gated-{base.name}", f"gated {base.label}",
+                  f"{base.label} for samples whose ||eps_c - eps_u|| at the first step(s) exceeds a threshold, "
+                  "CFG for the rest", MappingProxyType({**base.defaults, **_GATE}), build)
+
+
+_TRANSITIONS = (
     Method("stp", "STP", "no guidance while t > 500, then CFG (static transition point)",
            MappingProxyType({"t": 500, "before": 0.0, "scale": 7.5}), _static),
     Method("og-stp", "OG+STP", "opposite guidance -2.0 while t > 650, then CFG",
@@ -74,6 +89,12 @@ _ALL = (
            MappingProxyType({"before": 1.0, "scale": 7.5}), _noise_diff),
     Method("og-dtp", "OG+DTP", "opposite guidance until the first minimum of the latents' cosine distance, then CFG",
            MappingProxyType({"before": -7.5, "scale": 7.5, "mode": "exact"}), _latent_cosine),
+)
+
+_ALL = (
+    Method("cfg", "CFG", "ordinary classifier-free guidance at every step", _CFG, _constant, ("constant",)),
+    *_TRANSITIONS,
+    *(_gated_of(m) for m in _TRANSITIONS),
     Method("wen", "Wen", "Wen et al.: optimise the prompt embedding at the first step, then CFG", _CFG, _constant,
            ("wen et al.",), baseline=True),
     Method("cads", "CADS", "condition-annealed noise on the conditional embedding, CFG", _CFG, _constant,

@@ -4,11 +4,17 @@ The score of a generation is the magnitude ``||eps_c - eps_u||`` (text-condition
 unconditional noise prediction, L2 over the whole latent) averaged over the first ``first_steps``
 sampling steps. The sampler already records that magnitude per step (``result.noise_diff``), so the
 score costs no UNet work. Steps where one half was skipped (NaN) are left out of the average.
+
+The gated rule (:func:`cfgbasin_jax.method.guidance.gated`) computes the same score inside the loop;
+:func:`calibrate_threshold` sets its threshold from prompts known to be plain.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+DEFAULT_FPR = 0.01
+"""The gate's default false-positive rate on plain prompts: its threshold is their 99th percentile."""
 
 
 def detection_score(noise_diff, first_steps: int = 1, step_axis: int = -1) -> np.ndarray:
@@ -66,3 +72,27 @@ def tpr_at_fpr(positive, negative, fpr: float = 0.01) -> float:
     allowed = int(np.floor(fpr * neg.size + 1e-12))  # negatives we may flag
     threshold = neg_sorted[allowed] if allowed < neg.size else -np.inf
     return float(np.mean(pos > threshold))
+
+
+def threshold_at_fpr(scores, fpr: float = DEFAULT_FPR) -> float:
+    """The threshold above which at most about ``fpr`` of ``scores`` [N] (of prompts known to be
+    plain) lie: their ``1 - fpr`` quantile, numpy's linear interpolation (fpr 0.01: the 99th
+    percentile)."""
+    x = _check_scores("plain-prompt scores", scores)
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    return float(np.quantile(x, 1.0 - fpr))
+
+
+def calibrate_threshold(pipe, plain_prompts, guidance, fpr: float = DEFAULT_FPR, **generate_kwargs) -> float:
+    """The threshold of the gated schedule ``guidance`` (:func:`cfgbasin_jax.method.guidance.gated`)
+    at false-positive rate ``fpr`` on ``plain_prompts``: samples them with the gate open for none
+    (constant CFG, no decoding; ``generate_kwargs`` as for ``pipe.generate``, e.g. seed, steps,
+    scheduler, sample_indices), then :func:`threshold_at_fpr` of their in-loop scores."""
+    from cfgbasin_jax.method import guidance as G
+
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    probe = G.with_threshold(guidance, float(np.finfo(np.float32).max))
+    res = pipe.generate(list(plain_prompts), probe, decode=False, **generate_kwargs)
+    return threshold_at_fpr(res.gate_score, fpr)

@@ -163,6 +163,18 @@ def read_caption_jsonl(path) -> list[dict]:
     return records
 
 
+def read_prompt_file(path) -> list[str]:
+    """Prompts of a file: a JSON-lines caption file (``.jsonl``, see :func:`read_caption_jsonl`) or
+    plain text with one prompt per line (blank lines skipped)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return [rec["caption"] for rec in read_caption_jsonl(path)]
+    prompts = [line.strip() for line in _read_text(path, "prompt file").splitlines() if line.strip()]
+    if not prompts:
+        raise PromptError(f"{path}: empty prompt set (no prompt lines)")
+    return prompts
+
+
 def read_caption_folder(path) -> list[tuple[str, str]]:
     """[(file name, caption)] of every ``*.txt`` in a folder, sorted by name (the reference's
     ``sorted(glob('memorized_images/*.txt'))``); each file's whole text, stripped."""
