@@ -19,10 +19,10 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,28 +158,14 @@ def descriptor_fn(config: SSCDConfig, precision: str = "highest"):
 # ----------------------------------------------------------------------------- storage
 
 
-def flatten_params(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten_params(tree: dict) -> dict[str, np.ndarray]:
     """Nested dict -> {"a.b.c": array}."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+    return traverse_util.flatten_dict(tree, sep=".")
 
 
 def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
     """{"a.b.c": array} -> nested dict."""
-    tree: dict = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+    return traverse_util.unflatten_dict(flat, sep=".")
 
 
 def check_params(config: SSCDConfig, params: dict) -> None:

@@ -165,12 +165,9 @@ def _per_block(config: Mapping, key: str, n_blocks: int, what: str) -> None:
         raise ConversionError(f"{what} config key {key!r} = {value!r}: need an int or one int per block")
 
 
-def unet_flax_kwargs(config: Mapping) -> dict:
-    """Validate a diffusers UNet2DConditionModel config; return the Flax UNet's kwargs (accepted by
-    both :class:`cfgbasin_jax.models.unet.UNet2DConditionModel` and diffusers' FlaxUNet2DConditionModel)."""
-    what = "UNet"
-    _check_known(config, set(_UNET_FLAX_KEYS) | set(_UNET_FIXED) | set(_UNET_IGNORED), what)
-    _check_fixed(config, _UNET_FIXED, what)
+def _check_blocks(config: Mapping, what: str, down_allowed, up_allowed) -> int:
+    """The down/up block types and block_out_channels: one length, each type implemented here.
+    Returns the number of blocks."""
     down = tuple(config.get("down_block_types", ()))
     up = tuple(config.get("up_block_types", ()))
     channels = tuple(config.get("block_out_channels", ()))
@@ -179,13 +176,23 @@ def unet_flax_kwargs(config: Mapping) -> dict:
             f"{what} config keys 'down_block_types', 'up_block_types', 'block_out_channels' need the same "
             f"non-zero length (got {len(down)}, {len(up)}, {len(channels)})"
         )
-    for key, types, allowed in (("down_block_types", down, _DOWN_BLOCKS), ("up_block_types", up, _UP_BLOCKS)):
+    for key, types, allowed in (("down_block_types", down, down_allowed), ("up_block_types", up, up_allowed)):
         for block_type in types:
             if block_type not in allowed:
                 raise ConversionError(
                     f"{what} config key {key!r}: block type {block_type!r} has no Flax implementation "
                     f"(supported: {', '.join(allowed)})"
                 )
+    return len(down)
+
+
+def unet_flax_kwargs(config: Mapping) -> dict:
+    """Validate a diffusers UNet2DConditionModel config; return the Flax UNet's kwargs (accepted by
+    both :class:`cfgbasin_jax.models.unet.UNet2DConditionModel` and diffusers' FlaxUNet2DConditionModel)."""
+    what = "UNet"
+    _check_known(config, set(_UNET_FLAX_KEYS) | set(_UNET_FIXED) | set(_UNET_IGNORED), what)
+    _check_fixed(config, _UNET_FIXED, what)
+    n_blocks = _check_blocks(config, what, _DOWN_BLOCKS, _UP_BLOCKS)
     if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") not in _MID_BLOCKS:
         raise ConversionError(
             f"{what} config key 'mid_block_type' = {config['mid_block_type']!r} has no Flax implementation"
@@ -193,8 +200,8 @@ def unet_flax_kwargs(config: Mapping) -> dict:
     for key in ("sample_size", "layers_per_block", "cross_attention_dim"):
         if key in config and not isinstance(config[key], int):
             raise ConversionError(f"{what} config key {key!r} = {config[key]!r}: the Flax UNet needs an int")
-    _per_block(config, "attention_head_dim", len(down), what)
-    _per_block(config, "transformer_layers_per_block", len(down), what)
+    _per_block(config, "attention_head_dim", n_blocks, what)
+    _per_block(config, "transformer_layers_per_block", n_blocks, what)
     return {key: _as_tuple(config[key]) for key in _UNET_FLAX_KEYS if key in config}
 
 
@@ -204,24 +211,7 @@ def vae_flax_kwargs(config: Mapping) -> dict:
     what = "VAE"
     _check_known(config, set(_VAE_FLAX_KEYS) | set(_VAE_FIXED) | set(_VAE_IGNORED), what)
     _check_fixed(config, _VAE_FIXED, what)
-    down = tuple(config.get("down_block_types", ()))
-    up = tuple(config.get("up_block_types", ()))
-    channels = tuple(config.get("block_out_channels", ()))
-    if not down or len(down) != len(up) or len(down) != len(channels):
-        raise ConversionError(
-            f"{what} config keys 'down_block_types', 'up_block_types', 'block_out_channels' need the same "
-            f"non-zero length (got {len(down)}, {len(up)}, {len(channels)})"
-        )
-    for key, types, allowed in (
-        ("down_block_types", down, "DownEncoderBlock2D"),
-        ("up_block_types", up, "UpDecoderBlock2D"),
-    ):
-        for block_type in types:
-            if block_type != allowed:
-                raise ConversionError(
-                    f"{what} config key {key!r}: block type {block_type!r} has no Flax implementation "
-                    f"(supported: {allowed})"
-                )
+    _check_blocks(config, what, ("DownEncoderBlock2D",), ("UpDecoderBlock2D",))
     for key in ("sample_size", "layers_per_block", "latent_channels", "norm_num_groups"):
         if key in config and not isinstance(config[key], int):
             raise ConversionError(f"{what} config key {key!r} = {config[key]!r}: the Flax VAE needs an int")

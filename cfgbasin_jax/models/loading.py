@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from cfgbasin_jax.models import checkpoint
 from cfgbasin_jax.convert import sd_folder
@@ -447,28 +448,6 @@ def pixel_components(configs: dict, params: dict, tokenizer, dtype="float32", so
     )
 
 
-def _flatten(tree, prefix="") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = np.asarray(v)
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        parts = key.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return tree
-
-
 def save_pixel_model(components: Components, dst, save_dtype: str = "float16", extra: dict | None = None) -> Path:
     """Write a pixel-space model: model.json (format, configs), params.safetensors (``unet/...``,
     ``text_encoder/...`` keys in ``save_dtype``), tokenizer/."""
@@ -479,7 +458,7 @@ def save_pixel_model(components: Components, dst, save_dtype: str = "float16", e
     np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}[save_dtype]
     flat = {}
     for kind in ("unet", "text_encoder"):
-        for key, value in _flatten(components.params[kind]).items():
+        for key, value in traverse_util.flatten_dict(components.params[kind], sep="/").items():
             flat[f"{kind}/{key}"] = np.asarray(np.asarray(value, np.float32).astype(np_dtype))
     save_file(flat, str(dst / "params.safetensors"))
     meta = {
@@ -517,5 +496,5 @@ def load_pixel_components(path, dtype="float32") -> Components:
         flat = load_file(str(weights))
     except Exception as err:  # safetensors raises its own error types for a damaged file
         raise ConversionError(f"{weights}: cannot read ({err})") from err
-    tree = _unflatten({k: v.astype(np.float32) for k, v in flat.items()})
+    tree = traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in flat.items()}, sep="/")
     return pixel_components(meta["configs"], tree, sd_folder.load_tokenizer(path / "tokenizer"), dtype=dtype, source=str(path))
