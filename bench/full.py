@@ -3,7 +3,7 @@
 Sections (``--sections``, default all of them except the ones marked optional):
 
   convert   the source's weight files read from disk (evicted from the page cache first) and from
-            the page cache; ``cfgbasin_jax.models.loading.convert`` from disk: wall time and peak RSS,
+            the page cache; ``cfgbasin_jax.convert.sd_folder.convert`` from disk: wall time and peak RSS,
             against the read time and the weights' bytes (child processes)
   load      the checkpoint's bytes read from disk and from the page cache; ``load_pipeline`` from
             both: wall time and peak RSS (child processes)

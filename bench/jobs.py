@@ -5,7 +5,7 @@
 Jobs:
   read        raw read time of files (``paths``, folders walked): every byte through one reused
               64 MiB buffer
-  convert     ``cfgbasin_jax.models.loading.convert(src, dst, dtype)``
+  convert     ``cfgbasin_jax.convert.sd_folder.convert(src, dst, dtype)``
   load        ``load_pipeline(path, dtype)``, the bytes of the params it holds, and the time to
               touch every param byte once after it (a lazily mapped load pays for its reads there)
   generate    load, then ``generate`` ``calls`` times (first call: compile; later: steady)
@@ -101,7 +101,7 @@ def job_read(paths: list) -> dict:
 
 
 def job_convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False) -> dict:
-    from cfgbasin_jax.models.loading import convert
+    from cfgbasin_jax.convert.sd_folder import convert
 
     start = time.perf_counter()
     convert(src, dst, dtype=dtype, overwrite=overwrite)
@@ -179,7 +179,7 @@ def job_generate(path: str, dtype: str = "float32", steps: int = 1, side: int = 
 
     import cfgbasin_jax
     from cfgbasin_jax.method import guidance as G
-    from cfgbasin_jax.apps.generate import CompileStats
+    from cfgbasin_jax.runtime.compile_cache import CompileStats
 
     phases = PhasePeaks()
     phases.mark("load")

@@ -34,7 +34,7 @@ def measure_config(size_name: str, batch: int, latent: int, repeats: int, workdi
     from bench import measure
     from bench.models import SIZES, build_torch_modules, configs_for, torch_device
     from bench import diffusers_flax
-    from cfgbasin_jax.models.loading import load_unet_folder
+    from cfgbasin_jax.loading import load_unet_folder
 
     configs = configs_for(SIZES[size_name])
     unet, _, _ = build_torch_modules(configs)

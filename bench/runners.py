@@ -18,7 +18,7 @@ express it):
             local minimum of the latents' cosine distance (exact rule: a recording pass, then the
             replay), 7.5 after
 
-The official-structure loops and rules are the tests' reference (``tests/reference.py``), never the
+The official-structure loops and rules are the tests' reference (``bench/reference.py``), never the
 library's detector code.
 """
 
@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from cfgbasin_jax.method import registry as Registry
-from tests import reference as ref
+from bench import reference as ref
 
 PROMPTS = [
     "a photo of a cat",
@@ -139,7 +139,7 @@ official_og_index = ref.official_og_index
 
 def official_trajectory(backend, prompt: str, x0, method: str, steps: int) -> tuple:
     """(final latents, UNet evals) of one sample, decided on the host as the official scripts do
-    (:func:`tests.reference.official_trajectory`)."""
+    (:func:`bench.reference.official_trajectory`)."""
     rule, before, after, t = REFERENCE_RULES[method]
     x, evals, *_ = ref.official_trajectory(backend, backend.encode(prompt), x0, steps, rule, before, after, t)
     return x, evals

@@ -35,7 +35,7 @@ def load_pipeline(path, dtype: str = "float32", unet_path=None, compilation_cach
     cache, on by default (None), a directory, or False (see :mod:`cfgbasin_jax.runtime.compile_cache`).
     Params go straight to the device, one tensor at a time (see :mod:`cfgbasin_jax.models.checkpoint`).
     """
-    from cfgbasin_jax.models.loading import load_components
+    from cfgbasin_jax.loading import load_components
 
     return Pipeline(load_components(path, dtype=dtype, unet_path=unet_path), compilation_cache=compilation_cache)
 

@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfgbasin_jax.runtime import compile_cache
-from cfgbasin_jax.method import guidance as G
-from cfgbasin_jax.runtime import memory
-from cfgbasin_jax.method import sharding as parallel
-from cfgbasin_jax.method import sampler as S
-from cfgbasin_jax.models.vae import decoder_stages
 from cfgbasin_jax import schedulers
+from cfgbasin_jax.method import guidance as G
+from cfgbasin_jax.method import sampler as S
+from cfgbasin_jax.method import sharding as parallel
+from cfgbasin_jax.metrics.detection import DEFAULT_FPR, threshold_at_fpr
+from cfgbasin_jax.models.vae import decoder_stages
+from cfgbasin_jax.runtime import compile_cache, memory
 
 
 @dataclasses.dataclass
@@ -112,7 +112,7 @@ class SamplingOptions:
 
 class Pipeline:
     """Flax Stable Diffusion with transition-point guidance. Wraps loaded ``Components``
-    (see :mod:`cfgbasin_jax.models.loading`): unet, vae, text_encoder modules, params, tokenizer, configs.
+    (see :mod:`cfgbasin_jax.loading`): unet, vae, text_encoder modules, params, tokenizer, configs.
     ``components.vae`` may be None for a pixel-space model (the UNet denoises RGB in [-1, 1]).
     ``compilation_cache``: JAX's persistent compilation cache (see :mod:`cfgbasin_jax.runtime.compile_cache`:
     on by default; a directory, or False to leave JAX's setting alone)."""
@@ -464,3 +464,15 @@ def _progress_bar(enabled: bool, total: int):
         finally:
             jax.effects_barrier()
             _BAR["bar"] = None
+
+
+def calibrate_threshold(pipe, plain_prompts, guidance, fpr: float = DEFAULT_FPR, **generate_kwargs) -> float:
+    """The threshold of the gated schedule ``guidance`` (:func:`cfgbasin_jax.method.guidance.gated`)
+    at false-positive rate ``fpr`` on ``plain_prompts``: samples them with the gate open for none
+    (constant CFG, no decoding; ``generate_kwargs`` as for ``pipe.generate``, e.g. seed, steps,
+    scheduler, sample_indices), then :func:`threshold_at_fpr` of their in-loop scores."""
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    probe = G.with_threshold(guidance, float(np.finfo(np.float32).max))
+    res = pipe.generate(list(plain_prompts), probe, decode=False, **generate_kwargs)
+    return threshold_at_fpr(res.gate_score, fpr)

@@ -17,7 +17,7 @@ import argparse
 import signal
 import sys
 
-from cfgbasin_jax.convert.errors import ConversionError
+from cfgbasin_jax.models.errors import ConversionError
 
 PROG = "cfgbasin-convert"
 SSCD_COMMAND = "sscd"
@@ -70,14 +70,14 @@ def main(argv=None) -> int:
     if argv and argv[0] == SSCD_COMMAND:
         return _run_sscd(argv[1:])
     args = _parser().parse_args(argv)
-    from cfgbasin_jax.models.loading import convert
+    from cfgbasin_jax.convert.sd_folder import convert
     from cfgbasin_jax.models.builders import resolve_dtype
 
     try:
         resolve_dtype(args.dtype)
     except ConversionError as err:
         return _fail(f"--dtype: {err}")
-    from cfgbasin_jax.runs import files
+    from cfgbasin_jax.runtime import files
 
     def note(message: str) -> None:
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)

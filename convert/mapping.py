@@ -28,7 +28,7 @@ from typing import Mapping
 import numpy as np
 
 from cfgbasin_jax.models.checkpoint import LazyLeaf, aligned_empty
-from cfgbasin_jax.convert.errors import ConversionError
+from cfgbasin_jax.models.errors import ConversionError
 from cfgbasin_jax.convert.weights import StateDict
 
 # diffusers ModuleList attributes: Flax `down_blocks_0` <-> PyTorch `down_blocks.0`.

@@ -1,5 +1,5 @@
 """Convert an SSCD copy-detection model (TorchScript file from facebookresearch/sscd-copy-detection,
-or a plain torch state dict) into the Flax SSCD folder read by :func:`cfgbasin_jax.metrics.sscd.load_sscd`.
+or a plain torch state dict) into the Flax SSCD folder read by :func:`cfgbasin_jax.models.sscd.load_sscd`.
 
     cfgbasin-convert sscd sscd_disc_mixup.torchscript.pt converted/sscd_disc_mixup
     python -m cfgbasin_jax.convert.sscd sscd_disc_large.torchscript.pt converted/sscd_disc_large
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from cfgbasin_jax.metrics.sscd import SSCDConfig, check_params, save_sscd
+from cfgbasin_jax.models.sscd import SSCDConfig, check_params, save_sscd
 
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 VERIFY_TOL = 1e-3
@@ -226,7 +226,7 @@ def verify(module, config: SSCDConfig, params: dict, size: int = 64, seed: int =
     """Max |descriptor difference| between the torch module and the Flax model on a random batch."""
     import torch
 
-    from cfgbasin_jax.metrics.sscd import sscd_descriptors
+    from cfgbasin_jax.models.sscd import sscd_descriptors
 
     x = np.random.default_rng(seed).standard_normal((2, 3, size, size)).astype(np.float32)
     with torch.no_grad():

@@ -22,7 +22,7 @@ import ml_dtypes  # registers numpy's 'bfloat16'
 import numpy as np
 
 from cfgbasin_jax.models.checkpoint import aligned_empty, read_file
-from cfgbasin_jax.convert.errors import ConversionError
+from cfgbasin_jax.models.errors import ConversionError
 
 # File stems of the weights of each component folder.
 WEIGHT_STEMS = {

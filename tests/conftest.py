@@ -30,8 +30,8 @@ def tiny_sd2(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sd1_converted(tiny_sd1, tmp_path_factory):
-    """Path of tiny_sd1 converted by cfgbasin_jax.models.loading.convert (float32)."""
-    from cfgbasin_jax.models.loading import convert
+    """Path of tiny_sd1 converted by cfgbasin_jax.convert.sd_folder.convert (float32)."""
+    from cfgbasin_jax.convert.sd_folder import convert
 
     return convert(tiny_sd1.path, tmp_path_factory.mktemp("tiny_sd1_converted") / "dst")
 

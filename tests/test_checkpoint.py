@@ -19,8 +19,8 @@ import cfgbasin_jax
 from cfgbasin_jax.models import checkpoint
 from cfgbasin_jax.runtime import compile_cache
 from cfgbasin_jax.convert import ConversionError, weights
-from cfgbasin_jax.models.loading import convert
-from cfgbasin_jax.models.loading import COMPONENTS, load_components
+from cfgbasin_jax.convert.sd_folder import convert
+from cfgbasin_jax.loading import COMPONENTS, load_components
 
 PROMPT = ["a photo of a cat"]
 
@@ -90,7 +90,7 @@ def test_write_params_reports_its_peak(tmp_path):
 def test_fingerprint_hashed_while_writing_equals_the_stored_params(tiny_sd1_converted, tmp_path, monkeypatch):
     """The converter hashes each tensor in its writer threads; the same formula over the params read
     back gives the stored fingerprint, and one changed value changes it. One sync for the save."""
-    from cfgbasin_jax.runs import fingerprint as FP
+    from cfgbasin_jax.models import fingerprint as FP
 
     comps = load_components(tiny_sd1_converted)
     marker = json.loads((tiny_sd1_converted / "cfgbasin_jax.json").read_text())
@@ -133,7 +133,7 @@ def test_orbax_layout_of_older_converted_folders_still_loads(tiny_sd1_converted,
 
 
 def test_shapes_come_from_the_checkpoint_only_for_its_own_configs(tiny_sd1_converted, tmp_path, monkeypatch):
-    from cfgbasin_jax.models import loading
+    from cfgbasin_jax.models import converted as loading
 
     traced = []
     shapes = loading.component_param_shapes

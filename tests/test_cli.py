@@ -180,7 +180,7 @@ def test_console_cfg_resume_and_config_check(tiny_sd1, tmp_path, capsys):
     assert "0 to generate" in capsys.readouterr().err
     assert len(records(out)) == 5
 
-    from cfgbasin_jax.metrics.evaluation import generation_cost
+    from cfgbasin_jax.runs.evaluation import generation_cost
 
     assert generation_cost(str(out))["unet_evals_per_image"] == 2 * STEPS
     files = sorted(p.name for p in out.rglob("*"))
@@ -203,7 +203,7 @@ def test_baselines_from_the_command_line(tiny_sd1, tmp_path):
     want = B.augment_prompts(list(P.imagenette_prompts()[:2]), "rand_numb_add", 4, seed=42, sample_indices=[0, 1])
     assert [r["prompt"] for r in recs] == list(P.imagenette_prompts()[:2])  # the caption, for evaluation
     assert [r["prompt_used"] for r in recs] == want != [r["prompt"] for r in recs]  # what was sampled
-    from cfgbasin_jax.metrics.evaluation import generation_cost
+    from cfgbasin_jax.runs.evaluation import generation_cost
 
     cost = generation_cost(str(out))  # what scripts/evaluate.py reports beside the metrics
     assert "wen" in cost["method"] and cost["unet_evals_per_image"] > 2 * STEPS  # CFG + the optimisation

@@ -26,9 +26,10 @@ from tiny_sd import write_sd_folder
 
 from cfgbasin_jax.models import tiny
 from cfgbasin_jax.convert import ConversionError
-from cfgbasin_jax.models.loading import convert
+from cfgbasin_jax.convert.sd_folder import convert
 from cfgbasin_jax.convert.__main__ import main as cli_main
-from cfgbasin_jax.models.loading import COMPONENTS, is_converted, load_components, save_components
+from cfgbasin_jax.loading import COMPONENTS, is_converted, load_components
+from cfgbasin_jax.models.converted import save_components
 from cfgbasin_jax.models.builders import build_unet, component_param_shapes, param_shapes
 
 FP32_RTOL = 1e-4
@@ -512,7 +513,8 @@ def test_torch_free_path(tiny_sd1, tmp_path):
 import sys
 sys.modules["torch"] = None  # any `import torch` now fails
 from cfgbasin_jax.models.tiny import random_components
-from cfgbasin_jax.models.loading import load_components, save_components
+from cfgbasin_jax.loading import load_components
+from cfgbasin_jax.models.converted import save_components
 save_components(random_components("sd2"), {str(tmp_path / 'random')!r})
 load_components({str(tmp_path / 'random')!r})
 load_components({str(tiny_sd1.path)!r})

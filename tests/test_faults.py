@@ -23,7 +23,7 @@ import pytest
 
 from cfgbasin_jax.apps import generate as cli
 from cfgbasin_jax.runs import folder as R
-from cfgbasin_jax.models.loading import convert
+from cfgbasin_jax.convert.sd_folder import convert
 from cfgbasin_jax.convert.__main__ import main as convert_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,7 +237,7 @@ def test_diffusers_folder_fingerprint_follows_its_files(tiny_sd1, tmp_path):
     """A diffusers folder's fingerprint: small files by content, weight files by size and mtime."""
     from safetensors.numpy import load_file, save_file
 
-    from cfgbasin_jax.runs import fingerprint as FP
+    from cfgbasin_jax import loading as FP
 
     model = tmp_path / "sd"
     shutil.copytree(tiny_sd1.path, model)
@@ -344,7 +344,7 @@ def test_interrupted_conversions_leave_no_debris(tiny_sd1, tmp_path):
 
 
 def test_partial_folders_of_running_conversions_are_kept(tmp_path):
-    from cfgbasin_jax.models.loading import remove_stale_partials
+    from cfgbasin_jax.runtime.files import remove_stale_partials
 
     host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

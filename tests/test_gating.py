@@ -15,6 +15,7 @@ from cfgbasin_jax.method import guidance as G
 from cfgbasin_jax.method import registry as M
 from cfgbasin_jax.method import sampler as S
 from cfgbasin_jax.metrics import detection
+from cfgbasin_jax.pipeline import calibrate_threshold
 
 STEPS = 12
 B = 6
@@ -156,7 +157,7 @@ def test_pipeline_reports_and_calibrates_the_gate(pipe_sd1):
     prompts = ["a photo of a cat", "a red circle", "an astronaut", "a blue square"]
     kwargs = dict(num_inference_steps=4, seed=0, scheduler="ddim", progress=False)
     gated = G.gated(M.guidance("og-stp"), 0.0)
-    threshold = detection.calibrate_threshold(pipe_sd1, prompts, gated, fpr=0.25, **kwargs)
+    threshold = calibrate_threshold(pipe_sd1, prompts, gated, fpr=0.25, **kwargs)
     cfg = pipe_sd1.generate(prompts, G.constant(7.5), **kwargs)
     score = detection.detection_score(cfg.noise_diff, 1)
     assert threshold == pytest.approx(np.quantile(score, 0.75), rel=1e-5)

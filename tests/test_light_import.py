@@ -69,7 +69,7 @@ def test_bin_weights_without_torch_name_the_file(tiny_sd1, tmp_path):
     src = write_sd_folder(tmp_path / "sd_bin", "sd1", tiny_sd1.unet, tiny_sd1.vae, tiny_sd1.text_encoder, "bin")
     code = f"""
 from cfgbasin_jax.convert import ConversionError
-from cfgbasin_jax.models.loading import load_unet_folder
+from cfgbasin_jax.loading import load_unet_folder
 try:
     load_unet_folder({str(src / "unet")!r})
 except ConversionError as err:

@@ -27,7 +27,7 @@ from cfgbasin_jax.metrics import clip_score as C
 from cfgbasin_jax.metrics import images as I
 from cfgbasin_jax.metrics.detection import detection_score, roc_auc, tpr_at_fpr
 from cfgbasin_jax.metrics.neighbors import nearest_neighbors
-from cfgbasin_jax.metrics.sscd import SSCDConfig, load_sscd, sscd_descriptors
+from cfgbasin_jax.models.sscd import SSCDConfig, load_sscd, sscd_descriptors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -399,7 +399,7 @@ def test_sscd_loading_needs_no_torch(tiny_sscd):
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"
-        "from cfgbasin_jax.metrics.sscd import load_sscd, sscd_descriptors\n"
+        "from cfgbasin_jax.models.sscd import load_sscd, sscd_descriptors\n"
         f"c, p = load_sscd({dst!r})\n"
         "print(sscd_descriptors(c, p, np.zeros((1, 64, 64, 3), np.float32)).shape)\n"
     )

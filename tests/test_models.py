@@ -22,7 +22,7 @@ from cfgbasin_jax.models import tiny
 from cfgbasin_jax.convert import ConversionError
 from cfgbasin_jax.convert.mapping import state_dict_to_flax
 from cfgbasin_jax.convert.weights import StateDict
-from cfgbasin_jax.models.loading import load_unet_folder
+from cfgbasin_jax.loading import load_unet_folder
 from cfgbasin_jax.models.unet import UNet2DConditionModel
 
 UNET_RTOL = 5e-5
@@ -229,9 +229,10 @@ def _our_text(config, params, ids, mask=None):
 
 def _text_params(tiny_sd):
     from cfgbasin_jax.convert import sd_folder
+    from cfgbasin_jax.models.components import read_model_config
 
     folder = tiny_sd.path / "text_encoder"
-    config = sd_folder.read_model_config(folder)
+    config = read_model_config(folder)
     shapes = models.component_param_shapes("text_encoder", models.build_text_encoder(config))
     return config, sd_folder.convert_weights(folder, "text_encoder", shapes)
 

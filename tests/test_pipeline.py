@@ -10,7 +10,7 @@ from reference import pt_embed, pt_guided_loop, pt_scheduler, rel_err
 import cfgbasin_jax
 from cfgbasin_jax.method import guidance as G
 from cfgbasin_jax.method import sampler as S
-from cfgbasin_jax.models.loading import ConversionError
+from cfgbasin_jax.models.errors import ConversionError
 from cfgbasin_jax.pipeline import initial_noise
 
 PROMPTS = ["a red circle on the left", "two blue squares"]

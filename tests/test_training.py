@@ -122,7 +122,7 @@ def test_short_run_lowers_loss_resumes_and_refuses_other_config(tmp_path, data_d
 
 def test_fine_tunes_a_latent_model_with_vae(tmp_path, data_dir):
     """The SD path: VAE-encoded latents, frozen text encoder, saved as a converted directory."""
-    from cfgbasin_jax.models.loading import load_components
+    from cfgbasin_jax.loading import load_components
     from cfgbasin_jax.models.tiny import random_components
 
     comps = random_components("sd1", seed=0)

@@ -19,6 +19,7 @@ from tiny_sd import build_torch_vae
 from cfgbasin_jax.models import builders as models
 from cfgbasin_jax.models import tiny
 from cfgbasin_jax.convert import ConversionError, sd_folder
+from cfgbasin_jax.models.components import read_model_config
 from cfgbasin_jax.models.vae import AutoencoderKL, DiagonalGaussian, decoder_stages
 
 RTOL = 1e-4
@@ -50,7 +51,7 @@ def vaes(tmp_path_factory):
         torch_vae = build_torch_vae(config, SEEDS[name])
         folder = tmp_path_factory.mktemp(f"vae_{name}") / "vae"
         torch_vae.save_pretrained(folder, safe_serialization=True)
-        ours = models.build_vae(sd_folder.read_model_config(folder))
+        ours = models.build_vae(read_model_config(folder))
         params = sd_folder.convert_weights(folder, "vae", models.component_param_shapes("vae", ours))
         out[name] = (torch_vae, ours, jax.tree.map(jnp.asarray, params))
     return out

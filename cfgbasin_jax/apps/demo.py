@@ -27,6 +27,7 @@ import numpy as np
 from cfgbasin_jax import TOY_MODEL
 from cfgbasin_jax.method import registry as M
 from cfgbasin_jax.metrics import detection
+from cfgbasin_jax.pipeline import calibrate_threshold
 from cfgbasin_jax.toy import data as toy
 from cfgbasin_jax.toy.scoring import (alignment, copy_threshold, first_local_min_t, layout_iou, layout_threshold,
                                       nearest_training, similarity)
@@ -48,7 +49,7 @@ DEFAULT_METHODS = tuple(m for m in METHODS if m not in GATED[2:])
 def load_demo_pipeline(model: str | None, log=print):
     """(Pipeline, description, is_toy): the shipped toy, a given pixel-model folder, or - when the
     shipped weights are missing - cfgbasin_jax.models.tiny.random_components() with a notice."""
-    from cfgbasin_jax.models.loading import is_pixel_model, load_pixel_components
+    from cfgbasin_jax.models.components import is_pixel_model, load_pixel_components
     from cfgbasin_jax.pipeline import Pipeline
 
     path = Path(model) if model else SHIPPED_MODEL
@@ -194,7 +195,7 @@ def calibrate_gate(pipe, ds: toy.ToyDataset, prompts: list, cfg: DemoConfig) -> 
     k = cfg.samples_per_prompt
     gated = method_guidance("gated-stp", cfg.guidance, 500, 650, cfg.og_scale, gate_steps=cfg.gate_steps,
                             pre_scale=cfg.gate_pre_scale)
-    threshold = detection.calibrate_threshold(
+    threshold = calibrate_threshold(
         pipe, [c for c in captions for _ in range(k)], gated, num_inference_steps=cfg.steps, seed=cfg.seed,
         scheduler=cfg.scheduler, progress=False, sample_indices=np.tile(np.arange(k), len(captions)))
     return threshold, captions
@@ -435,7 +436,7 @@ class DemoError(ValueError):
 
 def check_config(cfg: DemoConfig) -> None:
     """Every flag, checked before anything is computed or written (DemoError naming the flag)."""
-    from cfgbasin_jax.runs import files as F
+    from cfgbasin_jax.runtime import files as F
     from cfgbasin_jax.toy.train import is_pixel_model
 
     for name in ("num_mem_prompts", "num_plain_prompts", "samples_per_prompt", "steps", "gate_steps",
@@ -473,7 +474,7 @@ def check_config(cfg: DemoConfig) -> None:
 
 
 def main(argv=None) -> int:
-    from cfgbasin_jax.runs import files as F
+    from cfgbasin_jax.runtime import files as F
 
     args = build_parser().parse_args(argv)
     cfg = DemoConfig(**{**vars(args), "methods": tuple(args.methods)})

@@ -1,5 +1,5 @@
 """``scripts/evaluate.py``: the paper's evaluation row for a folder of generated images (argument
-parsing and the report file; the computation is :mod:`cfgbasin_jax.metrics.evaluation`).
+parsing and the report file; the computation is :mod:`cfgbasin_jax.runs.evaluation`).
 
     python scripts/evaluate.py --gen OUTDIR --train TRAIN_DIR --sscd SSCD_DST --clip CLIP_DIR
 
@@ -18,8 +18,8 @@ import sys
 import numpy as np
 
 from cfgbasin_jax.metrics import images as I
-from cfgbasin_jax.metrics.evaluation import EvalError, evaluate, markdown_row
-from cfgbasin_jax.runs import files as F
+from cfgbasin_jax.runs.evaluation import EvalError, evaluate, markdown_row
+from cfgbasin_jax.runtime import files as F
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     from cfgbasin_jax.metrics.clip_score import ClipWeightsError
-    from cfgbasin_jax.metrics.sscd import SSCDWeightsError
+    from cfgbasin_jax.models.sscd import SSCDWeightsError
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - progress to stderr, the row to stdout
     try:

@@ -38,7 +38,7 @@ README.md, "Differences from the official scripts", gives the whole list.
 Outputs, resume, the configuration check and the one-run-per-OUTDIR lock: :mod:`cfgbasin_jax.runs.folder`.
 Every flag is checked before anything is written, against the model's own scheduler config too (the
 transition timestep, the step count). A resume must match the stored run's identity, which includes
-the model's fingerprint (:mod:`cfgbasin_jax.runs.fingerprint`), the seed and the batch size. Multi-process
+the model's fingerprint (:mod:`cfgbasin_jax.models.fingerprint`), the seed and the batch size. Multi-process
 runs (``--coordinator``, ``--num_processes``, ``--process_id`` or JAX's environment):
 :mod:`cfgbasin_jax.runs.distributed`. Exit status: 0 done, 2 bad input or an I/O error (one line on
 stderr naming the flag or path; nothing half-written, and nothing at all when the input is bad).
@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 
 from cfgbasin_jax.runs import distributed as D
-from cfgbasin_jax.runs import files as F
+from cfgbasin_jax.runtime import files as F
 from cfgbasin_jax.method import guidance as G
 from cfgbasin_jax.method import registry as M
 from cfgbasin_jax.runs import prompts as P
@@ -487,9 +487,9 @@ def check_schedule(model: Path, scheduler: str, num_inference_steps: int, guidan
     """Check --scheduler, --num_inference_steps and the guidance schedule (a static transition
     timestep included) against ``model``'s scheduler config, as sampling would; host-side only."""
     from cfgbasin_jax import schedulers
-    from cfgbasin_jax.convert import sd_folder
+    from cfgbasin_jax.models.components import read_scheduler_config
 
-    config = sd_folder.read_scheduler_config(model / "scheduler")
+    config = read_scheduler_config(model / "scheduler")
     try:
         num_train = schedulers.resolve_config(scheduler, config)["num_train_timesteps"]
     except ValueError as err:
@@ -515,7 +515,7 @@ def check_schedule(model: Path, scheduler: str, num_inference_steps: int, guidan
 
 def resolve(a: argparse.Namespace, method: str | None, argv: list, env=None) -> Settings:
     """Validate everything that can be checked without writing or touching a JAX backend."""
-    from cfgbasin_jax.runs import fingerprint as FP
+    from cfgbasin_jax import loading as FP
 
     method = method or a.method
     if method not in METHODS:
@@ -582,62 +582,6 @@ def cached_pipeline(model: Path, unet_path: Path | None, dtype: str, fingerprint
         _PIPELINES[key] = (fingerprint, cfgbasin_jax.load_pipeline(model, dtype=dtype, unet_path=unet_path,
                                                                    compilation_cache=False))
     return _PIPELINES[key][1]
-
-
-class CompileStats:
-    """JAX compile time and persistent-cache hits/misses while active (jax.monitoring listeners).
-    misses = executables written to the cache; programs compiled in under
-    ``jax_persistent_cache_min_compile_time_secs`` are neither."""
-
-    DURATIONS = {
-        "/jax/core/compile/jaxpr_trace_duration": "trace_s",
-        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
-        "/jax/core/compile/backend_compile_duration": "backend_s",
-    }
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.trace_s = self.lower_s = self.backend_s = 0.0
-        self.hits = self.misses = 0
-
-    def _event(self, name, **_):
-        if name == "/jax/compilation_cache/cache_hits":
-            self.hits += 1
-        elif name == "/jax/compilation_cache/cache_misses":
-            self.misses += 1
-
-    def _duration(self, name, secs, **_):
-        attr = self.DURATIONS.get(name)
-        if attr:
-            setattr(self, attr, getattr(self, attr) + float(secs))
-
-    @property
-    def compile_s(self) -> float:
-        return self.trace_s + self.lower_s + self.backend_s
-
-    def __enter__(self):
-        import jax.monitoring as m
-
-        m.register_event_listener(self._event)
-        m.register_event_duration_secs_listener(self._duration)
-        return self
-
-    def __exit__(self, *exc):
-        import jax.monitoring as m
-
-        m.unregister_event_listener(self._event)
-        m.unregister_event_duration_listener(self._duration)
-
-    def summary(self, cache_dir: str | None) -> str:
-        if cache_dir is None:
-            cache = "persistent cache off"
-        elif self.hits or self.misses:
-            cache = f"persistent cache {'HIT' if self.hits else 'miss'} ({self.hits} hit(s), {self.misses} written) in {cache_dir}"
-        else:
-            cache = f"persistent cache unused ({cache_dir})"
-        return f"compile {self.compile_s:.1f} s (backend {self.backend_s:.1f} s); {cache}"
 
 
 class _LogFile(logging.FileHandler):
@@ -714,6 +658,7 @@ def _records(s: Settings, batch: list[int], prompts: list[str], res, n_tokens: d
 def execute(s: Settings) -> int:
     """Run a validated :class:`Settings`: start processes, load, generate what is missing, merge."""
     from cfgbasin_jax.runtime import compile_cache
+    from cfgbasin_jax.runtime.compile_cache import CompileStats
 
     old_cache = compile_cache.configure(s.compilation_cache)
     handlers = [_log_handler(logging.StreamHandler(sys.stderr), s.process)]
@@ -747,8 +692,8 @@ def lock_outdir(s: Settings) -> R.RunLock:
     return lock
 
 
-def _execute(s: Settings, stats: CompileStats, handlers: list) -> int:
-    from cfgbasin_jax.models.loading import ConversionError
+def _execute(s: Settings, stats, handlers: list) -> int:
+    from cfgbasin_jax.models.errors import ConversionError
 
     t_load = time.perf_counter()
     try:
@@ -781,7 +726,7 @@ def _execute(s: Settings, stats: CompileStats, handlers: list) -> int:
 def calibrate_gate(s: Settings, pipe) -> None:
     """Set ``s.gate_threshold`` from the --gate_calibrate prompts (sampled as the run samples: same
     seed, steps, size, scheduler and batch size; sample indices 0..N-1)."""
-    from cfgbasin_jax.metrics.detection import calibrate_threshold
+    from cfgbasin_jax.pipeline import calibrate_threshold
 
     cal = s.gate_calibration
     t0 = time.perf_counter()
@@ -792,7 +737,7 @@ def calibrate_gate(s: Settings, pipe) -> None:
              1 - cal["fpr"], len(cal["prompts"]), cal["file"], time.perf_counter() - t0)
 
 
-def _write_run(s: Settings, stats: CompileStats, handlers: list, pipe, prompts: list, extra_kwargs: dict,
+def _write_run(s: Settings, stats, handlers: list, pipe, prompts: list, extra_kwargs: dict,
                load_s: float) -> int:
     """Generate the missing images of the run into OUTDIR (the part of a run that writes)."""
     from tqdm.auto import tqdm
@@ -887,7 +832,7 @@ def _write_run(s: Settings, stats: CompileStats, handlers: list, pipe, prompts: 
 def main(argv=None, method: str | None = None, prog: str | None = None) -> int:
     """Entry point of ``cfgbasin-generate`` and the wrapper scripts (``method`` fixed there).
     Returns the exit status: 0 done, 2 bad input."""
-    from cfgbasin_jax.models.loading import ConversionError
+    from cfgbasin_jax.models.errors import ConversionError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or PROG

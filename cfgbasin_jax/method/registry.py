@@ -13,7 +13,7 @@ Parameters of :meth:`Method.guidance` (missing ones take the method's defaults):
   shape_before, shape_after, precision, fallback: passed to the guidance builder
   threshold, gate_steps, pre_scale   gated methods (detect, then mitigate; ``guidance.gated``): the
           score threshold (no paper default: give it or calibrate it on plain prompts,
-          ``metrics.detection.calibrate_threshold``), the score's steps, the scale before the flag
+          ``pipeline.calibrate_threshold``), the score's steps, the scale before the flag
 """
 
 from __future__ import annotations

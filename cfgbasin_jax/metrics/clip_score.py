@@ -1,7 +1,7 @@
 """CLIP score with our CLIP (:class:`cfgbasin_jax.models.clip.CLIPModel`): cosine similarity of image and
 caption embeddings.
 
-Scale convention (both are reported by :func:`cfgbasin_jax.metrics.evaluation.evaluate`):
+Scale convention (both are reported by :func:`cfgbasin_jax.runs.evaluation.evaluate`):
   * ``cos``        raw cosine similarity of the projected, L2-normalised embeddings, in [-1, 1];
   * ``clip_score`` ``100 * max(cos, 0)``, the common "CLIPScore" scale (torchmetrics; Hessel et al.
     use ``2.5 * max(cos, 0)`` instead).
@@ -37,7 +37,7 @@ import numpy as np
 
 from cfgbasin_jax.models import tokenizer as T
 from cfgbasin_jax.models.clip import CLIPModel, clip_config
-from cfgbasin_jax.convert.errors import ConversionError
+from cfgbasin_jax.models.errors import ConversionError
 from cfgbasin_jax.metrics.images import CLIP_MEAN, CLIP_STD, ClipPreprocess
 
 FLAX_WEIGHTS = "flax_model.msgpack"

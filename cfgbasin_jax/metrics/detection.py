@@ -6,7 +6,7 @@ sampling steps. The sampler already records that magnitude per step (``result.no
 score costs no UNet work. Steps where one half was skipped (NaN) are left out of the average.
 
 The gated rule (:func:`cfgbasin_jax.method.guidance.gated`) computes the same score inside the loop;
-:func:`calibrate_threshold` sets its threshold from prompts known to be plain.
+:func:`cfgbasin_jax.pipeline.calibrate_threshold` sets its threshold from prompts known to be plain.
 """
 
 from __future__ import annotations
@@ -82,17 +82,3 @@ def threshold_at_fpr(scores, fpr: float = DEFAULT_FPR) -> float:
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"fpr must be in (0, 1), got {fpr}")
     return float(np.quantile(x, 1.0 - fpr))
-
-
-def calibrate_threshold(pipe, plain_prompts, guidance, fpr: float = DEFAULT_FPR, **generate_kwargs) -> float:
-    """The threshold of the gated schedule ``guidance`` (:func:`cfgbasin_jax.method.guidance.gated`)
-    at false-positive rate ``fpr`` on ``plain_prompts``: samples them with the gate open for none
-    (constant CFG, no decoding; ``generate_kwargs`` as for ``pipe.generate``, e.g. seed, steps,
-    scheduler, sample_indices), then :func:`threshold_at_fpr` of their in-loop scores."""
-    from cfgbasin_jax.method import guidance as G
-
-    if not 0.0 < fpr < 1.0:
-        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-    probe = G.with_threshold(guidance, float(np.finfo(np.float32).max))
-    res = pipe.generate(list(plain_prompts), probe, decode=False, **generate_kwargs)
-    return threshold_at_fpr(res.gate_score, fpr)

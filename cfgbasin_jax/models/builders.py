@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from cfgbasin_jax.convert.errors import ConversionError
+from cfgbasin_jax.models.errors import ConversionError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -39,7 +39,7 @@ from typing import Callable, Mapping
 import jax
 import numpy as np
 
-from cfgbasin_jax.convert.errors import ConversionError
+from cfgbasin_jax.models.errors import ConversionError
 
 ALIGNMENT = 64  # bytes: XLA's CPU client aliases host buffers aligned like this instead of copying
 DEFAULT_BUDGET_BYTES = 512 << 20

@@ -16,7 +16,7 @@ argmax of the ids).
 
 Configs are transformers' config dicts, validated by :func:`text_config` / :func:`clip_config`. A key
 or value that would change the computation and is not implemented raises one
-:class:`~cfgbasin_jax.convert.errors.ConversionError` naming the key and value.
+:class:`~cfgbasin_jax.models.errors.ConversionError` naming the key and value.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cfgbasin_jax.convert.errors import ConversionError
+from cfgbasin_jax.models.errors import ConversionError
 
 # transformers' hidden_act names -> the function (as transformers' ACT2FN computes them).
 ACTIVATIONS = {

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfgbasin_jax.models.loading import COMPONENTS, Components
+from cfgbasin_jax.models.components import COMPONENTS, Components
 from cfgbasin_jax.models.builders import build_module, check_compatible, component_param_shapes, resolve_dtype
 from cfgbasin_jax.models.tokenizer import bpe_vocabulary, load_tokenizer, write_bpe_tokenizer
 

@@ -39,7 +39,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from cfgbasin_jax.runs import files as F
+from cfgbasin_jax.runtime import files as F
 
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.jsonl"

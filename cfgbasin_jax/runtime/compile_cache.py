@@ -11,6 +11,8 @@ Where:
   3. else ``$CFGBASIN_JAX_COMPILATION_CACHE``;
   4. else ``$XDG_CACHE_HOME/cfgbasin_jax/jax_cache`` (``~/.cache/cfgbasin_jax/jax_cache``).
 
+:class:`CompileStats` counts compile time and cache hits while active (the CLI's log, the benchmark).
+
 Opting out: ``compilation_cache=False``, or ``CFGBASIN_JAX_COMPILATION_CACHE=0`` (also ``off``,
 ``false``, ``no``, ``none``) in the environment.
 """
@@ -79,3 +81,59 @@ def enable(cache=None) -> str | None:
             return None
     configure(cache)
     return os.fspath(cache)
+
+
+class CompileStats:
+    """JAX compile time and persistent-cache hits/misses while active (jax.monitoring listeners).
+    misses = executables written to the cache; programs compiled in under
+    ``jax_persistent_cache_min_compile_time_secs`` are neither."""
+
+    DURATIONS = {
+        "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+        "/jax/core/compile/backend_compile_duration": "backend_s",
+    }
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.trace_s = self.lower_s = self.backend_s = 0.0
+        self.hits = self.misses = 0
+
+    def _event(self, name, **_):
+        if name == "/jax/compilation_cache/cache_hits":
+            self.hits += 1
+        elif name == "/jax/compilation_cache/cache_misses":
+            self.misses += 1
+
+    def _duration(self, name, secs, **_):
+        attr = self.DURATIONS.get(name)
+        if attr:
+            setattr(self, attr, getattr(self, attr) + float(secs))
+
+    @property
+    def compile_s(self) -> float:
+        return self.trace_s + self.lower_s + self.backend_s
+
+    def __enter__(self):
+        import jax.monitoring as m
+
+        m.register_event_listener(self._event)
+        m.register_event_duration_secs_listener(self._duration)
+        return self
+
+    def __exit__(self, *exc):
+        import jax.monitoring as m
+
+        m.unregister_event_listener(self._event)
+        m.unregister_event_duration_listener(self._duration)
+
+    def summary(self, cache_dir: str | None) -> str:
+        if cache_dir is None:
+            cache = "persistent cache off"
+        elif self.hits or self.misses:
+            cache = f"persistent cache {'HIT' if self.hits else 'miss'} ({self.hits} hit(s), {self.misses} written) in {cache_dir}"
+        else:
+            cache = f"persistent cache unused ({cache_dir})"
+        return f"compile {self.compile_s:.1f} s (backend {self.backend_s:.1f} s); {cache}"

@@ -17,7 +17,7 @@ Pieces (small and pure where possible):
 A pixel-space model has ``components.vae = None``; it is saved in the small toy format of
 :func:`save_pixel_model` / :func:`load_pixel_components` (configs + tokenizer + safetensors).
 A model with a VAE (a converted SD folder) trains on VAE latents and is saved with
-:func:`cfgbasin_jax.models.loading.save_components`.
+:func:`cfgbasin_jax.models.converted.save_components`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from cfgbasin_jax import schedulers
-from cfgbasin_jax.models.loading import (  # noqa: F401  (the pixel-model format lives in loading)
+from cfgbasin_jax.models.components import (  # noqa: F401  (the pixel-model format lives in models.components)
     PIXEL_FORMAT, Components, is_pixel_model, load_pixel_components, pixel_components, save_pixel_model)
 from cfgbasin_jax.models.builders import build_text_encoder, build_unet, component_param_shapes
 from cfgbasin_jax.models.tokenizer import load_tokenizer
@@ -325,7 +325,7 @@ def load_model(model: str, dtype="float32", seed: int = 0, toy_beta_schedule: st
         return init_toy_components(seed, configs=toy_model_configs(toy_beta_schedule or "scaled_linear"))
     if is_pixel_model(model):
         return load_pixel_components(model, dtype)
-    from cfgbasin_jax.models.loading import load_components
+    from cfgbasin_jax.loading import load_components
 
     return load_components(model, dtype=dtype)
 
@@ -502,7 +502,7 @@ def _check_resume(output_dir: Path, cfg: TrainConfig) -> None:
 
 def _store_config(output_dir: Path, cfg: TrainConfig) -> None:
     """Write train_config.json (the stored run's step count follows the latest --max_train_steps)."""
-    from cfgbasin_jax.runs import files as F
+    from cfgbasin_jax.runtime import files as F
 
     F.atomic_write_text(output_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
@@ -534,7 +534,7 @@ def train(cfg: TrainConfig, components: Components | None = None, log=print) -> 
     checkpoints/, model/}``."""
     import orbax.checkpoint as ocp
 
-    from cfgbasin_jax.runs import files as F
+    from cfgbasin_jax.runtime import files as F
 
     cfg.check()  # everything is checked before output_dir is written
     try:
@@ -635,7 +635,7 @@ def _save_trained(comps: Components, state: dict, cfg: TrainConfig, model_dir: P
     if trained.vae is None:
         save_pixel_model(trained, model_dir, cfg.save_dtype, extra={"training": dataclasses.asdict(cfg), "steps": int(state["step"])})
     else:
-        from cfgbasin_jax.models.loading import save_components
+        from cfgbasin_jax.models.converted import save_components
 
         save_components(trained, model_dir, overwrite=True)
     return trained
@@ -746,8 +746,8 @@ def build_parser():
 def main(argv=None) -> int:
     import sys
 
-    from cfgbasin_jax.runs import files as F
-    from cfgbasin_jax.convert.errors import ConversionError
+    from cfgbasin_jax.runtime import files as F
+    from cfgbasin_jax.models.errors import ConversionError
 
     args = vars(build_parser().parse_args(argv))
     args["progress"] = not args.pop("no_progress")

@@ -245,7 +245,7 @@ def sscd_similarity(
     import jax.numpy as jnp
 
     from cfgbasin_jax.metrics.neighbors import nearest_neighbors
-    from cfgbasin_jax.metrics.sscd import descriptor_fn, load_sscd
+    from cfgbasin_jax.models.sscd import descriptor_fn, load_sscd
 
     config, params = load_sscd(sscd_dir)
     params = jax.tree_util.tree_map(jnp.asarray, params)  # on device once
@@ -352,7 +352,7 @@ def evaluate(
                             "(make it with `cfgbasin-convert sscd sscd_disc_mixup.torchscript.pt SSCD_DST`)")
         if not train_dir:
             raise EvalError("SSCD similarity needs the training images: pass --train TRAIN_DIR")
-        from cfgbasin_jax.metrics.sscd import CONFIG_NAME, PARAMS_NAME
+        from cfgbasin_jax.models.sscd import CONFIG_NAME, PARAMS_NAME
 
         for name in (CONFIG_NAME, PARAMS_NAME):
             if not os.path.isfile(os.path.join(sscd_dir, name)):

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
 
@@ -343,3 +346,63 @@ def describe_owner(info: dict | None) -> str:
 
 def errno_name(code: int) -> str:
     return errno.errorcode.get(code, str(code))
+
+
+# ------------------------------------------------------------------------------------ folders
+
+PARTIAL_TAG = ".partial-"  # .DST.partial-HOST-PID-RANDOM: a save in progress
+OLD_TAG = ".old-"  # .DST.old-HOST-PID-RANDOM: a replaced DST being removed
+
+
+def owner_tag() -> str:
+    """HOST-PID-RANDOM: names a partial or old folder after the process that made it."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(owner: str) -> bool:
+    """Was a partial/old folder whose name ends in ``owner`` (HOST-PID-RANDOM) left by a process
+    that is gone? Only a process on this host can be checked; the names of older versions
+    (RANDOM only) count as stale."""
+    host_pid = owner.rpartition("-")[0]
+    host, _, pid = host_pid.rpartition("-")
+    if not host:  # .DST.partial-RANDOM, written before owners were recorded
+        return True
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def remove_stale_partials(dst) -> list[Path]:
+    """Remove the ``.DST.partial-*`` / ``.DST.old-*`` folders that killed saves to ``dst`` left
+    (gigabytes for SD). Folders of running saves are kept. Returns the removed paths."""
+    dst = Path(dst).absolute()
+    removed = []
+    if not dst.parent.is_dir():
+        return removed
+    for tag in (PARTIAL_TAG, OLD_TAG):
+        prefix = f".{dst.name}{tag}"
+        for path in dst.parent.glob(f"{glob.escape(prefix)}*"):
+            if path.is_dir() and _stale(path.name[len(prefix):]):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename the finished folder ``src`` to ``dst``, replacing an existing ``dst`` (moved aside to
+    ``.DST.old-OWNER`` first, then removed)."""
+    if not dst.exists():
+        os.rename(src, dst)
+        return
+    old = dst.parent / f".{dst.name}{OLD_TAG}{owner_tag()}"
+    os.rename(dst, old)
+    os.rename(src, dst)
+    shutil.rmtree(old, ignore_errors=True)

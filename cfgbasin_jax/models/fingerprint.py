@@ -1,7 +1,7 @@
 """Model fingerprints: a short hash that tells two models apart, so a resumed run can refuse a
 different model found at the same path.
 
-* **Converted directory** (``cfgbasin-convert`` / :func:`cfgbasin_jax.models.loading.save_components`):
+* **Converted directory** (``cfgbasin-convert`` / :func:`cfgbasin_jax.models.converted.save_components`):
   ``"content:<hex>"``, computed once at conversion and stored in ``cfgbasin_jax.json``, so reading it
   costs one small file. It hashes what decides the images: every parameter (component, key path,
   dtype, shape, bytes; one digest per parameter, computed by the converter's writer threads from
@@ -116,53 +116,7 @@ def files_fingerprint(root, files: Iterable[Path]) -> str:
     return "files:" + h.hexdigest()
 
 
-def _visible_files(folder: Path) -> list[Path]:
+def visible_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
                                                                      p.relative_to(folder).parts)]
 
-
-def weight_files(folder, kind: str) -> list[Path]:
-    """The config and the weight file(s) the loader reads from a diffusers component folder."""
-    from cfgbasin_jax.convert.weights import WEIGHT_STEMS, find_weight_file
-
-    folder = Path(folder)
-    chosen = find_weight_file(folder, WEIGHT_STEMS[kind])
-    out = [folder / "config.json", chosen]
-    if chosen.name.endswith(".index.json"):
-        try:
-            shards = set(json.loads(chosen.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            shards = set()
-        out += [folder / s for s in sorted(shards) if (folder / s).is_file()]
-    return [p for p in out if p.is_file()]
-
-
-def model_fingerprint(path) -> str:
-    """The fingerprint of a converted directory or a diffusers-format SD folder (cheap: see the
-    module docstring). Raises ConversionError for a folder the loader could not read either."""
-    from cfgbasin_jax.models.loading import FORMAT_FILE, is_converted
-
-    root = Path(path)
-    if is_converted(root):
-        try:
-            stored = json.loads((root / FORMAT_FILE).read_text(encoding="utf-8")).get(MARKER_KEY)
-        except (OSError, ValueError, AttributeError):
-            stored = None
-        if isinstance(stored, str) and stored:
-            return stored
-        return files_fingerprint(root, _visible_files(root))
-    files = []
-    for kind in ("unet", "vae", "text_encoder"):
-        if (root / kind).is_dir():
-            files += weight_files(root / kind, kind)
-    for sub in ("tokenizer", "scheduler"):
-        if (root / sub).is_dir():
-            files += _visible_files(root / sub)
-    if (root / "model_index.json").is_file():
-        files.append(root / "model_index.json")
-    return files_fingerprint(root, files)
-
-
-def unet_fingerprint(folder) -> str:
-    """The fingerprint of a diffusers ``unet/`` folder (``--unet_path``)."""
-    return files_fingerprint(folder, weight_files(folder, "unet"))
