@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cfgbasin_jax.method.registry import BENCH
+
 SECTIONS = ("table", "overhead", "dtp", "percall", "compile")
 FULL_CONFIGS = ("sd15", "sd21")
 # Defaults that differ on a full-size model (--config sd15 / sd21): few steps, batch 1, one round.
@@ -40,30 +42,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", default="tiny,sd", help="comma-separated model sizes: tiny, sd")
     p.add_argument("--sections", default=None,
                    help=f"comma-separated: {', '.join(SECTIONS)}; with --config: {', '.join(full.SECTIONS)}")
-    p.add_argument("--methods", default="cfg,stp,dtp,og-dtp", help="table methods (names of cfgbasin_jax.method.registry)")
+    p.add_argument("--methods", default=",".join(BENCH.methods),
+                   help="table methods (names of cfgbasin_jax.method.registry; default: its BENCH preset)")
     p.add_argument("--runners", default=None, help=f"table runners (default {SMALL_DEFAULTS['runners']}; "
                                                     f"with --config {FULL_DEFAULTS['runners']})")
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--batch", "--batch_size", type=int, default=None,
                    help="batch of the batched runners (default: per size, tiny 8, sd 4; --config 1)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", "--num_inference_steps", type=int, default=None,
                    help="denoising steps (default: per size, tiny 50, sd 10; --config 3)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved timed rounds (median; default 3, --config 1)")
-    p.add_argument("--loop-images", type=int, default=None, help="images per round of the batch-1 loops (2; --config 1)")
-    p.add_argument("--dtp-batches", default="1,4,8", help="batch sizes of our sampler in the DTP section")
+    p.add_argument("--loop-images", "--loop_images", type=int, default=None, help="images per round of the batch-1 loops (2; --config 1)")
+    p.add_argument("--dtp-batches", "--dtp_batches", default="1,4,8", help="batch sizes of our sampler in the DTP section")
     p.add_argument("--dtype", default="float32", help="our pipeline's and the Flax anchor's dtype")
     p.add_argument("--pin", default=None,
                    help="run pinned to one core with one thread: 'auto' (last allowed core; the default), a core "
                         "number, or 'none' (the default with --config)")
-    p.add_argument("--percall-configs", default="tiny,sd")
-    p.add_argument("--percall-batch", type=int, default=16)
-    p.add_argument("--percall-latent", type=int, default=32)
-    p.add_argument("--percall-repeats", type=int, default=5)
-    p.add_argument("--cache-dir", default=None,
+    p.add_argument("--percall-configs", "--percall_configs", default="tiny,sd")
+    p.add_argument("--percall-batch", "--percall_batch", type=int, default=16)
+    p.add_argument("--percall-latent", "--percall_latent", type=int, default=32)
+    p.add_argument("--percall-repeats", "--percall_repeats", type=int, default=5)
+    p.add_argument("--cache-dir", "--cache_dir", default=None,
                    help="--config: where the full-size model is built and converted (default "
                         "$CFGBASIN_BENCH_CACHE, else $XDG_CACHE_HOME/cfgbasin_jax/bench)")
-    p.add_argument("--memory-steps", type=int, default=1,
+    p.add_argument("--memory-steps", "--memory_steps", type=int, default=1,
                    help="--config: steps of the memory and compile jobs (batch 1, VAE decode included)")
-    p.add_argument("--memory-dtypes", default="float32,bfloat16", help="--config: our dtypes in the memory section")
+    p.add_argument("--memory-dtypes", "--memory_dtypes", default="float32,bfloat16", help="--config: our dtypes in the memory section")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -38,9 +38,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("cfg", "stp", "dtp", "og-dtp")  # names of cfgbasin_jax.method.registry (bench.runners.guidance)
-LABELS = {"cfg": "CFG 7.5", "stp": "STP (0 above t=500, then 7.5)", "dtp": "DTP (1.0, then 7.5)",
-          "og-dtp": "OG+DTP (-2.0, exact 2-pass, then 7.5)"}
+from bench.runners import METHOD_LABELS as LABELS  # noqa: E402
+from bench.runners import METHODS  # noqa: E402  (the registry's BENCH preset)
+
 PARITY_SEED = 0
 
 

@@ -100,11 +100,11 @@ def table(models, methods, batch: int, steps: int, loop_images: int, repeats: in
         calls = {r: R.make(r, models, method, batch, steps, loop_images) for r in runners
                  if method in R.RUNNER_METHODS[r]}
         out["methods"][method] = compare(calls, repeats, anchor="torch_loop", log=log)
-    if sweep and "ours" in runners and "stp" in methods:
+    if sweep and "ours" in runners and R.STATIC in methods:
         out["stp_sweep"] = stp_sweep_recompiles(models, steps)
-        out["methods"]["stp"]["ours"]["recompiles_sweep"] = out["stp_sweep"]["recompiles"]
-    if "ours" in runners and "stp" in methods and "cfg" in methods:
-        stp, const = out["methods"]["stp"]["ours"], out["methods"]["cfg"]["ours"]
+        out["methods"][R.STATIC]["ours"]["recompiles_sweep"] = out["stp_sweep"]["recompiles"]
+    if "ours" in runners and R.STATIC in methods and R.ANCHOR in methods:
+        stp, const = out["methods"][R.STATIC]["ours"], out["methods"][R.ANCHOR]["ours"]
         out["stp_work"] = {  # the time ratio is not from interleaved rounds: indicative only
             "unet_evals_ratio": stp["unet_evals_per_image"] / const["unet_evals_per_image"],
             "time_ratio_not_interleaved": const["images_per_s"] / stp["images_per_s"],
@@ -189,9 +189,9 @@ def overhead(models, batch: int, steps: int, repeats: int, log=print) -> dict:
 
 def dtp_batches(models, batches, steps: int, loop_images: int, repeats: int, log=print) -> dict:
     """DTP images/s: ours at each batch size vs the official structure (batch 1) in Flax and PyTorch."""
-    calls = {f"ours_b{b}": R.make("ours", models, "dtp", b, steps, loop_images) for b in batches}
-    calls["flax_loop"] = R.make("flax_loop", models, "dtp", 1, steps, loop_images)
-    calls["torch_loop"] = R.make("torch_loop", models, "dtp", 1, steps, loop_images)
+    calls = {f"ours_b{b}": R.make("ours", models, R.DYNAMIC, b, steps, loop_images) for b in batches}
+    calls["flax_loop"] = R.make("flax_loop", models, R.DYNAMIC, 1, steps, loop_images)
+    calls["torch_loop"] = R.make("torch_loop", models, R.DYNAMIC, 1, steps, loop_images)
     log(f"  dtp {models.size.name}")
     rows = compare(calls, repeats, anchor="torch_loop", log=log)
     flax = np.asarray(rows["flax_loop"]["n_images"]) / np.asarray(rows["flax_loop"]["seconds"])

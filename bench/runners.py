@@ -9,14 +9,11 @@
   flax_loop     the official structure on our Flax model: batch 1, jitted UNet call per step, host
                 decision each step (issue 4's Python-loop baseline)
 
-Methods (registry names, :mod:`cfgbasin_jax.method.registry`; the same schedule in every runner that can
-express it):
-  cfg       CFG 7.5 at every step
-  stp       static transition point: scale 0 while t > 500, 7.5 from t <= 500
-  dtp       dynamic transition point: 1.0 until the first local minimum of ||eps_c - eps_u||, 7.5 after
-  og-dtp    opposite guidance + DTP: -2.0 (the registry's default is the official -7.5) until the first
-            local minimum of the latents' cosine distance (exact rule: a recording pass, then the
-            replay), 7.5 after
+Methods: the registry's ``BENCH`` preset (:mod:`cfgbasin_jax.method.registry`; the same schedule in every
+runner that can express it): CFG 7.5 at every step; STP (scale 0 while t > 500, 7.5 from t <= 500); DTP
+(1.0 until the first local minimum of ||eps_c - eps_u||, 7.5 after); OG+DTP at -2.0 (the paper's
+default is the official -7.5) until the first local minimum of the latents' cosine distance (exact
+rule: a recording pass, then the replay), 7.5 after.
 
 The official-structure loops and rules are the tests' reference (``bench/reference.py``), never the
 library's detector code.
@@ -51,31 +48,45 @@ PROMPTS = [
     "a blue car at the beach",
 ]
 
-METHODS = ("cfg", "stp", "dtp", "og-dtp")
-METHOD_LABELS = {
-    "cfg": "constant CFG 7.5",
-    "stp": "STP (0 above t=500, then 7.5)",
-    "dtp": "DTP (1.0 until the noise-difference minimum, then 7.5)",
-    "og-dtp": "OG+DTP (-2.0 until the latent-cosine minimum, exact 2-pass, then 7.5)",
-}
-SCALE = Registry.get("cfg").defaults["scale"]
-STP_T, STP_BEFORE = Registry.get("stp").defaults["t"], Registry.get("stp").defaults["before"]
-DTP_BEFORE = Registry.get("dtp").defaults["before"]
-OG_BEFORE = -2.0  # our choice for OG+DTP in the benchmark (the official script's default is -7.5)
-# method -> (rule of the reference loop, before, after, t)
-REFERENCE_RULES = {
-    "cfg": ("constant", SCALE, SCALE, None),
-    "stp": ("static", STP_BEFORE, SCALE, STP_T),
-    "dtp": ("noise_diff", DTP_BEFORE, SCALE, None),
-    "og-dtp": ("latent_cosine", OG_BEFORE, SCALE, None),
-}
+PRESET = Registry.BENCH
+METHODS = PRESET.methods
+SCALE = PRESET.scale
+
+
+def guidance(method: str):
+    """The cfgbasin_jax Guidance of a method under the benchmark's preset (from the registry)."""
+    method = Registry.get(method).name
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    return PRESET.guidance(method)
+
+
+def _rule(g) -> tuple:
+    """(rule of the reference loop, before, after, t) of a schedule."""
+    return (g.signal if g.rule == "dynamic" else g.rule, g.before, g.after, g.t)
+
+
+def _label(method: str) -> str:
+    g = guidance(method)
+    what = {"constant": f"constant {g.after:g}", "static": f"{g.before:g} above t={g.t}, then {g.after:g}"}.get(
+        g.rule, f"{g.before:g} until the {g.signal} minimum{', exact 2-pass' if g.mode == 'exact' else ''}, then {g.after:g}")
+    return f"{Registry.get(method).label} ({what})"
+
+
+REFERENCE_RULES = {m: _rule(guidance(m)) for m in METHODS}  # method -> (rule, before, after, t)
+METHOD_LABELS = {m: _label(m) for m in METHODS}
+CONSTANT = tuple(m for m in METHODS if guidance(m).rule == "constant")  # what diffusers' pipelines express
+ANCHOR = CONSTANT[0]  # constant CFG: the table's reference method
+STATIC = next(m for m in METHODS if guidance(m).rule == "static")  # the STP sweep and the work ratio
+DYNAMIC = next(m for m in METHODS if guidance(m).signal == "noise_diff")  # the DTP section
+STP_BEFORE = guidance(STATIC).before
 
 # runner -> methods it can express
 RUNNER_METHODS = {
     "ours": METHODS,
     "torch_loop": METHODS,
-    "torch_pipe": ("cfg",),
-    "flax_pipe": ("cfg",),
+    "torch_pipe": CONSTANT,
+    "flax_pipe": CONSTANT,
     "flax_loop": METHODS,
 }
 RUNNER_LABELS = {
@@ -93,14 +104,6 @@ class Output:
 
     images: np.ndarray
     unet_evals: int
-
-
-def guidance(method: str):
-    """The cfgbasin_jax Guidance of a method (from the registry)."""
-    method = Registry.get(method).name
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    return Registry.guidance(method, scale=SCALE, before=OG_BEFORE if method == "og-dtp" else None)
 
 
 def noise(models, n: int, seed: int = 0) -> np.ndarray:
@@ -228,7 +231,7 @@ def torch_pipe(models, method: str, batch: int, steps: int, seed: int = 0) -> Ca
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    if method != "cfg":
+    if method not in CONSTANT:
         raise ValueError(f"torch_pipe cannot express method {method!r}")
     m = models
     pipe = StableDiffusionPipeline(
@@ -263,7 +266,7 @@ def flax_pipe(models, method: str, batch: int, steps: int, seed: int = 0) -> Cal
 
     from bench import diffusers_flax
 
-    if method != "cfg":
+    if method not in CONSTANT:
         raise ValueError(f"flax_pipe cannot express method {method!r}")
     m, comp = models, models.pipe.components
     dtype = comp.dtype

@@ -63,7 +63,7 @@ CADS_STREAM = 0x43414453
 __all__ = [
     "AUGMENTATIONS", "CADS", "METHODS", "NOISE_KINDS", "WenResult", "augment_prompt", "augment_prompts",
     "cads_condition", "cads_gamma", "cads_keys", "cads_noise", "cads_noisy_condition", "check_method", "detection_score",
-    "wen_compile_count", "wen_generate", "wen_optimize",
+    "prepare", "sample", "wen_compile_count", "wen_generate", "wen_optimize",
 ]
 
 
@@ -452,19 +452,22 @@ def wen_generate(
 # ----------------------------------------------------------------------------- command lines
 
 
-def generate_options(
-    prompts: Sequence[str],
-    sample_indices: Sequence[int],
-    *,
-    prompt_augmentation: str | None = None,
-    cads: bool = False,
-    seed: int = 0,
-    tokenizer=None,
-    repeat_num: int = 4,
-) -> tuple[list[str], dict]:
-    """The reference scripts' ``--prompt_augmentation KIND`` and ``--cads`` as (prompts, extra
-    ``Pipeline.generate`` keyword arguments: the CADS conditioning hook). Neither adds UNet evaluations."""
+def prepare(hook: M.Hook | None, prompts: Sequence[str], sample_indices: Sequence[int] | None = None, *,
+            seed: int = 0, tokenizer=None) -> tuple[list[str], dict]:
+    """The prompts and extra ``Pipeline.generate`` keyword arguments of a baseline ``hook``
+    (:class:`cfgbasin_jax.method.registry.Hook`): its prompt augmentation (prompt i drawn from
+    ``(seed, sample_indices[i])``) and the CADS conditioning. Neither adds UNet evaluations."""
     prompts = list(prompts)
-    if prompt_augmentation:
-        prompts = augment_prompts(prompts, prompt_augmentation, repeat_num, seed, tokenizer, sample_indices)
-    return prompts, ({"conditioning": CADS()} if cads else {})
+    if hook is None:
+        return prompts, {}
+    if hook.augmentation:
+        prompts = augment_prompts(prompts, hook.augmentation, hook.repeat_num, seed, tokenizer, sample_indices)
+    return prompts, ({"conditioning": CADS()} if hook.cads else {})
+
+
+def sample(pipe, hook: M.Hook | None, prompts, guidance, **generate_kwargs) -> GenerationResult:
+    """``pipe.generate`` under a baseline ``hook`` whose prompts and keyword arguments :func:`prepare`
+    made; Wen et al.'s embedding optimisation first when the hook asks for it (its UNet cost included)."""
+    if hook is not None and hook.wen:
+        return wen_generate(pipe, prompts, guidance, **generate_kwargs)[0]
+    return pipe.generate(prompts, guidance, **generate_kwargs)

@@ -436,17 +436,24 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------- progress (host side)
-_BAR: dict = {"bar": None}
+class _StepBar:
+    """The tqdm bar that the compiled loop's per-step callback advances. One per process, owned by
+    :func:`_progress_bar`: it holds the bar of the generate call in progress (None between calls; the
+    calls of one process run one at a time), so the compiled function never captures a bar."""
+
+    def __init__(self):
+        self.bar = None
+
+    def tick(self, _):
+        if self.bar is not None:
+            self.bar.update(1)
 
 
-def _tick(_):
-    bar = _BAR["bar"]
-    if bar is not None:
-        bar.update(1)
+_STEP_BAR = _StepBar()
 
 
 def _progress_hook(j):
-    jax.debug.callback(_tick, j)
+    jax.debug.callback(_STEP_BAR.tick, j)
 
 
 @contextlib.contextmanager
@@ -458,12 +465,12 @@ def _progress_bar(enabled: bool, total: int):
     from tqdm.auto import tqdm
 
     with tqdm(total=total, desc="denoising", unit="step", leave=False) as bar:
-        _BAR["bar"] = bar
+        _STEP_BAR.bar = bar
         try:
             yield bar
         finally:
             jax.effects_barrier()
-            _BAR["bar"] = None
+            _STEP_BAR.bar = None
 
 
 def calibrate_threshold(pipe, plain_prompts, guidance, fpr: float = DEFAULT_FPR, **generate_kwargs) -> float:

@@ -19,6 +19,7 @@ from cfgbasin_jax.apps import generate as cli
 from cfgbasin_jax.method import guidance as G
 from cfgbasin_jax.runs import prompts as P
 from cfgbasin_jax.runs import folder as R
+from cfgbasin_jax.runs import runner
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -70,7 +71,7 @@ def test_stp_seed_command(tiny_sd1, tmp_path, monkeypatch):
     s = parse(STP_SEED, "stp")  # the command exactly as written: reference defaults, nothing written
     assert s.guidance == G.static_transition(500, 0.0, 7.5)
     assert (s.label, s.img_size, s.num_inference_steps, s.scheduler, s.seed) == ("stp", 256, 50, "dpm++2m", 42)
-    assert (s.start, s.end, s.prompt_set.exp, s.batch_size) == (0, 10000, "laion10k", 1)
+    assert (s.start_iter, s.end_iter, s.prompt_set.exp, s.batch_size) == (0, 10000, "laion10k", 1)
     assert s.model == Path(tiny_sd1.path).resolve() and s.outdir == out and not out.exists()
 
     # the same command run at tiny size: 5 prompts, 6 steps, 16 px
@@ -82,7 +83,7 @@ def test_stp_seed_command(tiny_sd1, tmp_path, monkeypatch):
     assert [r["prompt"] for r in recs] == list(expected)
     assert [r["file"] for r in recs] == [f"Images/{i}.png" for i in range(5)]
 
-    pipe = cli.cached_pipeline(s.model, None, "float32")
+    pipe = runner.PIPELINES.get(s.model, None, "float32")
     ts = np.asarray(pipe.make_scheduler("dpm++2m", STEPS).timesteps)
     switch = int(np.nonzero(ts <= 500)[0][0])
     for r in recs:
@@ -117,7 +118,7 @@ def test_dtp_seed_command(tiny_sd2, tmp_path, monkeypatch):
 
     s = parse(argv, "dtp")
     assert s.guidance == G.dynamic_transition(1.0, 7.5, signal="noise_diff")
-    assert (s.img_size, s.num_inference_steps, s.scheduler, s.start, s.end) == (512, 50, "dpm++2m", 0, 3)
+    assert (s.img_size, s.num_inference_steps, s.scheduler, s.start_iter, s.end_iter) == (512, 50, "dpm++2m", 0, 3)
     assert s.model == Path(tiny_sd2.path).resolve()
     assert s.unet_path == (tmp_path / "checkpoint-20000" / "unet").resolve()
 
@@ -323,7 +324,7 @@ def test_gated_method_calibrates_then_records_score_and_flag(tiny_sd1, tmp_path)
             "--end_iter", "4", "--outdir", str(out), "--gate_calibrate", str(plain), "--gate_fpr", "0.5"] + IN_PROCESS
     assert cli.main(argv) == 0
     recs = records(out)
-    pipe = cli.cached_pipeline(tiny_sd1.path.resolve(), None, "float32")
+    pipe = runner.PIPELINES.get(tiny_sd1.path.resolve(), None, "float32")
     kwargs = dict(num_inference_steps=STEPS, seed=42, height=16, width=16, scheduler="dpm++2m", progress=False)
     cal = pipe.generate(captions, G.constant(7.5), decode=False, **kwargs)
     want = np.percentile(cal.noise_diff[:, 0].astype(np.float64), 50)
@@ -338,8 +339,8 @@ def test_gated_method_calibrates_then_records_score_and_flag(tiny_sd1, tmp_path)
 
 @pytest.mark.parametrize("flags, message", [
     ([], "needs exactly one of --gate_threshold and --gate_calibrate"),
-    (["--gate_threshold", "-1"], "--gate_threshold: guidance: threshold must be >= 0"),
-    (["--gate_threshold", "nan"], "--gate_threshold: guidance: threshold must be finite"),
+    (["--gate_threshold", "-1"], "--gate_threshold -1: guidance: threshold must be >= 0"),
+    (["--gate_threshold", "nan"], "--gate_threshold nan: guidance: threshold must be finite"),
     (["--gate_threshold", "1", "--gate_steps", str(STEPS)], f"--gate_steps {STEPS} must be < the {STEPS} sampling"),
     (["--gate_calibrate", "missing.txt"], "--gate_calibrate: missing.txt: prompt file not found"),
     (["--gate_threshold", "1", "--gate_fpr", "0.1"], "--gate_fpr applies only with --gate_calibrate"),

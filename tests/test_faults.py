@@ -98,9 +98,9 @@ def marker(text: str, name: str) -> str:
 
 
 @pytest.mark.parametrize("script, argv, message", [
-    ("generate_test_dataset_stp.py", ["--guidance_change_step", "-1"], "--guidance_change_step -1 is outside [0, 1000)"),
-    ("generate_test_dataset_stp.py", ["--guidance_change_step", "1000"], "--guidance_change_step 1000 is outside"),
-    ("generate_test_dataset_stp.py", ["--guidance_change_step", "5000"], "--guidance_change_step 5000 is outside"),
+    ("generate_test_dataset_stp.py", ["--guidance_change_step", "-1"], "--guidance_change_step -1 must be in [0, 999]"),
+    ("generate_test_dataset_stp.py", ["--guidance_change_step", "1000"], "--guidance_change_step 1000 must be in [0, 999]"),
+    ("generate_test_dataset_stp.py", ["--guidance_change_step", "5000"], "--guidance_change_step 5000 must be in [0, 999]"),
     ("generate_test_dataset_dtp.py", ["--num_inference_steps", "1001", "--scheduler", "DDIM"],
      "--num_inference_steps 1001 must be in [1, 1000]"),
     ("generate_test_dataset_stp.py", ["--seed", "-1"], "--seed -1 must be in [0, 4294967295]"),
@@ -143,7 +143,7 @@ def test_unused_flag_warning_only_when_given(tiny_sd1, tmp_path):
     def warnings(argv):
         argv = ["--pretrained_model_name_or_path", str(tiny_sd1.path), "--outdir", str(tmp_path / "o"),
                 "--exp", "imagenette"] + argv
-        return cli.resolve(cli.build_parser("test", "cfg").parse_args(argv), "cfg", argv).warnings
+        return list(cli.resolve(cli.build_parser("test", "cfg").parse_args(argv), "cfg", argv).warnings)
 
     assert warnings([]) == []
     assert warnings(["--CFG_scheduling_later", "linear"]) == ["--CFG_scheduling_later is not used by --method cfg"]

@@ -43,6 +43,6 @@ def test_cli_demo_and_bench_share_the_registry():
     assert demo.METHODS == tuple(M.get(n).label for n in M.names())
     assert all(M.get(m).name == m for m in runners.METHODS)
     assert baselines.METHODS == tuple(n for n in M.names() if M.get(n).baseline)
-    assert cli.METHOD_DEFAULTS["og-stp"]["guidance_change_step"] == M.get("og-stp").defaults["t"]
+    assert cli.method_defaults("og-stp")["guidance_change_step"] == M.get("og-stp").defaults["t"]
     assert demo.method_guidance("OG+STP", 4.0, 551, 651, -2.0) == G.static_transition(651, -2.0, 4.0)
     assert runners.guidance("og_dtp") == G.dynamic_transition(-2.0, 7.5, signal="latent_cosine")

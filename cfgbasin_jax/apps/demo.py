@@ -28,6 +28,7 @@ from cfgbasin_jax import TOY_MODEL
 from cfgbasin_jax.method import registry as M
 from cfgbasin_jax.metrics import detection
 from cfgbasin_jax.pipeline import calibrate_threshold
+from cfgbasin_jax.runtime import files as F
 from cfgbasin_jax.toy import data as toy
 from cfgbasin_jax.toy.scoring import (alignment, copy_threshold, first_local_min_t, layout_iou, layout_threshold,
                                       nearest_training, similarity)
@@ -38,7 +39,8 @@ SHIPPED_MODEL = TOY_MODEL
 # optimisation, CADS, and rand_word_repeat prompt augmentation).
 METHODS = tuple(M.get(name).label for name in M.names())
 BASELINES = tuple(M.get(name).label for name in M.names() if M.get(name).baseline)
-GATED = tuple(M.get(name).label for name in M.names() if name.startswith("gated-"))
+GATED = tuple(M.get(name).label for name in M.names() if M.get(name).is_gated)
+PRESET = M.TOY_DEMO  # the demo's CFG and opposite-guidance scales (not the paper's)
 # By default the gated rows are gated STP and gated OG+STP (--methods adds the gated DTP rules).
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in GATED[2:])
 
@@ -67,35 +69,24 @@ def load_demo_pipeline(model: str | None, log=print):
     return Pipeline(random_components()), "random tiny model (fallback: shipped toy weights missing)", False
 
 
-def method_guidance(name: str, scale: float, stp_t: int, og_t: int, og_scale: float, threshold=None,
+def method_guidance(name: str, scale: float, stp_t: int | None, og_t: int | None, og_scale: float, threshold=None,
                     gate_steps: int = 1, pre_scale: float | None = None):
-    """The registry method ``name`` (:mod:`cfgbasin_jax.method.registry`) with the demo's settings: CFG scale
-    ``scale`` everywhere, STP at ``stp_t``, the opposite-guidance methods at ``og_scale`` (OG+STP at ``og_t``);
+    """The registry method ``name`` (:mod:`cfgbasin_jax.method.registry`) with the demo's settings
+    (:meth:`~cfgbasin_jax.method.registry.Preset.guidance`): CFG scale ``scale`` everywhere, STP at
+    ``stp_t``, the opposite-guidance methods at ``og_scale`` (OG+STP at ``og_t``; None: the paper's t);
     gated methods with the gate ``threshold`` over ``gate_steps`` steps (``pre_scale`` before the flag)."""
-    method = M.get(name)
-    base = method.name.removeprefix("gated-")
-    params = {"scale": scale}
-    if base == "stp":
-        params["t"] = stp_t
-    if base in ("og-stp", "og-dtp"):
-        params.update(before=og_scale, t=og_t if base == "og-stp" else None)
-    if base != method.name:
-        params.update(threshold=threshold, gate_steps=gate_steps, pre_scale=pre_scale)
-    return method.guidance(**params)
+    return PRESET.guidance(name, t=stp_t, opposite_t=og_t, scale=scale, opposite_before=og_scale, threshold=threshold,
+                           gate_steps=gate_steps, pre_scale=pre_scale)
 
 
 def generate_method(pipe, name: str, prompts: list, guidance, **kwargs):
-    """``pipe.generate`` for a transition method, or the baseline ``name`` (its UNet cost included)."""
+    """``pipe.generate`` under method ``name``'s baseline hook, if any (its UNet cost included); an
+    augmented sample draws its words keyed by its batch position."""
     from cfgbasin_jax import baselines as B
 
-    method = M.get(name).name
-    if method == "wen":
-        return B.wen_generate(pipe, prompts, guidance, **kwargs)[0]
-    if method == "cads":
-        return pipe.generate(prompts, guidance, conditioning=B.CADS(), **kwargs)
-    if method == "prompt-augmentation":  # every sample draws its own 4 repeated words (keyed by its batch position)
-        prompts = B.augment_prompts(prompts, "rand_word_repeat", 4, seed=kwargs.get("seed", 0))
-    return pipe.generate(prompts, guidance, **kwargs)
+    hook = M.get(name).hook
+    prompts, extra = B.prepare(hook, prompts, seed=kwargs.get("seed", 0))
+    return B.sample(pipe, hook, prompts, guidance, **extra, **kwargs)
 
 
 # ----------------------------------------------------------------------------- plots and grids
@@ -113,19 +104,23 @@ def _grid(rows: list[list[np.ndarray]], scale: int = 4, pad: int = 2) -> np.ndar
     return out
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
+def _png(arr: np.ndarray) -> bytes:
+    import io
+
     from PIL import Image
 
-    Image.fromarray(arr).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def _plot_traces(path: Path, runs: dict, n_mem: int, stp_t: int, og_t: int) -> None:
+def _plot_traces(runs: dict, n_mem: int, stp_t: int, og_t: int) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [m for m in ("CFG", "DTP") if m in runs]
+    names = [m.label for m in (M.CFG, M.DTP) if m.label in runs]
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
         res = runs[name]["result"]
@@ -147,13 +142,17 @@ def _plot_traces(path: Path, runs: dict, n_mem: int, stp_t: int, og_t: int) -> N
         ax.set_xlabel("timestep t")
         ax.set_ylabel("||eps_c - eps_u||")
         title = f"{name}: noise difference per sample"
-        if name == "DTP":
+        if name == M.DTP.label:
             title += " (grey lines: detected transitions)"
         ax.set_title(title)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=90, format="png")
     plt.close(fig)
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -163,16 +162,16 @@ def _plot_traces(path: Path, runs: dict, n_mem: int, stp_t: int, og_t: int) -> N
 class DemoConfig:
     outdir: str = "cfgbasin_demo_out"
     model: str | None = None
-    guidance: float = 4.0
+    guidance: float = PRESET.scale
     num_mem_prompts: int = 8
     num_plain_prompts: int = 8
     samples_per_prompt: int = 4
-    steps: int = 20
+    num_inference_steps: int = 20
     scheduler: str = "ddim"
     seed: int = 0
     stp_t: int | None = None
     og_t: int | None = None
-    og_scale: float = -2.0
+    og_scale: float = PRESET.opposite_before
     methods: tuple = DEFAULT_METHODS
     gate_steps: int = 1
     gate_pre_scale: float | None = None
@@ -193,10 +192,10 @@ def calibrate_gate(pipe, ds: toy.ToyDataset, prompts: list, cfg: DemoConfig) -> 
     exclude = list(ds.captions[: ds.num_memorized]) + [p[0] for p in prompts]
     captions = [toy.caption_of(o) for o in toy.plain_prompts(cfg.num_calibration_prompts, cfg.seed + 1, exclude)]
     k = cfg.samples_per_prompt
-    gated = method_guidance("gated-stp", cfg.guidance, 500, 650, cfg.og_scale, gate_steps=cfg.gate_steps,
+    gated = method_guidance(M.STP.gated, cfg.guidance, None, None, cfg.og_scale, gate_steps=cfg.gate_steps,
                             pre_scale=cfg.gate_pre_scale)
     threshold = calibrate_threshold(
-        pipe, [c for c in captions for _ in range(k)], gated, num_inference_steps=cfg.steps, seed=cfg.seed,
+        pipe, [c for c in captions for _ in range(k)], gated, num_inference_steps=cfg.num_inference_steps, seed=cfg.seed,
         scheduler=cfg.scheduler, progress=False, sample_indices=np.tile(np.arange(k), len(captions)))
     return threshold, captions
 
@@ -205,6 +204,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Generate, measure, write the report. Returns {"rows", "report", "stp_t", "og_t", ...}."""
     out = Path(cfg.outdir)
     out.mkdir(parents=True, exist_ok=True)
+    files: dict = {}  # written together at the end, report.md last (runtime.files.write_all)
     t_start = time.perf_counter()
     pipe, model_desc, is_toy = load_demo_pipeline(cfg.model, log)
     ds = toy.make_dataset()
@@ -224,23 +224,22 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     runs: dict = {}
     stp_t, og_t = cfg.stp_t, cfg.og_t
-    order = ["CFG"] + [m for m in cfg.methods if m != "CFG"]
-    for name in order:
-        if name not in cfg.methods and name != "CFG":
-            continue
-        if name != "CFG" and stp_t is None:
+    anchor = M.CFG.label  # constant CFG runs first: the other methods' transitions come from its curve
+    for name in [anchor] + [m for m in cfg.methods if m != anchor]:
+        if name != anchor and stp_t is None:
             # Transition from the measured curve: the median timestep of the first local minimum
             # of ||eps_c - eps_u|| under constant CFG (what DTP detects), over all samples.
-            tmin = first_local_min_t(runs["CFG"]["result"].noise_diff, runs["CFG"]["result"].timesteps)
+            cfg_run = runs[anchor]["result"]
+            tmin = first_local_min_t(cfg_run.noise_diff, cfg_run.timesteps)
             tmin = tmin[tmin >= 0]
-            stp_t = int(np.median(tmin)) if tmin.size else 500
+            stp_t = int(np.median(tmin)) if tmin.size else M.STP.defaults["t"]
         if stp_t is not None and og_t is None:
             og_t = int(round(stp_t + 0.3 * (1000 - stp_t)))  # the paper's 650 for its 500
-        g = method_guidance(name, cfg.guidance, stp_t or 500, og_t or 650, cfg.og_scale, gate_threshold, cfg.gate_steps,
+        g = method_guidance(name, cfg.guidance, stp_t or None, og_t or None, cfg.og_scale, gate_threshold, cfg.gate_steps,
                             cfg.gate_pre_scale)
         t0 = time.perf_counter()
         compiles = pipe.compile_count()
-        res = generate_method(pipe, name, batch_prompts, g, num_inference_steps=cfg.steps, seed=cfg.seed,
+        res = generate_method(pipe, name, batch_prompts, g, num_inference_steps=cfg.num_inference_steps, seed=cfg.seed,
                               scheduler=cfg.scheduler, progress=False, sample_indices=sample_ids)
         wall = time.perf_counter() - t0
         runs[name] = {"result": res, "wall": wall, "compiled": pipe.compile_count() > compiles}
@@ -283,18 +282,20 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         for i, (caption, objs, mem_index) in enumerate(prompts):
             ref = train_images[mem_index] if mem_index >= 0 else np.full((16, 16, 3), 255, np.uint8)
             grid_rows.append([ref] + [imgs[i * k + j] for j in range(k)])
-        _save_png(_grid(grid_rows), out / grid_file(name))
+        files[grid_file(name)] = _png(_grid(grid_rows))
         runs[name]["nn_sim"] = nn_sim
-    _plot_traces(out / "noise_diff.png", runs, n_mem * k, stp_t or 500, og_t or 650)
+    files["noise_diff.png"] = _plot_traces(runs, n_mem * k, stp_t or M.STP.defaults["t"], og_t or M.OG_STP.defaults["t"])
 
     table = format_table(rows)
     gate = {"threshold": gate_threshold, "calibration_prompts": len(calibration), "steps": cfg.gate_steps,
             "auc": detection_auc(runs, n_mem * k, cfg.gate_steps)}
     report = _report_text(cfg, model_desc, is_toy, threshold, lay_threshold, prompts, n_mem, stp_t, og_t, table,
                           time.perf_counter() - t_start, gate)
-    (out / "report.md").write_text(report, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "copy_threshold": threshold, "layout_threshold": lay_threshold, "stp_t": stp_t, "og_t": og_t,
-                                                   "gate": gate, "model": model_desc, "config": dataclasses.asdict(cfg)}, indent=2, default=str), encoding="utf-8")
+    files["report.md"] = report.encode("utf-8")
+    files["results.json"] = json.dumps({"rows": rows, "copy_threshold": threshold, "layout_threshold": lay_threshold,
+                                        "stp_t": stp_t, "og_t": og_t, "gate": gate, "model": model_desc,
+                                        "config": dataclasses.asdict(cfg)}, indent=2, default=str).encode("utf-8")
+    F.write_all(out, files, last="report.md")
     return {"rows": rows, "table": table, "report": out / "report.md", "stp_t": stp_t, "og_t": og_t,
             "threshold": threshold, "is_toy": is_toy, "runs": runs, "gate": gate}
 
@@ -315,7 +316,7 @@ def gate_rates(flagged, is_mem) -> dict:
 
 def detection_auc(runs: dict, n_mem: int, gate_steps: int) -> float:
     """ROC AUC of the gate's score (memorized vs plain samples) under constant CFG, NaN if one group is empty."""
-    score = detection.detection_score(runs["CFG"]["result"].noise_diff, gate_steps)
+    score = detection.detection_score(runs[M.CFG.label]["result"].noise_diff, gate_steps)
     if n_mem == 0 or n_mem == len(score):
         return float("nan")
     return detection.roc_auc(score[:n_mem], score[n_mem:])
@@ -369,7 +370,7 @@ def _report_text(cfg, model_desc, is_toy, threshold, lay_threshold, prompts, n_m
     return f"""# cfgbasin-demo report
 
 Model: {model_desc}{notice}
-Sampler: {cfg.scheduler}, {cfg.steps} steps, seed {cfg.seed}; {cfg.samples_per_prompt} samples per prompt, the same
+Sampler: {cfg.scheduler}, {cfg.num_inference_steps} steps, seed {cfg.seed}; {cfg.samples_per_prompt} samples per prompt, the same
 initial noise for every prompt and method. Total time {total_s:.0f} s.
 
 ## Methods
@@ -407,20 +408,33 @@ plain prompts), then the samples.
 """
 
 
+class DemoError(ValueError):
+    """Bad demo input (one line naming the flag)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump (main: exit status 2)
+        raise DemoError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cfgbasin-demo", description="The attraction-basin demo on the shipped toy model (offline, CPU).")
+    """The demo's flags; the settings it shares with cfgbasin-generate have its names (--num_inference_steps,
+    --scheduler, --seed, --outdir; --steps is the old spelling)."""
+    p = _Parser(prog="cfgbasin-demo", description="The attraction-basin demo on the shipped toy model (offline, CPU).")
     p.add_argument("--outdir", default="cfgbasin_demo_out")
     p.add_argument("--model", default=None, help="a pixel-model folder (default: the shipped toy)")
-    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale after the transition (and for constant CFG)")
+    p.add_argument("--guidance", type=float, default=PRESET.scale,
+                   help=f"CFG scale after the transition (and for constant CFG); preset {PRESET.name}")
     p.add_argument("--num_mem_prompts", type=int, default=8)
     p.add_argument("--num_plain_prompts", type=int, default=8)
     p.add_argument("--samples_per_prompt", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--num_inference_steps", "--steps", type=int, default=20)
     p.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm++2m", "euler", "pndm"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stp_t", type=int, default=None, help="STP transition timestep (default: measured)")
     p.add_argument("--og_t", type=int, default=None, help="OG+STP transition timestep (default: from STP's)")
-    p.add_argument("--og_scale", type=float, default=-2.0)
+    p.add_argument("--og_scale", type=float, default=PRESET.opposite_before,
+                   help=f"opposite-guidance scale of OG+STP and OG+DTP; preset {PRESET.name}")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--gate_steps", type=int, default=1, help="gated methods: steps the memorization score averages over")
     p.add_argument("--gate_pre_scale", type=float, default=None,
@@ -430,18 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class DemoError(ValueError):
-    """Bad demo input (one line naming the flag)."""
-
-
 def check_config(cfg: DemoConfig) -> None:
     """Every flag, checked before anything is computed or written (DemoError naming the flag)."""
-    from cfgbasin_jax.runtime import files as F
     from cfgbasin_jax.toy.train import is_pixel_model
 
-    for name in ("num_mem_prompts", "num_plain_prompts", "samples_per_prompt", "steps", "gate_steps",
+    for name in ("num_mem_prompts", "num_plain_prompts", "samples_per_prompt", "num_inference_steps", "gate_steps",
                  "num_calibration_prompts"):
-        minimum = 3 if name == "steps" else (1 if name in ("samples_per_prompt", "gate_steps", "num_calibration_prompts") else 0)
+        minimum = 3 if name == "num_inference_steps" else (1 if name in ("samples_per_prompt", "gate_steps", "num_calibration_prompts") else 0)
         if getattr(cfg, name) < minimum:
             raise DemoError(f"--{name} must be >= {minimum}, got {getattr(cfg, name)}")
     if cfg.num_mem_prompts + cfg.num_plain_prompts < 1:
@@ -459,10 +468,10 @@ def check_config(cfg: DemoConfig) -> None:
             num_train = int(meta["configs"]["scheduler"].get("num_train_timesteps", 1000))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise DemoError(f"{path / 'model.json'}: cannot read the scheduler config ({err})") from None
-    if cfg.steps > num_train:
-        raise DemoError(f"--steps {cfg.steps} must be <= {num_train} (the model's num_train_timesteps)")
-    if cfg.gate_steps >= cfg.steps:
-        raise DemoError(f"--gate_steps {cfg.gate_steps} must be < --steps {cfg.steps}")
+    if cfg.num_inference_steps > num_train:
+        raise DemoError(f"--num_inference_steps {cfg.num_inference_steps} must be <= {num_train} (the model's num_train_timesteps)")
+    if cfg.gate_steps >= cfg.num_inference_steps:
+        raise DemoError(f"--gate_steps {cfg.gate_steps} must be < --num_inference_steps {cfg.num_inference_steps}")
     for name in ("stp_t", "og_t"):
         value = getattr(cfg, name)
         if value is not None and not 0 <= value < num_train:
@@ -474,11 +483,10 @@ def check_config(cfg: DemoConfig) -> None:
 
 
 def main(argv=None) -> int:
-    from cfgbasin_jax.runtime import files as F
 
-    args = build_parser().parse_args(argv)
-    cfg = DemoConfig(**{**vars(args), "methods": tuple(args.methods)})
     try:
+        args = build_parser().parse_args(argv)
+        cfg = DemoConfig(**{**vars(args), "methods": tuple(args.methods)})
         check_config(cfg)
         result = run_demo(cfg)
     except DemoError as err:

@@ -151,6 +151,31 @@ def atomic_write_text(path, text: str, tag: str = ".tmp") -> None:
     atomic_write_bytes(path, text.encode("utf-8"), tag)
 
 
+def write_all(folder, files: dict, last: str | None = None, tag: str = ".tmp") -> None:
+    """Write {name: bytes} into ``folder`` all or nothing: every file to a temporary name, then the
+    renames (``last`` after the others). A failed write (full disk) removes what this call wrote and
+    raises the OSError with the path it could not write."""
+    folder = Path(folder)
+    names = sorted(files, key=lambda name: name == last)
+    written: list[Path] = []
+    try:
+        for name in names:
+            tmp = folder / f".{name}{tag}"
+            written.append(tmp)
+            try:
+                tmp.write_bytes(files[name])
+            except OSError as err:
+                raise with_path(err, folder / name) from None
+        for k, name in enumerate(names):
+            os.replace(written[k], folder / name)
+            written[k] = folder / name
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
+
+
 # ------------------------------------------------------------------------------------ signals
 
 
