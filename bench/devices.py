@@ -18,7 +18,7 @@ from cfgbasin_jax.models.tiny import random_components
 
 def images_per_second(pipe, devices: int, batch: int = 8, steps: int = 20, rounds: int = 3) -> float:
     prompts = [f"prompt {i}" for i in range(batch)]
-    kw = dict(guidance=G.dynamic_transition(1.0, 7.5), num_inference_steps=steps, scheduler="ddim",
+    kw = dict(guidance=G.dynamic_transition(1.0, G.CFG_SCALE), num_inference_steps=steps, scheduler="ddim",
               progress=False, devices=devices)
     pipe.generate(prompts, **kw)  # compile
     times = []

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of an astronaut riding a horse on mars"
-SCALE = 7.5
+SCALE = 7.5  # = cfgbasin_jax.method.guidance.CFG_SCALE, restated: the torch_pipe job must not import JAX
 
 
 def run(job: str, env: dict | None = None, timeout: float | None = None, **kwargs) -> dict:

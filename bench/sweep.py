@@ -35,7 +35,7 @@ def build(points: int, batch: int, steps: int):
     cond = pipe.encode_prompts([f"prompt {i}" for i in range(batch)])
     uncond = pipe.encode_prompts([""] * batch)
     ts = np.linspace(100, 900, points).astype(int)
-    plans = [G.plan(G.static_transition(int(t), 0.0, 7.5), batch, np.asarray(sched.timesteps)) for t in ts]
+    plans = [G.plan(G.static_transition(int(t), 0.0, G.CFG_SCALE), batch, np.asarray(sched.timesteps)) for t in ts]
     params = pipe.params["unet"]
 
     swept = jax.jit(functools.partial(S.sweep, unet_fn=pipe.unet_fn))

@@ -432,7 +432,7 @@ _SHARED = ("num_inference_steps", "seed", "scheduler", "negative_prompt", "sampl
 def wen_generate(
     pipe,
     prompts: str | Sequence[str],
-    guidance: G.Guidance | Sequence[G.Guidance] = G.constant(7.5),
+    guidance: G.Guidance | Sequence[G.Guidance] = G.constant(G.CFG_SCALE),
     *,
     lr: float = 0.05,
     iterations: int = 10,

@@ -328,7 +328,7 @@ class Pipeline:
     def generate(
         self,
         prompts: str | Sequence[str],
-        guidance: G.Guidance | Sequence[G.Guidance] = G.constant(7.5),
+        guidance: G.Guidance | Sequence[G.Guidance] = G.constant(G.CFG_SCALE),
         num_inference_steps: int = 50,
         seed=0,
         latents=None,

@@ -8,6 +8,7 @@ See ``cfgbasin_jax.apps.generate`` (``--help``) for the flags, outputs and resum
 import sys
 
 from cfgbasin_jax.apps.generate import main
+from cfgbasin_jax.method import registry
 
 if __name__ == "__main__":
-    sys.exit(main(method="og-dtp", prog="generate_test_dataset_opposite_guidance.py"))
+    sys.exit(main(method=registry.OG_DTP.name, prog="generate_test_dataset_opposite_guidance.py"))

@@ -476,8 +476,8 @@ def test_demo_refuses_bad_flags_before_any_work(tmp_path, capsys, monkeypatch):
         (["--guidance", "nan"], "--guidance must be a finite number"),
         (["--og_scale", "inf"], "--og_scale must be a finite number"),
         (["--model", "/nope"], "--model /nope: not a pixel-model folder"),
-        (["--steps", "2"], "--steps must be >= 3"),
-        (["--steps", "1001"], "--steps 1001 must be <= 1000"),
+        (["--steps", "2"], "--num_inference_steps must be >= 3"),
+        (["--steps", "1001"], "--num_inference_steps 1001 must be <= 1000"),
         (["--outdir", str(not_a_dir / "out")], "is not a directory"),
     ]
     for argv, message in cases:

@@ -24,6 +24,7 @@ import numpy as np
 from cfgbasin_jax.method import detectors as D
 from cfgbasin_jax.method.arrays import PerSample, PerStep, Timesteps
 
+CFG_SCALE = 7.5  # the paper's classifier-free guidance scale (every method's scale from the transition on)
 SHAPES = ("static", "linear", "invlinear", "cosine", "sine", "v_shape", "a_shape")
 SIGNALS = ("noise_diff", "latent_cosine")
 MODES = ("exact", "causal")
@@ -216,7 +217,7 @@ def static_transition(t, before, after, shape_before: str = "static", shape_afte
 
 def dynamic_transition(
     before=1.0,
-    after=7.5,
+    after=CFG_SCALE,
     signal: str | D.Detector = "noise_diff",
     mode: str = "exact",
     shape_before: str = "static",

@@ -31,7 +31,7 @@ from typing import Callable, Mapping
 
 from cfgbasin_jax.method import guidance as G
 
-CFG_SCALE = 7.5  # the paper's CFG scale (every method's scale from the transition on)
+CFG_SCALE = G.CFG_SCALE  # the paper's CFG scale (every method's scale from the transition on)
 _SHAPE_PARAMS = ("shape_before", "shape_after", "precision", "fallback")
 # The paper scripts' guidance flags (cfgbasin-generate); a method reads some and ignores the rest.
 GUIDANCE_FLAGS = ("guidance_scale", "guidance_scale_later", "guidance_change_step", "CFG_scheduling",
