@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from reference import pt_guided_loop, pt_scheduler, rel_err
+from bench.reference import pt_guided_loop, pt_scheduler, rel_err
 
 from cfgbasin_jax import baselines as B
 from cfgbasin_jax.method import guidance as G

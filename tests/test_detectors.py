@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import stub
 from flax import struct
-from reference import causal_og_index, official_dtp_index, official_og_index, rel_err
+from bench.reference import causal_og_index, official_dtp_index, official_og_index, rel_err
 
 from cfgbasin_jax.method import detectors as D
 from cfgbasin_jax.method import guidance as G

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import (FlaxBackend, causal_og_index, official_dtp_index, official_og_index, official_pass,
+from bench.reference import (FlaxBackend, causal_og_index, official_dtp_index, official_og_index, official_pass,
                        official_trajectory, rel_err)
 
 from cfgbasin_jax.method import guidance as G

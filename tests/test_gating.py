@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 import stub
-from reference import causal_og_index, rel_err
+from bench.reference import causal_og_index, rel_err
 
 from cfgbasin_jax.method import detectors as D
 from cfgbasin_jax.method import guidance as G

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from reference import official_og_index, pt_embed, pt_scheduler
+from bench.reference import official_og_index, pt_embed, pt_scheduler
 
 from cfgbasin_jax.method import guidance as G
 from cfgbasin_jax.method import official_cosine as OC

@@ -5,7 +5,7 @@ shipped toy, the conditioning hook, transition fallbacks."""
 import numpy as np
 import pytest
 import torch
-from reference import pt_embed, pt_guided_loop, pt_scheduler, rel_err
+from bench.reference import pt_embed, pt_guided_loop, pt_scheduler, rel_err
 
 import cfgbasin_jax
 from cfgbasin_jax.method import guidance as G

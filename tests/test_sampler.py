@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import stub
-from reference import rel_err
+from bench.reference import rel_err
 
 from cfgbasin_jax.method import detectors as D
 from cfgbasin_jax.method import guidance as G
