@@ -66,15 +66,23 @@ def _rule(g) -> tuple:
     return (g.signal if g.rule == "dynamic" else g.rule, g.before, g.after, g.t)
 
 
-def _label(method: str) -> str:
-    g = guidance(method)
-    what = {"constant": f"constant {g.after:g}", "static": f"{g.before:g} above t={g.t}, then {g.after:g}"}.get(
-        g.rule, f"{g.before:g} until the {g.signal} minimum{', exact 2-pass' if g.mode == 'exact' else ''}, then {g.after:g}")
-    return f"{Registry.get(method).label} ({what})"
+_SIGNAL_WORDS = {"noise_diff": "noise-difference", "latent_cosine": "latent-cosine"}
+
+
+def label(method: str, short: bool = False) -> str:
+    """A table label stating the method's schedule ("DTP (1.0 until the noise-difference minimum, then 7.5)";
+    ``short``: "DTP (1.0, then 7.5)")."""
+    g, name = guidance(method), Registry.get(method).label
+    if g.rule == "constant":
+        return f"{name} {g.after:g}" if short else f"constant {name} {g.after:g}"
+    if g.rule == "static":
+        return f"{name} ({g.before:g} above t={g.t}, then {g.after:g})"
+    until = "" if short else f" until the {_SIGNAL_WORDS[g.signal]} minimum"
+    return f"{name} ({g.before:.1f}{until}{', exact 2-pass' if g.mode == 'exact' else ''}, then {g.after:g})"
 
 
 REFERENCE_RULES = {m: _rule(guidance(m)) for m in METHODS}  # method -> (rule, before, after, t)
-METHOD_LABELS = {m: _label(m) for m in METHODS}
+METHOD_LABELS = {m: label(m) for m in METHODS}
 CONSTANT = tuple(m for m in METHODS if guidance(m).rule == "constant")  # what diffusers' pipelines express
 ANCHOR = CONSTANT[0]  # constant CFG: the table's reference method
 STATIC = next(m for m in METHODS if guidance(m).rule == "static")  # the STP sweep and the work ratio
