@@ -58,7 +58,7 @@ def test_shipped_model_loads_and_reduced_demo_writes_the_table(tmp_path, dataset
     assert is_toy, "the shipped toy weights (cfgbasin_jax/data/toy) are missing"
     assert pipe.vae is None and pipe.default_size == 16
     cfg = demo.DemoConfig(outdir=str(tmp_path / "out"), num_mem_prompts=8, num_plain_prompts=1,
-                          samples_per_prompt=1, steps=10, num_calibration_prompts=8)
+                          samples_per_prompt=1, num_inference_steps=10, num_calibration_prompts=8)
     result = demo.run_demo(cfg, log=lambda *_: None)
     report = (tmp_path / "out" / "report.md").read_text()
     assert demo.format_table(result["rows"]) in report
