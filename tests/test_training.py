@@ -100,7 +100,7 @@ def test_short_run_lowers_loss_resumes_and_refuses_other_config(tmp_path, data_d
     logs = []
     second = T.train(T.TrainConfig(max_train_steps=30, **common), components=comps, log=logs.append, steps=steps)
     assert second["steps"] == 30 and any("resumed" in line and "step 10" in line for line in logs)
-    assert steps.compile_count() == 1  # the resume reused the held step
+    assert steps.builds == 1  # the resume reused the held step
     rows = (tmp_path / "run" / "loss_log.csv").read_text().strip().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == [5, 10, 15, 20, 25, 30]
 
@@ -141,3 +141,17 @@ def test_fine_tunes_a_latent_model_with_vae(tmp_path, data_dir):
     for a, b in zip(jax.tree.leaves(loaded.params["text_encoder"]), jax.tree.leaves(comps.params["text_encoder"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # frozen
     assert np.isfinite(float(result["final_loss"]))
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path, data_dir):
+    """Two trainings never write one --output_dir: the folder's lock (runtime.files.LockFile) is held."""
+    from cfgbasin_jax.runtime import files as F
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = T.TrainConfig(data=str(data_dir), output_dir=str(out), max_train_steps=1, train_batch_size=1, resolution=8,
+                        progress=False)
+    with F.LockFile(out / T.loop.LOCK_FILE, "training run"):
+        with pytest.raises(T.TrainingError, match="in use by another training run"):
+            T.train(cfg, components=toy_model.init_toy_components(seed=0, configs=tiny_configs()))
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing written, the lock file gone with its holder

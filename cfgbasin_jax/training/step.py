@@ -157,6 +157,7 @@ class StepCache:
     def __init__(self):
         self._key = None
         self._entry = None  # (step fn, components)
+        self.builds = 0  # steps built (a miss: a new model or configuration)
 
     def step(self, components: Components, cfg: TrainConfig, optimizer, mesh):
         """The jitted step of ``components`` and ``cfg`` (built by :func:`make_train_step` on a miss)."""
@@ -165,11 +166,8 @@ class StepCache:
         if key != self._key:
             fn = make_train_step(make_loss_fn(components, cfg.train_text_encoder), optimizer, cfg.ema_decay, mesh)
             self._key, self._entry = key, (fn, components)
+            self.builds += 1
         return self._entry[0]
-
-    def compile_count(self) -> int:
-        """Compilations of the held step so far (0 when empty)."""
-        return 0 if self._entry is None else self._entry[0]._cache_size()
 
 
 def make_probe(components: Components, train_text_encoder: bool, images: np.ndarray, captions: Sequence[str], timesteps=(50, 150, 250, 350, 450, 550, 650, 750, 850, 950), seed: int = 1234):
