@@ -25,14 +25,16 @@ TOY_MODEL = Path(__file__).resolve().parent / "data" / "toy"
 """The shipped toy model (a 16x16 pixel-space model trained here): ``load_pipeline(TOY_MODEL)``."""
 
 
-def load_pipeline(path, dtype: str = "float32", unet_path=None, compilation_cache=None) -> Pipeline:
+def load_pipeline(path, dtype: str = "float32", unet_path=None, compilation_cache=True) -> Pipeline:
     """Load a converted checkpoint directory, a diffusers-format SD folder (converted in memory) or a
     pixel-space model folder such as the shipped toy (:data:`TOY_MODEL`).
 
     dtype: "float32" | "bfloat16" | "float16" for params and UNet/VAE/text-encoder compute; the
     scheduler state and detector signals stay float32. unet_path: a fine-tuned ``unet/`` folder
     to swap in (the paper's ``--unet_path``). compilation_cache: JAX's persistent compilation
-    cache, on by default (None), a directory, or False (see :mod:`cfgbasin_jax.runtime.compile_cache`).
+    cache, which this loader asks for by default (True: the default directory; a directory; or
+    False: leave JAX's global configuration alone, as ``Pipeline(components)`` does; see
+    :mod:`cfgbasin_jax.runtime.compile_cache`).
     Params go straight to the device, one tensor at a time (see :mod:`cfgbasin_jax.models.checkpoint`).
     """
     from cfgbasin_jax.loading import load_components
