@@ -153,9 +153,10 @@ def test_load_pipeline_and_paper_script_from_a_hub_id(fake_hub, tiny_sd1, tmp_pa
     assert all(np.array_equal(a, b) for a, b in zip(*(jax_leaves(p) for p in (pipe, local))))
     before = len(fake_hub.requests)
     out = tmp_path / "out"
-    script = Path(__file__).resolve().parents[1] / "scripts" / "generate_test_dataset_stp.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "generate_test_dataset_opposite_guidance.py"
     result = subprocess.run([sys.executable, str(script), "--pretrained_model_name_or_path", REPO, "--outdir", str(out),
-                             "--num_inference_steps", "2", "--end_iter", "1", "--img_size", "16", "--no_compilation_cache"],
+                             "--num_inference_steps", "3", "--end_iter", "1", "--img_size", "16", "--progress", "none",
+                             "--no_compilation_cache"],
                             capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(fake_hub.requests) == before  # the script found the snapshot in the cache
@@ -169,7 +170,7 @@ def jax_leaves(pipe):
 
 
 def test_cli_failure_is_one_line_exit_2(fake_hub, tmp_path):
-    script = Path(__file__).resolve().parents[1] / "scripts" / "generate_test_dataset_stp.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "generate_test_dataset_opposite_guidance.py"
     result = subprocess.run([sys.executable, str(script), "--pretrained_model_name_or_path", "org/none",
                              "--outdir", str(tmp_path / "out")], capture_output=True, text=True,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
