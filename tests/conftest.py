@@ -19,8 +19,9 @@ if "CFGBASIN_JAX_COMPILATION_CACHE" not in os.environ:
 # samplers compile as before; tests/test_conversion_cache.py and tests/test_executables.py turn them on.
 os.environ.setdefault("CFGBASIN_JAX_CONVERSION_CACHE", "0")
 os.environ.setdefault("CFGBASIN_JAX_EXECUTABLE_CACHE", "0")
-# Nothing reaches the Hugging Face Hub: tests/test_hub.py points HF_ENDPOINT at its own local server.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Nothing reaches the Hugging Face Hub: a Hub id resolves against a closed local port (the discard
+# port) unless a test points HF_ENDPOINT at its own server (tests/test_hub.py).
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 
 
 @pytest.fixture(scope="session")
