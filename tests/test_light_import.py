@@ -36,6 +36,8 @@ leaves = [jax.tree.leaves(p.params) for p in (converted, folder)]
 assert len(leaves[0]) == len(leaves[1]) and all(np.array_equal(a, b) for a, b in zip(*leaves))
 images = converted.generate(["a photo of a cat"], num_inference_steps=2, seed=0, scheduler="ddim").images
 assert images.shape == (1, 16, 16, 3) and images.dtype == np.uint8
+# the tokenizer stands on the `tokenizers` library: transformers is not needed to load and sample
+assert "transformers" not in sys.modules, "transformers imported"
 
 # every library module imports without them (cfgbasin_jax.convert.sscd reads TorchScript: torch on use only)
 import cfgbasin_jax.convert
