@@ -21,7 +21,7 @@ from cfgbasin_jax.method import sampler as S
 from cfgbasin_jax.method import sharding as parallel
 from cfgbasin_jax.metrics.detection import DEFAULT_FPR, threshold_at_fpr
 from cfgbasin_jax.models.vae import decoder_stages
-from cfgbasin_jax.runtime import compile_cache, memory
+from cfgbasin_jax.runtime import compile_cache, executables, memory
 
 
 @dataclasses.dataclass
@@ -128,7 +128,7 @@ class Pipeline:
         self.scheduler_config = dict(components.scheduler_config)
         self._samplers: dict = {}
         self._placed: tuple = (None, None, None)  # (key, replicated params, source kept alive)
-        self._encode = jax.jit(self._encode_ids)
+        self._encode = self._serialized(jax.jit(self._encode_ids), "encode")
         self._decoders: list | None = None  # jitted decode stages, built on first use
 
     # ------------------------------------------------------------------ geometry
@@ -216,7 +216,8 @@ class Pipeline:
                 first, *middle, last = decoder_stages(self.vae)
                 stages = [lambda params, latents: first(params, self._latents_in(latents)), *middle,
                           lambda params, x: self._to_uint8(last(params, x))]
-            self._decoders = [jax.jit(stage) for stage in stages]
+            self._decoders = [self._serialized(jax.jit(stage), "decode", stage=i, stages=len(stages))
+                              for i, stage in enumerate(stages)]
         return self._decoders
 
     def decode(self, latents) -> np.ndarray:
@@ -251,8 +252,16 @@ class Pipeline:
                 **({} if cond_fn is None else {"cond_fn": cond_fn}),
             )
             sharded = parallel.sharded_sample_loop(loop, parallel.data_mesh(devices), cond_aux=cond_fn is not None)
-            self._samplers[key] = jax.jit(sharded)
+            self._samplers[key] = jax.jit(sharded) if cond_fn is not None else self._serialized(
+                jax.jit(sharded), "sampler", progress=bool(progress), skip_halves=bool(skip_halves),
+                devices=[str(d) for d in devices])
         return self._samplers[key]
+
+    def _serialized(self, jitted, name: str, **static):
+        """``jitted`` with its executables serialized across processes (:mod:`cfgbasin_jax.runtime.executables`),
+        keyed by ``static``, the model's configs and dtype, and the inputs."""
+        return executables.Executables.wrap(jitted, name, {**static, "dtype": jnp.dtype(self.components.dtype).name,
+                                                            "configs": self.components.configs})
 
     def compile_count(self) -> int:
         """Number of sampler compilations so far (all configurations)."""
