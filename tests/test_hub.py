@@ -178,3 +178,18 @@ def test_cli_failure_is_one_line_exit_2(fake_hub, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "org/none" in lines[0] and "not found" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_pixel_model_repo_for_the_demo(fake_hub):
+    """The demo's --model takes a Hub id: a pixel-space model's repo gives model.json, the params and
+    the tokenizer (not the training log and plots beside them)."""
+    import cfgbasin_jax
+    from cfgbasin_jax.apps import demo
+
+    fake_hub.add("org/toy", cfgbasin_jax.TOY_MODEL)
+    folder = demo._resolve_model("org/toy")
+    assert downloaded(folder) == ["model.json", "params.safetensors", "tokenizer/merges.txt",
+                                  "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+                                  "tokenizer/vocab.json"]
+    with pytest.raises(demo.DemoError, match="--model org/missing .*not found"):
+        demo._resolve_model("org/missing")

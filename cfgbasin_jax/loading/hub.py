@@ -8,7 +8,8 @@ A name that is an existing path is returned as it is. A repo id is downloaded th
 
 - only the files a model needs (:func:`select_files`): a pipeline repo (``model_index.json``) gives
   model_index.json and unet/, vae/, text_encoder/, tokenizer/, scheduler/ (safety_checker and root
-  checkpoints are skipped); any other repo its root folder. Per folder: the configs and tokenizer
+  checkpoints are skipped); a pixel-space model (``model.json``) its root and tokenizer/; any other
+  repo (a CLIP model, a UNet) its root folder, or unet/ when only that holds a config. Per folder: the configs and tokenizer
   files (.json, .txt) and ONE weight format: safetensors, else .bin, else Flax .msgpack, of the
   requested ``variant`` (``fp16``: ``*.fp16.safetensors``) where the folder has it;
 - ``revision``: a branch, tag or commit; the token: ``token=``, else ``$HF_TOKEN`` or the login cache
@@ -91,10 +92,13 @@ def select_files(repo_files, variant: str | None = None) -> list[str]:
         folders, root_weights = ("", *PIPELINE_FOLDERS), False
     elif "config.json" in names:
         folders, root_weights = ("",), True
+    elif "model.json" in names:  # a pixel-space model (cfgbasin_jax.models.components)
+        folders, root_weights = ("", "tokenizer"), True
     elif "unet/config.json" in names:
         folders, root_weights = ("unet",), True
     else:
-        raise HubError("holds neither model_index.json (a diffusers pipeline) nor config.json (a model)")
+        raise HubError("holds neither model_index.json (a diffusers pipeline), config.json (a model) nor "
+                       "model.json (a pixel-space model)")
     chosen = []
     for folder in folders:
         inside = [n for n in names if _folder(n) == folder]
