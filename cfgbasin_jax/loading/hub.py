@@ -18,7 +18,8 @@ A name that is an existing path is returned as it is. A repo id is downloaded th
   connection resumes from the bytes received; files appear in the cache only when complete.
 
 A later call finds the snapshot from a small record (``<cache>/cfgbasin_jax/hub/``, which files make
-the model) and makes no request at all. ``HF_HUB_OFFLINE=1``: the local cache only.
+the model) and makes no request at all: a branch is looked up once (pass a commit as ``revision``, or
+delete the record, to move on). ``HF_HUB_OFFLINE=1``: the local cache only.
 
 Every failure (gated or private repo without a token, unknown repo or revision, no network, offline
 and not cached) raises :class:`HubError` with one line naming the repo and what to do.
@@ -180,9 +181,9 @@ def resolve(name, revision: str | None = None, variant: str | None = None, token
     """A local folder for ``name``: an existing path as it is, a Hub repo id downloaded (or found in
     the cache; see the module docstring). Anything else is returned as a Path for the caller's own
     "not found" message. Raises HubError (one line) when a repo id cannot be resolved."""
-    if not is_repo_id(name if isinstance(name, str) else os.fspath(name)):
+    if not isinstance(name, str) or not is_repo_id(name):  # a Path is always a local path
         return Path(name)
-    repo_id, revision = str(name), revision or "main"
+    repo_id, revision = name, revision or "main"
     found = cached_snapshot(repo_id, revision, variant)
     if found is not None:
         return found
@@ -196,12 +197,16 @@ def resolve(name, revision: str | None = None, variant: str | None = None, token
             names = select_files([s.rfilename for s in (info.siblings or [])], variant)
         except HubError as err:
             raise HubError(f"{err}; not a diffusers or transformers model repo") from None
-        folder = snapshot_download(repo_id, revision=info.sha, cache_dir=str(hf_hub_cache()), endpoint=endpoint(),
-                                   token=token, allow_patterns=names)
+        # By the revision's name, so that huggingface_hub records refs/<revision> (diffusers finds it offline).
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=str(hf_hub_cache()), endpoint=endpoint(),
+                                        token=token, allow_patterns=names))
     except Exception as err:  # huggingface_hub's HTTP / connection / OS errors, all named in one line
         raise HubError(describe_error(repo_id, revision, err)) from None
-    _write_record(repo_id, revision, variant, info.sha, names)
-    return Path(folder)
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:  # the revision moved between the two requests: the next call lists it again
+        raise HubError(f"{repo_id} (revision {revision}): {missing[0]} is missing from the download; retry")
+    _write_record(repo_id, revision, variant, folder.name, names)
+    return folder
 
 
 def _offline_snapshot(repo_id: str, revision: str) -> Path:
@@ -219,7 +224,7 @@ def _offline_snapshot(repo_id: str, revision: str) -> Path:
 def resolve_unet(name, revision: str | None = None, variant: str | None = None, token=None) -> Path:
     """A ``unet/`` folder for ``unet_path``: a local path as it is; a Hub id's root folder if it holds a
     UNet config, else its ``unet/`` subfolder (e.g. ``CompVis/stable-diffusion-v1-4``)."""
-    if not is_repo_id(name if isinstance(name, str) else os.fspath(name)):
+    if not isinstance(name, str) or not is_repo_id(name):
         return Path(name)
     folder = resolve(name, revision=revision, variant=variant, token=token)
     return folder if (folder / "config.json").is_file() or not (folder / "unet").is_dir() else folder / "unet"
