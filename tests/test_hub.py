@@ -133,13 +133,18 @@ def test_token_opens_a_private_repo(fake_hub, monkeypatch):
 
 
 def test_dropped_connection_resumes(fake_hub, monkeypatch):
+    import huggingface_hub
     import huggingface_hub.constants
 
     # huggingface_hub keeps what it received in whole chunks (10 MiB): small ones, for a small file
     monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
     name = "unet/diffusion_pytorch_model.safetensors"
     fake_hub.drop_once.add(f"{REPO}/{name}")
-    folder = hub.resolve(REPO)
+    try:
+        folder = hub.resolve(REPO)  # huggingface_hub >= 1 resumes within the call
+    except hub.HubError as err:  # 0.x keeps the partial file, resumed by the next call
+        assert huggingface_hub.__version__.startswith("0.") and "\n" not in str(err)
+        folder = hub.resolve(REPO)
     assert (folder / name).read_bytes() == (fake_hub.repos[REPO]["main"][1] / name).read_bytes()
     ranges = [r[2] for r in fake_hub.requests if r[0] == "GET" and r[1].endswith(name)]
     assert len(ranges) == 2 and ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
