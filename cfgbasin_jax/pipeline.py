@@ -128,7 +128,7 @@ class Pipeline:
         self.scheduler_config = dict(components.scheduler_config)
         self._samplers: dict = {}
         self._placed: tuple = (None, None, None)  # (key, replicated params, source kept alive)
-        self._encode = self._serialized(jax.jit(self._encode_ids), "encode")
+        self._encode = jax.jit(self._encode_ids)
         self._decoders: list | None = None  # jitted decode stages, built on first use
 
     # ------------------------------------------------------------------ geometry
@@ -216,8 +216,7 @@ class Pipeline:
                 first, *middle, last = decoder_stages(self.vae)
                 stages = [lambda params, latents: first(params, self._latents_in(latents)), *middle,
                           lambda params, x: self._to_uint8(last(params, x))]
-            self._decoders = [self._serialized(jax.jit(stage), "decode", stage=i, stages=len(stages))
-                              for i, stage in enumerate(stages)]
+            self._decoders = [jax.jit(stage) for stage in stages]
         return self._decoders
 
     def decode(self, latents) -> np.ndarray:

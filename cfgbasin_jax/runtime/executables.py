@@ -9,8 +9,8 @@ gives (the model's configs and dtype, the sampler's static options), the inputs'
 shapes, dtypes, weak types and shardings (the scheduler kind and the detector structure are part of
 the tree), the jax and jaxlib versions, the backend, its platform version and device kinds, and the
 code version (a hash of this package's source files). The entry also stores its key's description,
-compared on load: an entry that cannot be read, does not match or fails to load is rebuilt and
-overwritten, never used. A program that cannot be serialized (host callbacks, e.g. the progress
+compared on load: an entry that cannot be read, does not match, fails to load or fails its first
+run (checked: the call waits for the result) is rebuilt and overwritten, never used. A program that cannot be serialized (host callbacks, e.g. the progress
 bar) runs as a plain jit.
 
 Where: ``$CFGBASIN_JAX_EXECUTABLE_CACHE`` (a directory; ``0`` / ``off``: no cache), else
@@ -112,22 +112,26 @@ class Executables:
     def __call__(self, *args):
         sig = signature(args)
         fn = self._compiled.get(sig)
-        if fn is None:
-            fn = self._compiled[sig] = self._load_or_build(sig, args)
-        return fn(*args)
-
-    def _load_or_build(self, sig: tuple, args):
+        if fn is not None:
+            return fn(*args)
         description = self.describe(sig)
         path = self.path_for(description)
-        if path.is_file():
-            loaded = self._load(path, description)
-            if loaded is not None:
+        loaded = self._load(path, description) if path.is_file() else None
+        if loaded is not None:
+            import jax
+
+            try:  # the first run of a loaded executable is checked: a failure rebuilds it
+                out = jax.block_until_ready(loaded(*args))
                 self.hits += 1
-                return loaded
+                self._compiled[sig] = loaded
+                return out
+            except Exception:
+                pass
+        if path.is_file():
             self.rebuilds += 1
-        compiled = self.jitted.lower(*args).compile()
+        compiled = self._compiled[sig] = self.jitted.lower(*args).compile()
         self._write(path, description, compiled)
-        return compiled
+        return compiled(*args)
 
     @staticmethod
     def _load(path: Path, description: str):
