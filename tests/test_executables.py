@@ -113,3 +113,17 @@ def test_second_process_loads_the_sampler(cache):
         runs.append(out.stdout.split("RESULT")[1].split())
     assert runs[0][:2] == ["0", "1"] and runs[1][:2] == ["1", "0"]  # written, then loaded
     assert runs[0][2] == runs[1][2]  # the same image
+
+
+def test_an_entry_failing_its_first_run_is_rebuilt(cache, monkeypatch):
+    """As a deserialized CPU executable that lost a kernel does ('Function ... not found')."""
+    x, y = jnp.arange(5.0), jnp.ones(5)
+    make()(x, y)
+
+    def broken(*args):
+        raise RuntimeError("INTERNAL: Function add_rsqrt_fusion.1 not found")
+
+    monkeypatch.setattr(E.Executables, "_load", staticmethod(lambda path, description: broken))
+    again = make()
+    check(again(x, y), x, y)
+    assert (again.hits, again.rebuilds, again.writes) == (0, 1, 1)
