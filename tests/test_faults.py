@@ -543,7 +543,7 @@ def test_resume_with_another_seed_or_batch_size_is_refused(tiny_sd1, tmp_path, c
 def test_cut_off_last_line_is_skipped_by_every_reader(tmp_path):
     """Defect 8: evaluate refused a metadata file whose last line a kill had cut off, although the
     writer's docs say readers skip it; runs and evaluate now share one parser."""
-    from cfgbasin_jax.metrics import evaluation as E
+    from cfgbasin_jax.runs import evaluation as E
 
     (tmp_path / "Images").mkdir()
     for i in range(2):
@@ -565,7 +565,7 @@ def test_cut_off_last_line_is_skipped_by_every_reader(tmp_path):
 
 
 def test_finetune_checks_everything_before_writing(tmp_path, capsys):
-    from cfgbasin_jax.toy.train import main as finetune_main
+    from cfgbasin_jax.apps.finetune import main as finetune_main
 
     from PIL import Image
 

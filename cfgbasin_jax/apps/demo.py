@@ -447,7 +447,7 @@ class DemoError(ValueError):
 def check_config(cfg: DemoConfig) -> None:
     """Every flag, checked before anything is computed or written (DemoError naming the flag)."""
     from cfgbasin_jax.runtime import files as F
-    from cfgbasin_jax.toy.train import is_pixel_model
+    from cfgbasin_jax.models.components import is_pixel_model
 
     for name in ("num_mem_prompts", "num_plain_prompts", "samples_per_prompt", "steps", "gate_steps",
                  "num_calibration_prompts"):
