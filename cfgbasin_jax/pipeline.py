@@ -21,7 +21,7 @@ from cfgbasin_jax.method import sampler as S
 from cfgbasin_jax.method import sharding as parallel
 from cfgbasin_jax.metrics.detection import DEFAULT_FPR, threshold_at_fpr
 from cfgbasin_jax.models.vae import decoder_stages
-from cfgbasin_jax.runtime import compile_cache, memory
+from cfgbasin_jax.runtime import compile_cache, executables, memory
 
 
 @dataclasses.dataclass
@@ -254,8 +254,16 @@ class Pipeline:
                 **({} if cond_fn is None else {"cond_fn": cond_fn}),
             )
             sharded = parallel.sharded_sample_loop(loop, parallel.data_mesh(devices), cond_aux=cond_fn is not None)
-            self._samplers[key] = jax.jit(sharded)
+            self._samplers[key] = jax.jit(sharded) if cond_fn is not None else self._serialized(
+                jax.jit(sharded), "sampler", progress=bool(progress), skip_halves=bool(skip_halves),
+                devices=[str(d) for d in devices])
         return self._samplers[key]
+
+    def _serialized(self, jitted, name: str, **static):
+        """``jitted`` with its executables serialized across processes (:mod:`cfgbasin_jax.runtime.executables`),
+        keyed by ``static``, the model's configs and dtype, and the inputs."""
+        return executables.Executables.wrap(jitted, name, {**static, "dtype": jnp.dtype(self.components.dtype).name,
+                                                            "configs": self.components.configs})
 
     def owned_function(self, key: tuple, build):
         """``build()`` on the first call with ``key``, then the same object for as long as this

@@ -31,8 +31,8 @@ Defaults follow the reference scripts: stp/og-stp/cfg the ``laion10k`` preset (-
 LAION_10k_DCR_with_text_100000_0_500_7_5_else_cosine_1); dtp/og-dtp the ``sdv1_pretrained`` preset
 (--img_size 512, --end_iter 200, shipped with the package, --outdir output). --scheduler DPM,
 --num_inference_steps 50, --seed 42, --batch_size 1. The base model defaults to
-``$CFGBASIN_BASE_MODEL`` or else "CompVis/stable-diffusion-v1-4" looked up in the local Hugging Face
-cache only (never downloaded); a local diffusers folder or a converted directory always works.
+``$CFGBASIN_BASE_MODEL`` or else "CompVis/stable-diffusion-v1-4"; a Hub id is downloaded on first use
+(:mod:`cfgbasin_jax.loading.hub`); a local diffusers folder or a converted directory always works.
 Where a flag behaves differently from the reference script, its ``--help`` says so ("official: ...");
 README.md, "Differences from the official scripts", gives the whole list.
 
@@ -103,8 +103,8 @@ def build_parser(prog: str = PROG, method: str | None = None) -> argparse.Argume
     add("--use_json", type=_use_json, default=True,
         help="read the prompt set (official: type=bool, so 'False' is True too; only true is accepted here)")
     add("--pretrained_model_name_or_path", default=None,
-        help=f"diffusers SD folder or converted directory (default: ${ENV_BASE_MODEL}, else {HUB_DEFAULT_MODEL} "
-             "from the local Hugging Face cache; official stp: the authors' /scratch checkpoint)")
+        help=f"diffusers SD folder, converted directory or Hub id (downloaded on first use) (default: "
+             f"${ENV_BASE_MODEL}, else {HUB_DEFAULT_MODEL}; official stp: the authors' /scratch checkpoint)")
     add("--unet_path", default=None,
         help="a fine-tuned diffusers unet/ folder replacing the base model's UNet (default: none; official: "
              f"{HUB_DEFAULT_MODEL}, which has no UNet config at its root; the official dtp script ignores it)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -189,24 +188,25 @@ identity_fields()  # a field added without a declaration fails at import
 
 
 def find_model_folder(name: str) -> Path | None:
-    """``name`` as a folder: a local directory, or an "org/name" id already in the local Hugging Face
-    cache (never downloads). None when neither. The one place a model name becomes a path."""
+    """``name`` as a folder: a local directory, or an "org/name" Hub id downloaded or found in the cache
+    (:mod:`cfgbasin_jax.loading.hub`; a Hub failure is one ConfigError line). None when neither. The one
+    place a model name becomes a path."""
     path = Path(name)
     if path.is_dir():
         return path.resolve()
-    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)):
+    from cfgbasin_jax.loading import hub
+
+    if path.exists() or not hub.is_repo_id(str(name)):
         return None
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(name), local_files_only=True))
-    except Exception:  # not cached / hub library missing: not resolvable
-        return None
+        return hub.resolve(str(name))
+    except hub.HubError as err:
+        raise ConfigError(str(err)) from None
 
 
 def resolve_model(name: str | None, env=None) -> Path:
     """The base model folder (symlinks resolved): ``name``, else $CFGBASIN_BASE_MODEL, else the SD
-    1.4 hub id (local cache only)."""
+    1.4 Hub id."""
     env = os.environ if env is None else env
     source = "--pretrained_model_name_or_path"
     if name is None:
@@ -215,7 +215,7 @@ def resolve_model(name: str | None, env=None) -> Path:
     found = find_model_folder(name)
     if found is None:
         raise ConfigError(f"model folder {name} ({source}) not found: pass --pretrained_model_name_or_path DIR "
-                          f"(a diffusers SD folder or a converted directory) or set ${ENV_BASE_MODEL}")
+                          f"(a diffusers SD folder or a converted directory) or a Hub id (org/name) or set ${ENV_BASE_MODEL}")
     return found
 
 
