@@ -13,18 +13,17 @@ conversion succeeded. A parameter holding NaN/Inf values is reported as a warnin
 
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
 
 from cfgbasin_jax.models.errors import ConversionError
+from cfgbasin_jax.runtime.cli import OneLineParser, UsageError, fail, interrupted
 
 PROG = "cfgbasin-convert"
 SSCD_COMMAND = "sscd"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> OneLineParser:
+    parser = OneLineParser(
         prog=PROG,
         description=(
             "Convert a diffusers-format Stable Diffusion folder (SD 1.x / 2.x, .safetensors or .bin "
@@ -46,8 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+    return fail(PROG, message)
 
 
 def _run_sscd(argv: list) -> int:
@@ -69,7 +67,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == SSCD_COMMAND:
         return _run_sscd(argv[1:])
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as err:
+        return _fail(str(err))
     from cfgbasin_jax.convert.sd_folder import convert
     from cfgbasin_jax.models.builders import resolve_dtype
 
@@ -89,12 +90,9 @@ def main(argv=None) -> int:
     except ConversionError as err:
         return _fail(str(err))
     except OSError as err:
-        return _fail(files.describe(err))
+        return _fail(files.describe(files.with_path(err, args.dst)))
     except KeyboardInterrupt as err:
-        terminated = isinstance(err, files.Terminated)
-        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}; nothing written at {args.dst}",
-              file=sys.stderr)
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        return interrupted(PROG, err, args.dst)
     print(f"wrote {dst} ({args.dtype})")
     return 0
 
