@@ -28,16 +28,17 @@ class FileError(ValueError):
 
 # ------------------------------------------------------------------------------------ OS errors
 
-_OS_CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
+_OS_CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]|\(os error (\d+)\)")
 
 
 def os_errno(err: BaseException) -> int | None:
     """The errno of an OSError, or of an error that only quotes one in its message (tensorstore /
-    orbax write errors say ``[os_error_code='28']``); None when there is none."""
+    orbax write errors say ``[os_error_code='28']``, Rust libraries such as the tokenizers
+    ``(os error 28)``); None when there is none."""
     if isinstance(err, OSError) and err.errno:
         return err.errno
     match = _OS_CODE.search(str(err))
-    return int(match.group(1) or match.group(2)) if match else None
+    return int(next(g for g in match.groups() if g)) if match else None
 
 
 def as_os_error(err: BaseException, path) -> OSError | None:
@@ -521,7 +522,21 @@ def building_dir(dst, overwrite: bool = False, note=None):
             raise FileError(f"{target} appeared while this conversion ran (another process wrote it); it is "
                             "left alone and nothing of this conversion is kept (use --overwrite to replace it)"
                             ) from None
-    except BaseException:
+    except BaseException as err:
         with signals_deferred():
             shutil.rmtree(tmp, ignore_errors=True)
+        io_error = _write_error(err, target)
+        if io_error is not None:
+            raise io_error from None
         raise
+
+
+def _write_error(err: BaseException, dst: Path) -> OSError | None:
+    """An I/O error met while writing ``dst``'s partial folder as an OSError naming a path: one
+    that names none gets ``dst``; a library's bare ``Exception`` quoting an errno (the tokenizers'
+    "No space left on device (os error 28)") becomes one. None: raise ``err`` as it is."""
+    if isinstance(err, OSError):
+        return None if err.filename is not None else with_path(err, dst)
+    if type(err) is Exception:
+        return as_os_error(err, dst)
+    return None
