@@ -291,7 +291,12 @@ def test_overwrite_never_deletes_the_source_or_unrelated_files(tiny_sd1, tmp_pat
 
 # ---------------------------------------------------------------------------- 5. no debris
 
+# The child sets its own signal dispositions: a test run started as a background job of a
+# non-interactive shell (nohup ... &, some CI runners) hands SIGINT down as ignored, and Python then
+# leaves it ignored. SIGTERM: the converter installs its handler (terminate_raises) either way.
 _SLOW_SAVE = """
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import pathlib, sys, time
 import orbax.checkpoint as ocp
 original = ocp.Checkpointer.save  # the params checkpoint's writer (cfgbasin_jax.models.checkpoint.write_params)
@@ -543,7 +548,7 @@ def test_resume_with_another_seed_or_batch_size_is_refused(tiny_sd1, tmp_path, c
 def test_cut_off_last_line_is_skipped_by_every_reader(tmp_path):
     """Defect 8: evaluate refused a metadata file whose last line a kill had cut off, although the
     writer's docs say readers skip it; runs and evaluate now share one parser."""
-    from cfgbasin_jax.metrics import evaluation as E
+    from cfgbasin_jax.runs import evaluation as E
 
     (tmp_path / "Images").mkdir()
     for i in range(2):

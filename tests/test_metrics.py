@@ -781,7 +781,7 @@ def test_evaluate_refuses_bad_flags_before_computing_and_writes_atomically(tmp_p
                                                                          monkeypatch):
     """Issue 15: `--threshold nan` reported 0.0% copies; an unwritable --out failed only after every
     metric was computed (no row printed); eval.json was written in place, not atomically."""
-    from cfgbasin_jax.metrics import evaluation as E
+    from cfgbasin_jax.runs import evaluation as E
 
     gen, train = eval_folders
     args = ["--gen", gen, "--train", train, "--sscd", tiny_sscd[2]]

@@ -533,10 +533,12 @@ def building_dir(dst, overwrite: bool = False, note=None):
 
 def _write_error(err: BaseException, dst: Path) -> OSError | None:
     """An I/O error met while writing ``dst``'s partial folder as an OSError naming a path: one
-    that names none gets ``dst``; a library's bare ``Exception`` quoting an errno (the tokenizers'
-    "No space left on device (os error 28)") becomes one. None: raise ``err`` as it is."""
+    that names none gets ``dst``; a library's own error type quoting an errno (Rust libraries:
+    the tokenizers' ``Exception`` and safetensors' ``SafetensorError``, "No space left on device
+    (os error 28)") becomes one. None: raise ``err`` as it is (our errors are ValueErrors and keep
+    their message)."""
     if isinstance(err, OSError):
         return None if err.filename is not None else with_path(err, dst)
-    if type(err) is Exception:
+    if isinstance(err, Exception) and not isinstance(err, (ValueError, ArithmeticError, LookupError)):
         return as_os_error(err, dst)
     return None
