@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_faults import FAST, IN_PROCESS, STP, env_cpu, in_namespace, marker, namespaces, one_error_line, tree  # noqa: F401
+from test_faults import (IN_PROCESS, STP, env_cpu, in_namespace, last_error_line, marker, namespaces,  # noqa: F401
+                         one_error_line, tree)
 
 from cfgbasin_jax.apps import generate as cli
 from cfgbasin_jax.convert.__main__ import main as convert_main
@@ -259,3 +260,241 @@ echo left=$(ls -A {mnt} | tr '\\n' ' ')
     assert marker(done.stdout, "left") == ""
     line = one_error_line((tmp_path / "full.err").read_text(), "cfgbasin-convert")
     assert line == f"cfgbasin-convert: error: {mnt}/full: No space left on device"
+
+
+# ---------------------------------------------------------------------------- items 3, 4, 11: evaluate --out
+
+
+@pytest.fixture
+def small_eval(tmp_path):
+    """A generation folder (metadata.jsonl + 2 images), a training folder, a captions file and a
+    tiny converted SSCD folder (written with save_sscd, no torch file)."""
+    import torch
+    from PIL import Image
+    from test_metrics import SSCDTorchvision, randomize
+
+    from cfgbasin_jax.convert.sscd import convert_state
+    from cfgbasin_jax.models.sscd import save_sscd
+
+    model = randomize(SSCDTorchvision(blocks=(1, 1, 1, 1), base=8, dims=16), seed=3)
+    config, params = convert_state({k: v.numpy() for k, v in model.state_dict().items()})
+    save_sscd(str(tmp_path / "sscd"), config, params)
+    rng = np.random.default_rng(0)
+    gen, train = tmp_path / "gen", tmp_path / "train"
+    (gen / "Images").mkdir(parents=True)
+    train.mkdir()
+    lines = []
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(gen / "Images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(train / f"t{i}.png")
+        lines.append(json.dumps({"index": i, "prompt": f"p{i}", "file": f"Images/{i}.png"}) + "\n")
+    (gen / R.METADATA_FILE).write_text("".join(lines))
+    (gen / R.CONFIG_FILE).write_text('{"identity": {}}')
+    (tmp_path / "captions.txt").write_text("p0\np1\n")
+    del torch
+    return tmp_path
+
+
+def evaluate_args(root: Path) -> list:
+    return ["--gen", str(root / "gen"), "--train", str(root / "train"), "--sscd", str(root / "sscd"),
+            "--sscd-preprocess", "dcr224", "--batch-size", "2", "--workers", "1"]
+
+
+def test_evaluate_out_in_a_new_folder_keeps_the_results(small_eval, capsys):
+    """Issue 26 item 3: with --out in a folder that does not exist, the check passed, SSCD ran, and
+    the write failed on the temporary file: the results were lost. Now the folder is created."""
+    from cfgbasin_jax.apps.evaluate import main as evaluate_main
+
+    out = small_eval / "reports" / "new" / "eval.json"
+    assert evaluate_main(evaluate_args(small_eval) + ["--out", str(out)]) == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["n_generated"] == 2 and len(report["per_image"]) == 2 and "sscd_p95" in report
+    assert os.listdir(out.parent) == ["eval.json"]
+
+
+def test_evaluate_refuses_an_out_among_its_inputs(small_eval, capsys, monkeypatch):
+    """Issue 26 item 4: `--out GEN/metadata.jsonl` replaced the run's metadata with the report (the
+    run could no longer resume). Any input file, or a path inside the inputs, is refused with one
+    line before a metric is computed; the default GEN/eval.json, and rerunning onto it, still work.
+    Item 11: `--threshold abc` printed a 7-line usage dump."""
+    from cfgbasin_jax.apps.evaluate import main as evaluate_main
+    from cfgbasin_jax.runs import evaluation as E
+
+    root = small_eval
+    gen = root / "gen"
+    inputs = {p: p.read_bytes() for p in [*gen.rglob("*"), root / "captions.txt", *(root / "sscd").iterdir()]
+              if p.is_file()}
+    real = E.sscd_similarity
+    monkeypatch.setattr(E, "sscd_similarity", lambda *a, **k: pytest.fail("computed a metric"))
+    cases = [
+        (gen / "metadata.jsonl", "is a file of the generation folder --gen"),
+        (gen / "config.json", "is a file of the generation folder --gen"),
+        (gen / "metadata.p1.jsonl", "is a file of the generation folder --gen"),  # a run file, even when absent
+        (gen / "Images" / "0.png", f"lies inside --gen {gen / 'Images'}"),
+        (gen / "Images" / "report.json", f"lies inside --gen {gen / 'Images'}"),
+        (root / "train" / "report.json", f"lies inside --train {root / 'train'}"),
+        (root / "sscd" / "sscd_config.json", f"lies inside --sscd {root / 'sscd'}"),
+        (root / "captions.txt", "is the --captions file"),
+    ]
+    for out, message in cases:
+        assert evaluate_main(evaluate_args(root) + ["--captions", str(root / "captions.txt"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --out {out} ") and message in err[0], (out, err)
+    assert evaluate_main(evaluate_args(root) + ["--threshold", "abc"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: argument --threshold: invalid float value: 'abc'"]
+    assert {p: p.read_bytes() for p in inputs} == inputs and not (gen / "metadata.p1.jsonl").exists()
+
+    monkeypatch.setattr(E, "sscd_similarity", real)
+    for _ in range(2):  # the default report, then the same command again over its own earlier report
+        assert evaluate_main(evaluate_args(root)) == 0
+        assert json.loads((gen / "eval.json").read_text())["n_generated"] == 2
+    assert {p: p.read_bytes() for p in inputs} == inputs
+
+
+# ---------------------------------------------------------------------------- item 8: records outside OUTDIR
+
+
+def escaping_records(outdir: Path, outside: Path) -> dict:
+    """metadata.jsonl texts whose record 1 names a file outside ``outdir`` in three ways."""
+    (outdir / "Images" / "link.png").symlink_to(outside)
+    good = json.dumps({"index": 0, "prompt": "p", "file": "Images/0.png"})
+    return {name: good + "\n" + json.dumps({"index": 1, "prompt": "p", "file": file}) + "\n"
+            for name, file in (("absolute", str(outside)), ("dotdot", "Images/../../outside.png"),
+                               ("symlink", "Images/link.png"))}
+
+
+def test_records_pointing_outside_the_run_folder_are_refused_by_resume(tiny_sd1, tmp_path, capsys):
+    """Issue 26 item 8: a record whose `file` pointed outside OUTDIR (absolute, `..`, a symlink
+    leading out) was trusted: resume skipped the image. Now a corrupt record, one line naming it,
+    exit 2, nothing written."""
+    out = tmp_path / "out"
+    argv = [*STP, "--pretrained_model_name_or_path", str(tiny_sd1.path), "--outdir", str(out)] + IN_PROCESS
+    assert cli.main(argv + ["--end_iter", "1"]) == 0
+    outside = tmp_path / "outside.png"
+    shutil.copy(out / "Images" / "0.png", outside)
+    for name, text in escaping_records(out, outside).items():
+        (out / R.METADATA_FILE).write_text(text)
+        before = tree(out)
+        capsys.readouterr()
+        assert cli.main(argv + ["--end_iter", "2"]) == 2, name
+        line = last_error_line(capsys.readouterr().err)
+        assert f"{out / R.METADATA_FILE}" in line and "a corrupt record" in line, (name, line)
+        assert tree(out) == before, name
+
+
+def test_records_pointing_outside_the_run_folder_are_refused_by_evaluate(small_eval, capsys, monkeypatch):
+    """Issue 26 item 8: evaluate read the outside file. Now one line naming the record."""
+    from cfgbasin_jax.apps.evaluate import main as evaluate_main
+    from cfgbasin_jax.runs import evaluation as E
+
+    gen = small_eval / "gen"
+    monkeypatch.setattr(E, "sscd_similarity", lambda *a, **k: pytest.fail("computed a metric"))
+    outside = small_eval / "train" / "t0.png"
+    for name, text in escaping_records(gen, outside).items():
+        (gen / R.METADATA_FILE).write_text(text)
+        assert evaluate_main(evaluate_args(small_eval)) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(gen / R.METADATA_FILE) in err[0] and "a corrupt record" in err[0], (name, err)
+
+
+# ---------------------------------------------------------------------------- item 6: fingerprints
+
+
+def test_converted_fingerprint_follows_config_edits_and_resume_refuses(tiny_sd1_converted, tmp_path, capsys):
+    """Issue 26, "Fingerprint content": the fingerprint of a converted model was the value stored at
+    conversion, so editing scheduler/scheduler_config.json (prediction_type) went unnoticed and a
+    resume mixed two schedulers. Now the stored parameter digest is combined with the files read
+    at load: the edit changes the fingerprint and the resume is refused."""
+    from cfgbasin_jax import loading
+
+    model, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(tiny_sd1_converted, model)
+    stored = marker_file(model)["fingerprint"]
+    assert loading.model_fingerprint(model) == stored  # untouched: the value the converter stored
+    config = model / "unet" / "config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), _diffusers_version="9.9")))
+    assert loading.model_fingerprint(model) == stored  # `_` keys do not decide images
+
+    argv = [*STP, "--pretrained_model_name_or_path", str(model), "--outdir", str(out)] + IN_PROCESS
+    assert cli.main(argv + ["--end_iter", "2"]) == 0
+    files = tree(out)
+    scheduler = model / "scheduler" / "scheduler_config.json"
+    original = scheduler.read_text()
+    assert json.loads(original).get("prediction_type", "epsilon") == "epsilon"
+    scheduler.write_text(json.dumps(dict(json.loads(original), prediction_type="v_prediction")))
+    edited = loading.model_fingerprint(model)
+    assert edited.startswith("content:") and edited != stored
+    capsys.readouterr()
+    assert cli.main(argv + ["--end_iter", "4"]) == 2
+    assert f"different configuration (model_fingerprint: {stored!r} -> {edited!r}" in one_error_line(
+        capsys.readouterr().err)
+    assert tree(out) == files
+    scheduler.write_text(original)  # undone: the run resumes
+    assert cli.main(argv + ["--end_iter", "4"]) == 0
+    assert [r["index"] for r in R.read_metadata_file(out / R.METADATA_FILE)] == [0, 1, 2, 3]
+    for name, edit in (("tokenizer/vocab.json", lambda t: t.replace('"a"', '"A"', 1)),
+                       ("text_encoder/config.json", lambda t: t.replace('"hidden_act"', '"hidden_act_x"'))):
+        path = model / name
+        text = path.read_text()
+        assert edit(text) != text, name
+        path.write_text(edit(text))
+        assert loading.model_fingerprint(model) != stored, name
+        path.write_text(text)
+    assert loading.model_fingerprint(model) == stored
+
+
+def big_safetensors(path: Path, seed: int, n: int = 6, size: int = 96 << 10) -> dict:
+    """A safetensors file over 1 MiB: n float32 tensors of `size` elements."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {f"block{i}.weight": rng.standard_normal(size).astype(np.float32) for i in range(n)}
+    save_file(tensors, path)
+    return tensors
+
+
+def test_weight_swaps_of_equal_size_and_mtime_change_the_folder_fingerprint(tiny_sd1, tmp_path):
+    """Issue 26 item 6: files over 1 MiB were hashed by size and mtime only, so other weights of the
+    same size copied with their mtime (cp -a, rsync -a, tar) resumed into a mixed run. Restated
+    here: a large safetensors file is hashed by its header and both ends of every tensor, any other
+    large file by sampled blocks; a plain copy (new mtime, same bytes) keeps the fingerprint."""
+    from cfgbasin_jax import loading
+
+    model = tmp_path / "sd"
+    shutil.copytree(tiny_sd1.path, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = big_safetensors(weights, seed=0)
+    assert weights.stat().st_size > (1 << 20)
+    fp = loading.model_fingerprint(model)
+
+    def swap(path: Path, write) -> str:
+        """Rewrite ``path`` (same size), restore its mtime, return the new fingerprint."""
+        st = path.stat()
+        write(path)
+        assert path.stat().st_size == st.st_size
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return loading.model_fingerprint(model)
+
+    from safetensors.numpy import save_file
+
+    assert swap(weights, lambda p: big_safetensors(p, seed=1)) != fp  # other weights, same shapes
+    key = "block3.weight"
+    for index in (0, tensors[key].size - 1):  # a change in the first or last element of one tensor
+        changed = dict(tensors)
+        changed[key] = tensors[key].copy()
+        changed[key][index] += 1
+        assert swap(weights, lambda p: save_file(changed, p)) != fp, index
+    assert swap(weights, lambda p: save_file(tensors, p)) == fp  # the same bytes again
+    shutil.copytree(model, tmp_path / "plain_copy")  # new mtimes, same bytes
+    assert loading.model_fingerprint(tmp_path / "plain_copy") == fp
+
+    # a large pickled .bin: sampled blocks
+    weights.unlink()
+    binary = model / "unet" / "diffusion_pytorch_model.bin"
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 256, 3 << 20, dtype=np.uint8)
+    binary.write_bytes(data.tobytes())
+    fp_bin = loading.model_fingerprint(model)
+    other = rng.integers(0, 256, data.size, dtype=np.uint8)
+    assert swap(binary, lambda p: p.write_bytes(other.tobytes())) != fp_bin
+    assert swap(binary, lambda p: p.write_bytes(data.tobytes())) == fp_bin
