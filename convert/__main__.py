@@ -1,14 +1,17 @@
 """cfgbasin-convert: diffusers Stable Diffusion folder -> cfgbasin_jax converted directory.
 
     cfgbasin-convert SRC DST [--dtype float32|bfloat16|float16] [--unet UNET_DIR] [--overwrite]
-    cfgbasin-convert sscd FILE DST      (SSCD copy-detection weights; cfgbasin_jax.convert.sscd)
+    cfgbasin-convert sscd FILE DST [--overwrite]   (SSCD copy-detection weights; cfgbasin_jax.convert.sscd,
+                                                    same destination rules and exit statuses)
 
 Exit status 0 on success, 2 with a one-line message on bad input (missing folder or weight file,
 missing / unexpected / mis-shaped parameter, unsupported config key, unknown dtype, a destination
 that is, contains or lies inside the source, --overwrite of a folder we did not write) or on an I/O
 error (read-only or full file system, no permission; the message names the path). Interrupted
 (SIGINT 130, SIGTERM 143): the partial output is removed. Nothing is ever left at DST unless the
-conversion succeeded. A parameter holding NaN/Inf values is reported as a warning naming its key.
+conversion succeeded; a DST that another conversion created meanwhile is left alone (exit 2); --overwrite
+through a symlink replaces its target. A parameter holding NaN/Inf values is reported as a warning
+naming its key.
 """
 
 from __future__ import annotations

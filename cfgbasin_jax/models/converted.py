@@ -132,7 +132,9 @@ def save_components(components: Components, dst, overwrite: bool = False, source
 
     Checks first (:func:`check_destination`, with ``components.source`` and ``sources``). Everything
     goes to a hidden sibling ``.DST.partial-HOST-PID-RANDOM`` and is renamed to `dst` at the end, so
-    `dst` is never partial. On an error, KeyboardInterrupt or SIGTERM (under
+    `dst` is never partial (:func:`cfgbasin_jax.runtime.files.building_dir`): without ``overwrite``,
+    a `dst` that another process created meanwhile is left alone (ConversionError); with it, a
+    symlink at `dst` has its target replaced. On an error, KeyboardInterrupt or SIGTERM (under
     :func:`cfgbasin_jax.runtime.files.terminate_raises`) the partial folder is removed once the writers
     have stopped; a partial folder of a killed save is removed by the next save to `dst`. An I/O
     error inside orbax is raised as OSError naming the folder. The marker file holds the model's
