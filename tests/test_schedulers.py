@@ -197,6 +197,26 @@ def test_matches_torch_on_variants(kind, cfg_name, num_steps):
     check_case(kind, cfg_name, num_steps)
 
 
+# DDIM's last steps read alphas_cumprod[0] (prev_timestep == 0) and then final_alpha_cumprod
+# (prev_timestep < 0: 1.0 with set_alpha_to_one) only with leading spacing and steps_offset 0.
+DDIM_TO_ZERO = {"ddim_alpha_one_offset0": {**SD14, "set_alpha_to_one": True, "steps_offset": 0,
+                                           "timestep_spacing": "leading"},
+                "ddim_alpha_one_offset0_v": {**SD21, "set_alpha_to_one": True, "steps_offset": 0,
+                                             "timestep_spacing": "leading"}}
+
+
+@pytest.mark.parametrize("cfg_name", sorted(DDIM_TO_ZERO))
+@pytest.mark.parametrize("num_steps", [10, 25])
+def test_ddim_reaching_timestep_zero_matches_torch(cfg_name, num_steps, monkeypatch):
+    """Issue 26: no tested config reached prev_timestep == 0. Here the timesteps end with
+    (1000 // n, 0), so the last two steps go to alphas_cumprod[0] and to final_alpha_cumprod = 1."""
+    monkeypatch.setitem(CONFIGS, cfg_name, DDIM_TO_ZERO[cfg_name])
+    ref = torch_scheduler("ddim", DDIM_TO_ZERO[cfg_name])
+    ref.set_timesteps(num_steps)
+    assert ref.timesteps.tolist()[-2:] == [1000 // num_steps, 0] and float(ref.final_alpha_cumprod) == 1.0
+    check_case("ddim", cfg_name, num_steps)
+
+
 # ---------------------------------------------------------------------------- structure
 
 
