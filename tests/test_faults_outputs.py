@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_faults import (IN_PROCESS, STP, env_cpu, in_namespace, last_error_line, marker, namespaces,  # noqa: F401
-                         one_error_line, tree)
+from test_faults import (IN_PROCESS, STP, check_full_and_read_only, env_cpu, in_namespace, last_error_line,  # noqa: F401
+                         marker, namespaces, one_error_line, tree)
 
 from cfgbasin_jax.apps import generate as cli
 from cfgbasin_jax.convert.__main__ import main as convert_main
@@ -165,24 +165,8 @@ def test_sscd_conversion_on_read_only_and_full_file_systems(namespaces, tmp_path
     """Issue 26 item 5: a read-only DST gave an OSError traceback (rc 1). Now one line naming the
     path, exit 2, for a read-only and for a full file system, and nothing left on it."""
     src = sscd_state_file(tmp_path / "sscd.pt")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    conv = f"{sys.executable} -m cfgbasin_jax.convert sscd {src}"
-    script = f"""
-mount -t tmpfs -o size=12k tmpfs {mnt} || exit 99
-{conv} {mnt}/full 2> {tmp_path}/full.err; echo rc_full=$?
-echo left_full=$(ls -A {mnt} | tr '\\n' ' ')
-mount -o remount,ro {mnt}
-{conv} {mnt}/ro 2> {tmp_path}/ro.err; echo rc_ro=$?
-"""
-    done = in_namespace(script)
-    assert marker(done.stdout, "rc_full") == "2", done.stdout + done.stderr
-    assert marker(done.stdout, "left_full") == ""
-    line = one_error_line((tmp_path / "full.err").read_text(), "cfgbasin-convert sscd")
-    assert line.endswith(f"{mnt}/full: No space left on device"), line
-    assert marker(done.stdout, "rc_ro") == "2"
-    line = one_error_line((tmp_path / "ro.err").read_text(), "cfgbasin-convert sscd")
-    assert f"{mnt} is not writable (read-only file system)" in line
+    check_full_and_read_only(f"{sys.executable} -m cfgbasin_jax.convert sscd {src}", "12k", "cfgbasin-convert sscd",
+                             tmp_path)
 
 
 class _Evil:
