@@ -64,7 +64,7 @@ def check_args(args) -> str:
         F.check_writable_file(out, "--out")
     except F.FileError as err:
         raise EvalError(str(err)) from None
-    check_report_path(out, args.gen, args.train, args.captions, args.sscd, args.clip)
+    check_report_path(out, args.gen, args.train, args.captions, args.sscd, args.clip, default=args.out is None)
     return out
 
 

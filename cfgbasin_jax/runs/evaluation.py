@@ -167,15 +167,17 @@ def _is_report(path: str) -> bool:
     return isinstance(data, dict) and "gen_dir" in data and "per_image" in data
 
 
-def check_report_path(out: str, gen_dir: str, train_dir=None, captions=None, sscd_dir=None, clip_dir=None) -> None:
+def check_report_path(out: str, gen_dir: str, train_dir=None, captions=None, sscd_dir=None, clip_dir=None,
+                      default: bool = False) -> None:
     """Refuse (EvalError naming ``--out``) a report path that would overwrite or lie among the
     inputs: the --captions file; anything inside --train, --sscd, --clip or GEN/Images; inside GEN,
     a run file (config.json, metadata*.jsonl) or any existing file that is not an earlier report.
-    A new file in GEN (the default GEN/eval.json) or an earlier report there is fine."""
+    A new file in GEN or an earlier report there is fine. The ``default`` path (GEN/eval.json, not
+    chosen by the user) is held to the GEN rules only (--train may be GEN itself)."""
     if captions and os.path.exists(captions) and os.path.realpath(out) == os.path.realpath(captions):
         raise EvalError(f"--out {out} is the --captions file; choose another path")
-    folders = [("--train", train_dir), ("--sscd", sscd_dir), ("--clip", clip_dir),
-               ("--gen", os.path.join(gen_dir, R.IMAGES_DIR))]
+    folders = [("--train", train_dir), ("--sscd", sscd_dir), ("--clip", clip_dir)] if not default else []
+    folders.append(("--gen", os.path.join(gen_dir, R.IMAGES_DIR)))
     for flag, folder in folders:
         if folder and os.path.isdir(folder) and F.is_within(out, folder):
             raise EvalError(f"--out {out} lies inside {flag} {folder} (an input); choose another path")
