@@ -110,22 +110,33 @@ def memory_section(source: Path, converted: Path, side: int, steps: int, dtypes=
 
 
 def compile_section(converted: Path, scratch: Path, side: int, steps: int, batch: int = 1, log=print) -> dict:
-    """First process (empty cache): first and steady call; second process: its first call.
-    ``converted``: a converted folder or a diffusers folder (then converted in memory by each)."""
-    cache = scratch / "jax_cache"
-    shutil.rmtree(cache, ignore_errors=True)
-    env = {"CFGBASIN_JAX_COMPILATION_CACHE": str(cache)}
-    log("  compile: first process (empty persistent cache)")
+    """First process (empty caches): first and steady call; then second processes on those caches:
+    with JAX's persistent compilation cache only (serialized executables off: the earlier start) and
+    with the serialized executables too (the default). ``converted``: a converted folder or a
+    diffusers folder (converted in memory by each: the conversion cache is off here)."""
+    cache, executables = scratch / "jax_cache", scratch / "executables"
+    for folder in (cache, executables):
+        shutil.rmtree(folder, ignore_errors=True)
+    env = {"CFGBASIN_JAX_COMPILATION_CACHE": str(cache), "CFGBASIN_JAX_EXECUTABLE_CACHE": str(executables),
+           "CFGBASIN_JAX_CONVERSION_CACHE": "0"}
+    log("  compile: first process (empty caches)")
     first = jobs.run("generate", env, path=str(converted), steps=steps, side=side, batch=batch, calls=2)
-    log("  compile: second process (same cache)")
+    log("  compile: second process, persistent compilation cache only")
+    before = jobs.run("generate", {**env, "CFGBASIN_JAX_EXECUTABLE_CACHE": "0"}, path=str(converted), steps=steps,
+                      side=side, batch=batch, calls=1)
+    log("  compile: second process, serialized executables")
     second = jobs.run("generate", env, path=str(converted), steps=steps, side=side, batch=batch, calls=1)
     steady = first["call_s"][1]
-    shutil.rmtree(cache, ignore_errors=True)
+    for folder in (cache, executables):
+        shutil.rmtree(folder, ignore_errors=True)
     return {
         "side": side, "steps": steps, "batch": batch, "first_call_s": first["call_s"][0], "steady_call_s": steady,
         "compile_s": first["compile_s"][0], "second_process_compile_breakdown": second["compile_breakdown"][0], "second_process_first_call_s": second["call_s"][0],
         "second_process_compile_s": second["compile_s"][0], "second_process_cache_hits": second["cache_hits"][0],
         "second_process_vs_steady": second["call_s"][0] / steady, "load_avg": second["load_avg"],
+        "compilation_cache_only_first_call_s": before["call_s"][0],
+        "compilation_cache_only_vs_steady": before["call_s"][0] / steady,
+        "compilation_cache_only_breakdown": before["compile_breakdown"][0],
     }
 
 

@@ -25,19 +25,30 @@ TOY_MODEL = Path(__file__).resolve().parent / "data" / "toy"
 """The shipped toy model (a 16x16 pixel-space model trained here): ``load_pipeline(TOY_MODEL)``."""
 
 
-def load_pipeline(path, dtype: str = "float32", unet_path=None, compilation_cache=None) -> Pipeline:
-    """Load a converted checkpoint directory, a diffusers-format SD folder (converted in memory) or a
-    pixel-space model folder such as the shipped toy (:data:`TOY_MODEL`).
+def load_pipeline(path, dtype: str = "float32", unet_path=None, compilation_cache=True, revision=None,
+                  variant=None) -> Pipeline:
+    """Load a converted checkpoint directory, a diffusers-format SD folder, a Hugging Face Hub id
+    ("CompVis/stable-diffusion-v1-4", downloaded on first use) or a pixel-space model folder such as
+    the shipped toy (:data:`TOY_MODEL`).
 
     dtype: "float32" | "bfloat16" | "float16" for params and UNet/VAE/text-encoder compute; the
     scheduler state and detector signals stay float32. unet_path: a fine-tuned ``unet/`` folder
-    to swap in (the paper's ``--unet_path``). compilation_cache: JAX's persistent compilation
-    cache, on by default (None), a directory, or False (see :mod:`cfgbasin_jax.runtime.compile_cache`).
+    (or a Hub id holding one) to swap in (the paper's ``--unet_path``). compilation_cache: JAX's
+    persistent compilation cache, which this loader asks for by default (True: the default
+    directory; a directory; or False: leave JAX's global configuration alone, as
+    ``Pipeline(components)`` does; see :mod:`cfgbasin_jax.runtime.compile_cache`). revision, variant:
+    of a Hub id (a branch, tag or commit; e.g. "fp16"), as in diffusers (see
+    :mod:`cfgbasin_jax.loading.hub`). A diffusers folder is converted once into the conversion cache
+    and read from there afterwards (:mod:`cfgbasin_jax.loading.cache`; ``CFGBASIN_JAX_CONVERSION_CACHE=0``
+    converts in memory).
     Params go straight to the device, one tensor at a time (see :mod:`cfgbasin_jax.models.checkpoint`).
     """
-    from cfgbasin_jax.loading import load_components
+    from cfgbasin_jax.loading import hub
+    from cfgbasin_jax.loading.cache import load_cached
 
-    return Pipeline(load_components(path, dtype=dtype, unet_path=unet_path), compilation_cache=compilation_cache)
+    folder = hub.resolve(path, revision=revision, variant=variant)
+    unet = None if unet_path is None else hub.resolve_unet(unet_path, revision=revision, variant=variant)
+    return Pipeline(load_cached(folder, dtype=dtype, unet_path=unet), compilation_cache=compilation_cache)
 
 
 __all__ = ["GenerationResult", "Pipeline", "TOY_MODEL", "detectors", "guidance", "load_pipeline", "methods", "sampler",

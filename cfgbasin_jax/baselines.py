@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import weakref
 from typing import Sequence
 
 import jax
@@ -339,25 +338,24 @@ def _wen_local(unet_fn, params, sched, x0, cond, uncond, lr, target, iterations,
     return emb.astype(cond.dtype), loss_initial, loss_final, updates, k[None]
 
 
-_WEN_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def _wen_fn(pipe, devices: tuple):
-    """The jitted, device-sharded optimisation of ``pipe`` (cached per pipeline and device set)."""
-    cache = _WEN_FNS.setdefault(pipe, {})
-    if devices not in cache:
+    """The jitted, device-sharded optimisation of ``pipe``, owned by ``pipe`` (one per device set;
+    :meth:`cfgbasin_jax.pipeline.Pipeline.owned_function`)."""
+
+    def build():
         data, rep = P(parallel.AXIS), P()
         local = functools.partial(_wen_local, pipe.unet_fn)
         sharded = jax.shard_map(local, mesh=parallel.data_mesh(devices),
                                 in_specs=(rep, rep, data, data, data, rep, rep, rep, rep),
                                 out_specs=(data, data, data, data, data), check_vma=False)
-        cache[devices] = jax.jit(sharded)
-    return cache[devices]
+        return jax.jit(sharded)
+
+    return pipe.owned_function(("wen", devices), build)
 
 
 def wen_compile_count(pipe) -> int:
     """Number of compilations of ``pipe``'s Wen optimisation so far."""
-    return sum(fn._cache_size() for fn in _WEN_FNS.get(pipe, {}).values())
+    return sum(fn._cache_size() for fn in pipe.owned_functions("wen"))
 
 
 def wen_optimize(

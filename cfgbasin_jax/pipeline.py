@@ -21,7 +21,7 @@ from cfgbasin_jax.method import sampler as S
 from cfgbasin_jax.method import sharding as parallel
 from cfgbasin_jax.metrics.detection import DEFAULT_FPR, threshold_at_fpr
 from cfgbasin_jax.models.vae import decoder_stages
-from cfgbasin_jax.runtime import compile_cache, memory
+from cfgbasin_jax.runtime import compile_cache, executables, memory
 
 
 @dataclasses.dataclass
@@ -114,10 +114,12 @@ class Pipeline:
     """Flax Stable Diffusion with transition-point guidance. Wraps loaded ``Components``
     (see :mod:`cfgbasin_jax.loading`): unet, vae, text_encoder modules, params, tokenizer, configs.
     ``components.vae`` may be None for a pixel-space model (the UNet denoises RGB in [-1, 1]).
-    ``compilation_cache``: JAX's persistent compilation cache (see :mod:`cfgbasin_jax.runtime.compile_cache`:
-    on by default; a directory, or False to leave JAX's setting alone)."""
+    ``compilation_cache``: False (the default) leaves JAX's global configuration alone; True turns
+    JAX's persistent compilation cache on in the default directory, a path in that one (see
+    :mod:`cfgbasin_jax.runtime.compile_cache`; :func:`cfgbasin_jax.load_pipeline` asks for True).
+    ``self.compilation_cache``: the cache directory in use (None: none)."""
 
-    def __init__(self, components, compilation_cache=None):
+    def __init__(self, components, compilation_cache=False):
         self.compilation_cache = compile_cache.enable(compilation_cache)
         self.components = components
         self.unet = components.unet
@@ -130,6 +132,7 @@ class Pipeline:
         self._placed: tuple = (None, None, None)  # (key, replicated params, source kept alive)
         self._encode = jax.jit(self._encode_ids)
         self._decoders: list | None = None  # jitted decode stages, built on first use
+        self._functions: dict = {}  # compiled functions of the layers above (owned_function)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -251,8 +254,28 @@ class Pipeline:
                 **({} if cond_fn is None else {"cond_fn": cond_fn}),
             )
             sharded = parallel.sharded_sample_loop(loop, parallel.data_mesh(devices), cond_aux=cond_fn is not None)
-            self._samplers[key] = jax.jit(sharded)
+            self._samplers[key] = jax.jit(sharded) if cond_fn is not None else self._serialized(
+                jax.jit(sharded), "sampler", progress=bool(progress), skip_halves=bool(skip_halves),
+                devices=[str(d) for d in devices])
         return self._samplers[key]
+
+    def _serialized(self, jitted, name: str, **static):
+        """``jitted`` with its executables serialized across processes (:mod:`cfgbasin_jax.runtime.executables`),
+        keyed by ``static``, the model's configs and dtype, and the inputs."""
+        return executables.Executables.wrap(jitted, name, {**static, "dtype": jnp.dtype(self.components.dtype).name,
+                                                            "configs": self.components.configs})
+
+    def owned_function(self, key: tuple, build):
+        """``build()`` on the first call with ``key``, then the same object for as long as this
+        pipeline lives: how the baselines keep their compiled functions (which close over this
+        model) with the model instead of in module state. ``key[0]`` names the owner ("wen")."""
+        if key not in self._functions:
+            self._functions[key] = build()
+        return self._functions[key]
+
+    def owned_functions(self, owner: str) -> list:
+        """The functions :meth:`owned_function` holds for ``owner`` (``key[0]``)."""
+        return [fn for key, fn in self._functions.items() if key[0] == owner]
 
     def compile_count(self) -> int:
         """Number of sampler compilations so far (all configurations)."""

@@ -3,6 +3,7 @@
     cfgbasin-convert SRC DST [--dtype float32|bfloat16|float16] [--unet UNET_DIR] [--overwrite]
     cfgbasin-convert sscd FILE DST [--overwrite]   (SSCD copy-detection weights; cfgbasin_jax.convert.sscd,
                                                     same destination rules and exit statuses)
+    cfgbasin-convert --cache-info | --cache-clear   (the conversion cache; cfgbasin_jax.loading.cache)
 
 Exit status 0 on success, 2 with a one-line message on bad input (missing folder or weight file,
 missing / unexpected / mis-shaped parameter, unsupported config key, unknown dtype, a destination
@@ -31,7 +32,8 @@ def _parser() -> OneLineParser:
         description=(
             "Convert a diffusers-format Stable Diffusion folder (SD 1.x / 2.x, .safetensors or .bin "
             "weights) into one directory of Flax params (orbax) + configs + tokenizer + scheduler "
-            f"config. '{PROG} {SSCD_COMMAND} FILE DST' converts SSCD weights instead."
+            f"config. '{PROG} {SSCD_COMMAND} FILE DST' converts SSCD weights instead; '{PROG} --cache-info' / "
+            f"'--cache-clear' report / empty the conversion cache (load_pipeline's converted diffusers folders)."
         ),
     )
     parser.add_argument(
@@ -65,11 +67,37 @@ def _run_sscd(argv: list) -> int:
     return 0 if status is None else int(status)
 
 
+CACHE_FLAGS = ("--cache-info", "--cache-clear")
+
+
+def _run_cache(flag: str) -> int:
+    """One line: the conversion cache's entries and size, or what --cache-clear removed."""
+    import shutil
+
+    from cfgbasin_jax.runtime import cache_dirs as C
+
+    folder = C.conversion_cache_dir()
+    if folder is None:
+        print(f"conversion cache off (${C.CONVERSION_ENV}=0)")
+        return 0
+    found = C.entries(folder)
+    size = sum(C.tree_size(p) for p in found)
+    if flag == "--cache-info":
+        print(f"{len(found)} converted model(s), {C.human_bytes(size)} in {folder}")
+        return 0
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    print(f"removed {len(found)} converted model(s), {C.human_bytes(size)}, from {folder}")
+    return 0
+
+
 def main(argv=None) -> int:
     """Run the converter; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == SSCD_COMMAND:
         return _run_sscd(argv[1:])
+    if len(argv) == 1 and argv[0] in CACHE_FLAGS:
+        return _run_cache(argv[0])
     try:
         args = _parser().parse_args(argv)
     except UsageError as err:

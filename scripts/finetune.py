@@ -1,5 +1,5 @@
 """Denoising-loss training / fine-tuning with the memorization recipe (thin wrapper over
-cfgbasin_jax.toy.train). Examples:
+cfgbasin_jax.apps.finetune; the library is cfgbasin_jax.training). Examples:
 
   # the shipped toy model (pixel space, from scratch)
   python -m cfgbasin_jax.toy.data --out toy_data
@@ -9,7 +9,7 @@ cfgbasin_jax.toy.train). Examples:
       --end 200 --repeats 200 --non_mem_ratio 3 --max_train_steps 20000 --learning_rate 1e-5
 """
 
-from cfgbasin_jax.toy.train import main
+from cfgbasin_jax.apps.finetune import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -14,6 +14,14 @@ if "CFGBASIN_JAX_COMPILATION_CACHE" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="cfgbasin_test_jax_cache_")
     os.environ["CFGBASIN_JAX_COMPILATION_CACHE"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, True)
+# The conversion cache (cfgbasin_jax.loading.cache) and the serialized samplers
+# (cfgbasin_jax.runtime.executables) are off for the suite: diffusers folders convert in memory and
+# samplers compile as before; tests/test_conversion_cache.py and tests/test_executables.py turn them on.
+os.environ.setdefault("CFGBASIN_JAX_CONVERSION_CACHE", "0")
+os.environ.setdefault("CFGBASIN_JAX_EXECUTABLE_CACHE", "0")
+# Nothing reaches the Hugging Face Hub: a Hub id resolves against a closed local port (the discard
+# port) unless a test points HF_ENDPOINT at its own server (tests/test_hub.py).
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 
 
 @pytest.fixture(scope="session")

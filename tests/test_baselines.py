@@ -271,6 +271,19 @@ def test_wen_loss_is_the_samplers_first_step_under_euler(pipe_sd1):
     np.testing.assert_allclose(wen.loss_initial, plain.noise_diff[:, 0], rtol=1e-4)
 
 
+def test_wens_compiled_function_belongs_to_its_pipeline(pipe_sd1):
+    """No module-level cache: each pipeline owns its Wen optimisation (one per device set), built once."""
+    from cfgbasin_jax.method import sharding
+    from cfgbasin_jax.pipeline import Pipeline
+
+    a, b = Pipeline(pipe_sd1.components), Pipeline(pipe_sd1.components)
+    devices = sharding.resolve_devices(1)
+    fn = B._wen_fn(a, devices)
+    assert B._wen_fn(a, devices) is fn and a.owned_functions("wen") == [fn]
+    assert b.owned_functions("wen") == [] and B.wen_compile_count(b) == 0
+    assert B._wen_fn(b, devices) is not fn
+
+
 def test_wen_stops_each_sample_at_its_target(pipe_sd1, wen_free):
     before = B.wen_compile_count(pipe_sd1)
     lo, mid, hi = np.sort(wen_free.loss_initial)

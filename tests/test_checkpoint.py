@@ -1,6 +1,6 @@
 """The params checkpoint: streamed conversion (bounded tensor bytes, counted through a hook),
 restoring straight from the files (and orbax's older layout), bfloat16 halving the params end to end,
-and the persistent compilation cache on by default."""
+and the persistent compilation cache (on in load_pipeline by default, never changed by a bare Pipeline)."""
 
 import json
 import os
@@ -202,6 +202,41 @@ def test_compilation_cache_defaults(monkeypatch, tmp_path):
         assert compile_cache.enable(tmp_path / "given") == str(tmp_path / "given")
     finally:
         jax.config.update("jax_compilation_cache_dir", old)
+
+
+CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
+def _cache_config() -> tuple:
+    return tuple(getattr(jax.config, key) for key in CACHE_KEYS)
+
+
+def test_a_pipeline_changes_jax_config_only_when_asked(monkeypatch, tmp_path):
+    """Pipeline(components) leaves JAX's global compilation-cache settings as they are; asking for a
+    directory, for the default one (True), or calling load_pipeline (which asks by default) turns it on."""
+    from cfgbasin_jax.models.tiny import random_components
+    from cfgbasin_jax.pipeline import Pipeline
+
+    comps = random_components("sd1")
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "default"))
+    monkeypatch.setattr(cfgbasin_jax.loading, "load_components", lambda *a, **k: comps)
+    old = _cache_config()
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        assert Pipeline(comps).compilation_cache is None
+        assert cfgbasin_jax.load_pipeline("unused", compilation_cache=False).compilation_cache is None
+        assert _cache_config() == (None, 1.0)  # not asked: untouched
+        assert Pipeline(comps, compilation_cache=tmp_path / "given").compilation_cache == str(tmp_path / "given")
+        assert _cache_config() == (str(tmp_path / "given"), 0.0)
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert Pipeline(comps, compilation_cache=True).compilation_cache == str(tmp_path / "default")
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert cfgbasin_jax.load_pipeline("unused").compilation_cache == str(tmp_path / "default")
+        assert _cache_config() == (str(tmp_path / "default"), 0.0)
+    finally:
+        for key, value in zip(CACHE_KEYS, old):
+            jax.config.update(key, value)
 
 
 SECOND_PROCESS = """

@@ -576,7 +576,7 @@ def test_cut_off_last_line_is_skipped_by_every_reader(tmp_path):
 
 
 def test_finetune_checks_everything_before_writing(tmp_path, capsys):
-    from cfgbasin_jax.toy.train import main as finetune_main
+    from cfgbasin_jax.apps.finetune import main as finetune_main
 
     from PIL import Image
 

@@ -26,6 +26,7 @@ LAYERS = [
     ("pipeline",),
     ("baselines",),
     ("runs", "toy"),
+    ("training",),
     ("apps",),
 ]
 
@@ -159,3 +160,11 @@ def test_every_part_has_a_layer():
     parts.add("convert")
     layered = {part for layer in LAYERS for part in layer}
     assert parts == layered, f"parts without a layer: {sorted(parts - layered)}; layers naming no part: {sorted(layered - parts)}"
+
+
+def test_readme_states_the_layers():
+    """The README's "Architecture" section states LAYERS, bottom up ("a, b < c < ...")."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    line = text[text.index("## Architecture"):].split("```")[1].strip()
+    stated = [{part.strip() for part in layer.split(",")} for layer in line.split("<")]
+    assert stated == [set(layer) for layer in LAYERS]

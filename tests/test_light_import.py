@@ -1,7 +1,8 @@
-"""Nothing on the import / load / sample path imports torch or diffusers, even where both are installed.
+"""Nothing on the import / load / sample path imports torch, diffusers or transformers (the tokenizer stands
+on the `tokenizers` library), even where all are installed.
 
-Each check runs in a fresh interpreter under tests/blocked_imports.py: any attempt to import torch or
-diffusers (also one the code would catch and work around) fails the run. The .bin reader is the one
+Each check runs in a fresh interpreter under tests/blocked_imports.py: any attempt to import torch,
+diffusers or transformers (also one the code would catch and work around) fails the run. The .bin reader is the one
 place that needs torch: without it, one ConversionError names the file.
 """
 
@@ -14,7 +15,7 @@ import pytest
 from tiny_sd import write_sd_folder
 
 BLOCKER = Path(__file__).resolve().parent / "blocked_imports.py"
-BLOCKED = "torch,diffusers"
+BLOCKED = "torch,diffusers,transformers"
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
@@ -36,6 +37,8 @@ leaves = [jax.tree.leaves(p.params) for p in (converted, folder)]
 assert len(leaves[0]) == len(leaves[1]) and all(np.array_equal(a, b) for a, b in zip(*leaves))
 images = converted.generate(["a photo of a cat"], num_inference_steps=2, seed=0, scheduler="ddim").images
 assert images.shape == (1, 16, 16, 3) and images.dtype == np.uint8
+# the tokenizer stands on the `tokenizers` library: transformers is not needed to load and sample
+assert "transformers" not in sys.modules, "transformers imported"
 
 # every library module imports without them (cfgbasin_jax.convert.sscd reads TorchScript: torch on use only)
 import cfgbasin_jax.convert
@@ -82,7 +85,8 @@ except ConversionError as err:
     assert str(src / "unet" / "diffusion_pytorch_model.bin") in message and "torch" in message
 
 
-@pytest.mark.parametrize("snippet", ["import torch", "import diffusers.models", "import importlib; importlib.import_module('torch.nn')"])
+@pytest.mark.parametrize("snippet", ["import torch", "import diffusers.models", "import importlib; importlib.import_module('torch.nn')",
+                                     "from transformers import CLIPTokenizer"])
 def test_the_blocker_blocks(snippet):
     """The check itself can fail: a direct or a caught import is reported."""
     assert run_blocked("-c", snippet, timeout=60).returncode != 0

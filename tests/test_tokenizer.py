@@ -8,6 +8,9 @@ others give 109.
 """
 
 import json
+import shutil
+
+import numpy as np
 
 import pytest
 from clip_reference import clip_ids, read_bpe
@@ -102,3 +105,80 @@ def test_bad_tokenizer_folders_name_the_folder(tmp_path):
     (broken / "vocab.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ConversionError, match="broken: cannot load a CLIP tokenizer"):
         load_sd_tokenizer(broken)
+
+
+# ---- transformers' CLIPTokenizer as the oracle, on a vocabulary trained on the memorized prompts
+
+EDGE = ["", " ", "\t \n ", "   leading and trailing   ", "東京タワー at night", "naïve café, crème brûlée",
+        "emoji 🐱🐶 x2", "e\u0301 vs \u00e9", "ÀÉÎÕÜ ß ﬁ", "<|startoftext|> inside <|endoftext|>",
+        "a photo of " + "a very long prompt " * 40, "don't   STOP!! it's 4.5 x 10^3"]
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory):
+    """A CLIP-layout vocabulary (byte characters and their </w> forms, BPE merges learned by the
+    `tokenizers` trainer on the 500 memorized prompts, BOS and EOS last) with SD's tokenizer config."""
+    from tokenizers import Tokenizer, models, trainers
+
+    from cfgbasin_jax.runs import prompts as P
+
+    captions = list(P.load_prompt_set("sdv1_pretrained").prompts)
+    assert len(captions) == 500
+    probe = T.clip_backend({T.BOS_TOKEN: 0, T.EOS_TOKEN: 1}, [])
+    trainer_tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    trainer_tok.normalizer, trainer_tok.pre_tokenizer = probe.normalizer, probe.pre_tokenizer
+    chars = list(T.bytes_to_unicode().values())
+    trainer = trainers.BpeTrainer(vocab_size=4000, initial_alphabet=chars, end_of_word_suffix="</w>", show_progress=False)
+    trainer_tok.train_from_iterator(captions, trainer)
+    folder = tmp_path_factory.mktemp("trained") / "tokenizer"
+    folder.mkdir()
+    trainer_tok.model.save(str(folder))
+    vocab = json.loads((folder / "vocab.json").read_text("utf-8"))
+    for token in chars + [c + "</w>" for c in chars] + [T.BOS_TOKEN, T.EOS_TOKEN]:
+        vocab.setdefault(token, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
+    special = {"bos_token": T.BOS_TOKEN, "eos_token": T.EOS_TOKEN, "unk_token": T.EOS_TOKEN, "pad_token": T.EOS_TOKEN}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, **special}), "utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special), "utf-8")
+    return folder, captions
+
+
+def test_ids_match_transformers_clip_tokenizer(trained_folder):
+    """The 500 memorized prompts and edge cases (empty, whitespace-only, long, Unicode), one by one
+    and as SD's padded, truncated batch, against transformers' CLIP tokenizer (the oracle):
+    `CLIPTokenizer` on transformers 5.x, `CLIPTokenizerFast` on 4.x (the class this library returned
+    there before; 4.x's pure-Python `CLIPTokenizer` differs on CJK text, see the module docstring, and
+    is compared on the rest below)."""
+    import transformers
+
+    folder, captions = trained_folder
+    oracle_class = getattr(transformers, "CLIPTokenizerFast", transformers.CLIPTokenizer)
+    ours, oracle = T.load_tokenizer(folder), oracle_class.from_pretrained(str(folder), local_files_only=True)
+    texts = captions + EDGE
+    assert [ours(t).input_ids for t in texts] == [oracle(t).input_ids for t in texts]
+    assert max(len(ours(t).input_ids) for t in texts) > 77  # the long ones are long
+    kwargs = dict(padding="max_length", max_length=77, truncation=True, return_tensors="np")
+    got, want = ours(texts, **kwargs), oracle(texts, **kwargs)
+    assert np.array_equal(got.input_ids, want.input_ids) and np.array_equal(got["attention_mask"], want["attention_mask"])
+    assert got.input_ids.shape == (len(texts), 77)
+    assert ours.all_special_ids == sorted(oracle.all_special_ids) and len(ours) == len(oracle)
+    ids = [int(i) for i in got.input_ids[3][:6]]
+    assert ours.decode(ids) == oracle.decode(ids)
+    if transformers.CLIPTokenizer is not oracle_class:  # 4.x's pure-Python tokenizer, off CJK text
+        slow = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        plain = [t for t in texts if not any("\u3000" <= ch <= "\u9fff" for ch in t)]
+        assert [ours(t).input_ids for t in plain] == [slow(t).input_ids for t in plain]
+    vocab, ranks = read_bpe(folder)  # and the plain-Python restatement of CLIP's rule
+    assert [ours(t).input_ids for t in texts[:50] + EDGE] == [clip_ids(t, vocab, ranks) for t in texts[:50] + EDGE]
+
+
+def test_sd2_padding_token_is_read_from_the_folder(trained_folder, tmp_path):
+    """SD 2.x pads with "!" (id 0 in CLIP's vocabulary), as its special_tokens_map.json says."""
+    folder, _ = trained_folder
+    sd2 = tmp_path / "sd2"
+    shutil.copytree(folder, sd2)
+    (sd2 / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}), "utf-8")
+    tok = T.load_tokenizer(sd2)
+    ids = tok(["a cat"], padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+    assert tok.pad_token_id == json.loads((folder / "vocab.json").read_text("utf-8"))["!"]
+    assert ids[0, -1] == tok.pad_token_id and ids[0, 3] == tok.eos_token_id

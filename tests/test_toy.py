@@ -59,7 +59,7 @@ def test_shape_masks_differ():
 
 def test_folder_and_tokenizer(tmp_path, small):
     from cfgbasin_jax.models.tokenizer import load_tokenizer
-    from cfgbasin_jax.toy.train import read_folder
+    from cfgbasin_jax.training import read_folder
 
     sub = toy.ToyDataset(small.images[:6], small.captions[:6], small.objects[:6], small.backgrounds[:6], small.memorized[:6])
     toy.write_folder(sub, tmp_path / "data")

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cfgbasin_jax import training as T
+from cfgbasin_jax.models.components import load_pixel_components
 from cfgbasin_jax.toy import data as toy
-from cfgbasin_jax.toy import train as T
+from cfgbasin_jax.toy import model as toy_model
 
 TINY_UNET = {
     "sample_size": 8,
@@ -25,7 +27,7 @@ TINY_UNET = {
 
 
 def tiny_configs():
-    configs = T.toy_model_configs()
+    configs = toy_model.toy_model_configs()
     configs["unet"] = dict(TINY_UNET)
     configs["text_encoder"] = {**configs["text_encoder"], "hidden_size": 32, "intermediate_size": 32,
                                "num_hidden_layers": 1, "num_attention_heads": 2, "projection_dim": 32}
@@ -88,15 +90,17 @@ def test_config_errors_name_the_flag():
 
 
 def test_short_run_lowers_loss_resumes_and_refuses_other_config(tmp_path, data_dir):
-    comps = T.init_toy_components(seed=0, configs=tiny_configs())
+    comps = toy_model.init_toy_components(seed=0, configs=tiny_configs())
     common = dict(data=str(data_dir), output_dir=str(tmp_path / "run"), end=2, repeats=6, train_batch_size=8,
                   learning_rate=3e-3, lr_warmup_steps=2, train_text_encoder=True, checkpointing_steps=10,
                   eval_steps=0, log_steps=5, resolution=8, save_dtype="float32", progress=False, seed=0)
-    first = T.train(T.TrainConfig(max_train_steps=10, **common), components=comps)
+    steps = T.StepCache()  # the caller's compiled step, shared by the run and its resume
+    first = T.train(T.TrainConfig(max_train_steps=10, **common), components=comps, steps=steps)
     assert first["steps"] == 10
     logs = []
-    second = T.train(T.TrainConfig(max_train_steps=30, **common), components=comps, log=logs.append)
+    second = T.train(T.TrainConfig(max_train_steps=30, **common), components=comps, log=logs.append, steps=steps)
     assert second["steps"] == 30 and any("resumed" in line and "step 10" in line for line in logs)
+    assert steps.builds == 1  # the resume reused the held step
     rows = (tmp_path / "run" / "loss_log.csv").read_text().strip().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == [5, 10, 15, 20, 25, 30]
 
@@ -110,7 +114,7 @@ def test_short_run_lowers_loss_resumes_and_refuses_other_config(tmp_path, data_d
     assert after < 0.6 * before, (before, after)
 
     # the saved model loads back (float32 here, exact)
-    loaded = T.load_pixel_components(second["output"])
+    loaded = load_pixel_components(second["output"])
     np.testing.assert_array_equal(
         np.asarray(loaded.params["unet"]["conv_in"]["kernel"]), np.asarray(trained["unet"]["conv_in"]["kernel"])
     )
@@ -137,3 +141,17 @@ def test_fine_tunes_a_latent_model_with_vae(tmp_path, data_dir):
     for a, b in zip(jax.tree.leaves(loaded.params["text_encoder"]), jax.tree.leaves(comps.params["text_encoder"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # frozen
     assert np.isfinite(float(result["final_loss"]))
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path, data_dir):
+    """Two trainings never write one --output_dir: the folder's lock (runtime.files.LockFile) is held."""
+    from cfgbasin_jax.runtime import files as F
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = T.TrainConfig(data=str(data_dir), output_dir=str(out), max_train_steps=1, train_batch_size=1, resolution=8,
+                        progress=False)
+    with F.LockFile(out / T.loop.LOCK_FILE, "training run"):
+        with pytest.raises(T.TrainingError, match="in use by another training run"):
+            T.train(cfg, components=toy_model.init_toy_components(seed=0, configs=tiny_configs()))
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing written, the lock file gone with its holder

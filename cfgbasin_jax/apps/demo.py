@@ -46,13 +46,23 @@ DEFAULT_METHODS = tuple(m for m in METHODS if m not in GATED[2:])
 # ----------------------------------------------------------------------------- model
 
 
+def _resolve_model(name: str) -> Path:
+    """--model: a folder, or a Hub id downloaded / found in the cache (:mod:`cfgbasin_jax.loading.hub`)."""
+    from cfgbasin_jax.loading.hub import HubError, resolve
+
+    try:
+        return resolve(name)
+    except HubError as err:
+        raise DemoError(f"--model {err}") from None
+
+
 def load_demo_pipeline(model: str | None, log=print):
     """(Pipeline, description, is_toy): the shipped toy, a given pixel-model folder, or - when the
     shipped weights are missing - cfgbasin_jax.models.tiny.random_components() with a notice."""
     from cfgbasin_jax.models.components import is_pixel_model, load_pixel_components
     from cfgbasin_jax.pipeline import Pipeline
 
-    path = Path(model) if model else SHIPPED_MODEL
+    path = _resolve_model(model) if model else SHIPPED_MODEL
     if is_pixel_model(path):
         return Pipeline(load_pixel_components(path)), f"toy model {path}", True
     if model:
@@ -410,7 +420,7 @@ plain prompts), then the samples.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cfgbasin-demo", description="The attraction-basin demo on the shipped toy model (offline, CPU).")
     p.add_argument("--outdir", default="cfgbasin_demo_out")
-    p.add_argument("--model", default=None, help="a pixel-model folder (default: the shipped toy)")
+    p.add_argument("--model", default=None, help="a pixel-model folder or Hub id (default: the shipped toy)")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale after the transition (and for constant CFG)")
     p.add_argument("--num_mem_prompts", type=int, default=8)
     p.add_argument("--num_plain_prompts", type=int, default=8)
@@ -437,7 +447,7 @@ class DemoError(ValueError):
 def check_config(cfg: DemoConfig) -> None:
     """Every flag, checked before anything is computed or written (DemoError naming the flag)."""
     from cfgbasin_jax.runtime import files as F
-    from cfgbasin_jax.toy.train import is_pixel_model
+    from cfgbasin_jax.models.components import is_pixel_model
 
     for name in ("num_mem_prompts", "num_plain_prompts", "samples_per_prompt", "steps", "gate_steps",
                  "num_calibration_prompts"):
@@ -449,7 +459,7 @@ def check_config(cfg: DemoConfig) -> None:
     for name in ("guidance", "og_scale", "gate_pre_scale"):
         if getattr(cfg, name) is not None and not np.isfinite(getattr(cfg, name)):
             raise DemoError(f"--{name} must be a finite number, got {getattr(cfg, name)}")
-    path = Path(cfg.model) if cfg.model else SHIPPED_MODEL
+    path = _resolve_model(cfg.model) if cfg.model else SHIPPED_MODEL
     if cfg.model and not is_pixel_model(path):
         raise DemoError(f"--model {cfg.model}: not a pixel-model folder (needs model.json + params.safetensors)")
     num_train = 1000

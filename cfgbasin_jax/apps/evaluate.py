@@ -32,7 +32,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--train", help="folder of training images (png/jpg, searched recursively)")
     p.add_argument("--captions", help="captions by prompt index (.txt one per line, .json list, .jsonl)")
     p.add_argument("--sscd", help="converted SSCD folder (cfgbasin-convert sscd FILE DST)")
-    p.add_argument("--clip", help="CLIP model folder (Flax, or PyTorch converted in memory)")
+    p.add_argument("--clip", help="CLIP model folder (Flax, or PyTorch converted in memory) or Hub id, e.g. "
+                   "openai/clip-vit-large-patch14 (downloaded on first use)")
     p.add_argument("--inception", help="Inception weights for FID (not available in this build)")
     p.add_argument("--metrics", help="comma list of sscd,clip (default: every metric whose inputs are given)")
     p.add_argument("--threshold", type=float, default=0.5, help="SSCD copy threshold (default 0.5)")
@@ -75,21 +76,23 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    from cfgbasin_jax.loading.hub import HubError, resolve
     from cfgbasin_jax.metrics.clip_score import ClipWeightsError
     from cfgbasin_jax.models.sscd import SSCDWeightsError
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - progress to stderr, the row to stdout
     try:
         out = check_args(args)
+        clip = None if args.clip is None else resolve(args.clip)  # a folder, or a Hub id (downloaded)
         report = evaluate(
-            args.gen, args.train, args.captions, args.sscd, args.clip,
+            args.gen, args.train, args.captions, args.sscd, clip,
             metrics=metrics, threshold=args.threshold, sscd_preprocess=args.sscd_preprocess,
             batch_size=args.batch_size, workers=args.workers, precision=args.precision,
             inception=args.inception, log=log,
         )
         Path(out).parent.mkdir(parents=True, exist_ok=True)  # checked writable before computing
         F.atomic_write_text(out, json.dumps(report, indent=1))
-    except (EvalError, I.ImageInputError, SSCDWeightsError, ClipWeightsError) as err:
+    except (EvalError, I.ImageInputError, SSCDWeightsError, ClipWeightsError, HubError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

@@ -171,8 +171,8 @@ def build_parser(prog: str = PROG, method: str | None = None) -> argparse.Argume
     add("--use_json", type=_use_json, default=True,
         help="read the prompt set (official: type=bool, so 'False' is True too; only true is accepted here)")
     add("--pretrained_model_name_or_path", default=None,
-        help=f"diffusers SD folder or converted directory (default: ${ENV_BASE_MODEL}, else {HUB_DEFAULT_MODEL} "
-             "from the local Hugging Face cache; official stp: the authors' /scratch checkpoint)")
+        help=f"diffusers SD folder, converted directory or Hub id (downloaded on first use) (default: "
+             f"${ENV_BASE_MODEL}, else {HUB_DEFAULT_MODEL}; official stp: the authors' /scratch checkpoint)")
     add("--unet_path", default=None,
         help="a fine-tuned diffusers unet/ folder replacing the base model's UNet (default: none; official: "
              f"{HUB_DEFAULT_MODEL}, which has no UNet config at its root; the official dtp script ignores it)")
@@ -329,15 +329,16 @@ class Settings:
 
 
 def _resolve_hub_id(name: str) -> Path | None:
-    """A "org/name" id already in the local Hugging Face cache (never downloads)."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    """An "org/name" Hub id, downloaded or found in the cache (:mod:`cfgbasin_jax.loading.hub`); None
+    for anything else. A Hub failure is one CliError line."""
+    from cfgbasin_jax.loading import hub
+
+    if not hub.is_repo_id(name):
         return None
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not cached / hub library missing: not resolvable
-        return None
+        return hub.resolve(name)
+    except hub.HubError as err:
+        raise CliError(str(err)) from None
 
 
 def resolve_model(name: str | None, env=None) -> Path:
@@ -355,7 +356,7 @@ def resolve_model(name: str | None, env=None) -> Path:
     if cached is not None:
         return cached
     raise CliError(f"model folder {name} ({source}) not found: pass --pretrained_model_name_or_path DIR "
-                   f"(a diffusers SD folder or a converted directory) or set ${ENV_BASE_MODEL}")
+                   f"(a diffusers SD folder or a converted directory) or a Hub id (org/name) or set ${ENV_BASE_MODEL}")
 
 
 def resolve_unet(name: str | None) -> Path | None:

@@ -1,8 +1,9 @@
-"""Noise-difference trace plots (matplotlib, Agg backend; nothing is shown on screen).
+"""Plots (matplotlib, Agg backend; nothing is shown on screen).
 
-``||eps_c - eps_u||`` per denoising step for each image, with the detected transition step marked:
-the signal the paper's dynamic transition point watches (its first local minimum). Steps where one
-UNet half was skipped (scale 0 or 1 for the whole batch) have no value and leave a gap.
+Noise-difference traces: ``||eps_c - eps_u||`` per denoising step for each image, with the detected
+transition step marked: the signal the paper's dynamic transition point watches (its first local
+minimum). Steps where one UNet half was skipped (scale 0 or 1 for the whole batch) have no value
+and leave a gap. Training curves: :func:`plot_training_logs` of a training run's CSV logs.
 """
 
 from __future__ import annotations
@@ -54,9 +55,14 @@ def plot_noise_diff(
     ax.set_title(title or f"noise difference, {shown} image(s); o = transition")
     if labels is not None and not many and len(traces):
         ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path, dpi=None) -> Path:
+    """Write ``fig`` to ``path`` as a whole (a temporary sibling, then a rename) and close it."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
+    fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
     tmp.replace(path)
     return path
@@ -79,3 +85,29 @@ def plot_image(record: dict, path) -> Path:
     prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
     title = f"#{record['index']}  transition {record.get('transition_index', -1)} (t={record.get('transition_t', -1)})\n{prompt}"
     return plot_noise_diff([record.get("noise_diff") or []], [int(record.get("transition_index", -1))], path, title=title)
+
+
+def plot_training_logs(output_dir, path) -> Path:
+    """PNG of a training run's loss_log.csv (batch loss, memorized vs other, moving average) and
+    probe_log.csv (:mod:`cfgbasin_jax.training`), e.g. the shipped toy's training_curves.png."""
+    plt = _pyplot()
+    out = Path(output_dir)
+    loss = np.genfromtxt(out / "loss_log.csv", delimiter=",", names=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    k = max(1, len(loss) // 40)
+    smooth = lambda v: np.convolve(v, np.ones(k) / k, mode="valid")  # noqa: E731
+    steps = loss["step"][k - 1:]
+    axes[0].plot(steps, smooth(loss["loss_memorized"]), label="memorized (duplicated) samples", color="tab:red")
+    axes[0].plot(steps, smooth(loss["loss_other"]), label="other samples", color="tab:blue")
+    axes[0].set_title("training batch loss (moving average)")
+    probe_path = out / "probe_log.csv"
+    if probe_path.is_file():
+        probe = np.atleast_1d(np.genfromtxt(probe_path, delimiter=",", names=True))
+        axes[1].plot(probe["step"], probe["probe_memorized"], "o-", color="tab:red", label="memorized images")
+        axes[1].plot(probe["step"], probe["probe_other"], "o-", color="tab:blue", label="64 other training images")
+        axes[1].set_title("probe loss (fixed noise, 10 timesteps)")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.legend()
+    return _save(plt, fig, Path(path), dpi=80)

@@ -24,7 +24,8 @@ different model found at the same path. Exactly what each kind detects:
   ``rsync -a``, ``tar``), since other weights differ in (nearly) every element; any change of a
   safetensors header; any change within a sampled range. Not detected: an edit confined to bytes
   outside the sampled ranges (in safetensors, the middle of one tensor larger than 8 KiB). Not
-  hashed at all: modification times (a plain ``cp`` of the same files keeps the fingerprint).
+  hashed: modification times (a plain ``cp`` of the same files keeps the fingerprint), except in
+  the conversion cache's key (``mtimes=True``: any rewrite converts again).
   Convert the folder for a content fingerprint of every byte.
 """
 
@@ -138,14 +139,17 @@ def content_fingerprint(params: Mapping, configs: Mapping, scheduler_config: Map
     return hasher.fingerprint(configs, scheduler_config, tokenizer_dir)
 
 
-def files_fingerprint(root, files: Iterable[Path]) -> str:
-    """``"files:<hex>"`` of ``files`` (paths under ``root``; see the module docstring)."""
+def files_fingerprint(root, files: Iterable[Path], mtimes: bool = False) -> str:
+    """``"files:<hex>"`` of ``files`` (paths under ``root``; see the module docstring). ``mtimes``:
+    the large files' modification times count too (stricter: a cache key, where serving a stale
+    conversion is worse than converting again after a plain copy)."""
     root = Path(root)
     h = _hasher()
     for path in sorted({Path(p) for p in files}):
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
         name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-        _tag(h, name, str(size).encode())
+        _tag(h, name, (f"{size}:{st.st_mtime_ns}" if mtimes and size > SMALL_FILE else str(size)).encode())
         if size <= SMALL_FILE:
             _tag(h, "content", path.read_bytes())
         else:

@@ -15,12 +15,13 @@ import copy
 import math
 import tempfile
 from functools import lru_cache
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfgbasin_jax.models.components import COMPONENTS, Components
+from cfgbasin_jax.models.components import COMPONENTS, Components, pixel_components
 from cfgbasin_jax.models.builders import build_module, check_compatible, component_param_shapes, resolve_dtype
 from cfgbasin_jax.models.tokenizer import bpe_vocabulary, load_tokenizer, write_bpe_tokenizer
 
@@ -79,30 +80,61 @@ def _check_variant(variant: str) -> None:
         raise ValueError(f"unknown tiny variant {variant!r}: use one of {', '.join(VARIANTS)}")
 
 
+def unet_config(sample_size: int, channels: int, attention: Sequence[bool], cross_attention_dim: int,
+                attention_head_dim, block_out_channels: Sequence[int] = (32, 64), **options) -> dict:
+    """A small ``UNet2DConditionModel`` config dict: one resnet per level, level i with cross-attention
+    when ``attention[i]`` (the up path mirrors the down path), ``channels`` in and out (4: latents,
+    3: RGB pixels); ``options`` are further diffusers keys (norm_num_groups, use_linear_projection, ...)."""
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": sample_size,
+        "in_channels": channels,
+        "out_channels": channels,
+        "down_block_types": down,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": [block.replace("Down", "Up") for block in reversed(down)],
+        "block_out_channels": list(block_out_channels),
+        "layers_per_block": 1,
+        "cross_attention_dim": cross_attention_dim,
+        "attention_head_dim": attention_head_dim,
+        **options,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+
+
+def text_encoder_config(width: int, intermediate_size: int, layers: int, heads: int, vocab_size: int,
+                        max_length: int = MODEL_MAX_LENGTH, hidden_act: str = "quick_gelu") -> dict:
+    """A small ``CLIPTextModel`` config dict (transformers format): projection width = ``width``;
+    BOS and EOS/padding are the vocabulary's last two tokens (as :func:`bpe_vocabulary` lays it out)."""
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "hidden_size": width,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "max_position_embeddings": max_length,
+        "vocab_size": vocab_size,
+        "hidden_act": hidden_act,
+        "layer_norm_eps": 1e-5,
+        "projection_dim": width,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+
+
 def tiny_configs(variant: str = "sd1") -> dict:
     """{"unet", "vae", "text_encoder", "scheduler"} config dicts (diffusers / transformers format)."""
     _check_variant(variant)
     sd2 = variant == "sd2"
     vocab_size = tiny_vocab_size()
-    unet = {
-        "_class_name": "UNet2DConditionModel",
-        "sample_size": 8,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [32, 64],
-        "layers_per_block": 1,
-        "norm_num_groups": 32,
-        "cross_attention_dim": 32,
-        # Head COUNTS (diffusers' naming quirk): sd1 4 heads everywhere; sd2 2 then 4 heads (width 16).
-        "attention_head_dim": [2, 4] if sd2 else 4,
-        "use_linear_projection": sd2,
-        "upcast_attention": sd2,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-    }
+    unet = unet_config(sample_size=8, channels=4, attention=(True, False), cross_attention_dim=32,
+                       # Head COUNTS (diffusers' naming quirk): sd1 4 heads everywhere; sd2 2 then 4 heads (width 16).
+                       attention_head_dim=[2, 4] if sd2 else 4,
+                       norm_num_groups=32, use_linear_projection=sd2, upcast_attention=sd2)
     vae = {
         "_class_name": "AutoencoderKL",
         "in_channels": 3,
@@ -116,31 +148,23 @@ def tiny_configs(variant: str = "sd1") -> dict:
         "sample_size": 16,
         "scaling_factor": 0.18215,
     }
-    text_encoder = {
-        "architectures": ["CLIPTextModel"],
-        "model_type": "clip_text_model",
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": MODEL_MAX_LENGTH,
-        "vocab_size": vocab_size,
-        "hidden_act": "gelu" if sd2 else "quick_gelu",
-        "layer_norm_eps": 1e-5,
-        "projection_dim": 32,
-        "bos_token_id": vocab_size - 2,
-        "eos_token_id": vocab_size - 1,
-        "pad_token_id": vocab_size - 1,
-    }
+    text_encoder = text_encoder_config(width=32, intermediate_size=37, layers=2, heads=4, vocab_size=vocab_size,
+                                       hidden_act="gelu" if sd2 else "quick_gelu")
     scheduler = copy.deepcopy(SD2_SCHEDULER if sd2 else SD1_SCHEDULER)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
-def load_tiny_tokenizer():
-    """The tiny CLIP tokenizer, written to a temporary directory and loaded from there."""
+def load_bpe_tokenizer(words: Sequence[str], model_max_length: int = MODEL_MAX_LENGTH):
+    """A CLIP BPE tokenizer of ``words`` (:func:`write_bpe_tokenizer`), written to a temporary
+    directory and loaded from there."""
     with tempfile.TemporaryDirectory(prefix="cfgbasin_tiny_tok_") as tmp:
-        write_tiny_tokenizer(tmp)
+        write_bpe_tokenizer(tmp, words, model_max_length)
         return load_tokenizer(tmp)
+
+
+def load_tiny_tokenizer():
+    """The tiny CLIP tokenizer (:func:`load_bpe_tokenizer` of the tiny vocabulary)."""
+    return load_bpe_tokenizer(_WORDS, MODEL_MAX_LENGTH)
 
 
 def random_params(shapes, seed=0, dtype="float32") -> dict:
@@ -171,26 +195,35 @@ def random_params(shapes, seed=0, dtype="float32") -> dict:
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def random_components(variant: str = "sd1", seed: int = 0, dtype="float32", configs: dict | None = None) -> Components:
+def random_components(variant: str = "sd1", seed: int = 0, dtype="float32", configs: dict | None = None,
+                      tokenizer=None) -> Components:
     """Tiny SD components with random params (`random_params`, seeded), no torch. `configs` (the
-    same keys as tiny_configs) builds another architecture with the tiny tokenizer, e.g. SD 1.5's."""
+    same keys as tiny_configs) builds another architecture, e.g. SD 1.5's; without a "vae" it is a
+    pixel-space model (`vae = None`, as `pixel_components`). `tokenizer`: default the tiny one.
+    Component i of those present (in COMPONENTS order) draws from seed [seed, i]."""
     configs = tiny_configs(variant) if configs is None else configs
     dtype = resolve_dtype(dtype)
-    model_configs = {kind: configs[kind] for kind in COMPONENTS}
-    check_compatible(model_configs)
-    modules = {kind: build_module(kind, model_configs[kind], dtype) for kind in COMPONENTS}
+    kinds = [kind for kind in COMPONENTS if configs.get(kind) is not None]
+    tokenizer = load_tiny_tokenizer() if tokenizer is None else tokenizer
+    source = f"random:{variant}:seed={seed}"
+    model_configs = {kind: configs[kind] for kind in kinds}
+    if "vae" in kinds:
+        check_compatible(model_configs)
+    modules = {kind: build_module(kind, model_configs[kind], dtype) for kind in kinds}
     params = {
         kind: random_params(component_param_shapes(kind, modules[kind]), seed=[seed, index], dtype=dtype)
-        for index, kind in enumerate(COMPONENTS)
+        for index, kind in enumerate(kinds)
     }
+    if "vae" not in kinds:
+        return pixel_components(configs, params, tokenizer, dtype, source=source)
     return Components(
         unet=modules["unet"],
         vae=modules["vae"],
         text_encoder=modules["text_encoder"],
-        tokenizer=load_tiny_tokenizer(),
+        tokenizer=tokenizer,
         params=params,
         configs=model_configs,
         scheduler_config=configs["scheduler"],
         dtype=dtype,
-        source=f"random:{variant}:seed={seed}",
+        source=source,
     )

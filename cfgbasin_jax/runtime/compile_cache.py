@@ -1,10 +1,11 @@
-"""JAX's persistent compilation cache, on by default for every Pipeline.
+"""JAX's persistent compilation cache, turned on when asked: by ``load_pipeline`` (by default) and
+the command lines; a bare ``Pipeline(components)`` leaves JAX's global configuration alone.
 
 A second process sampling the same shapes loads the compiled sampler, text encoder and VAE from
 disk instead of compiling them again (every executable: JAX's
 ``jax_persistent_cache_min_compile_time_secs``, 1 s by default, is set to 0 with the directory).
 
-Where:
+Where (when asked for):
   1. ``load_pipeline(..., compilation_cache=PATH)`` / ``Pipeline(..., compilation_cache=PATH)``;
   2. else a directory already configured in JAX (``JAX_COMPILATION_CACHE_DIR`` or
      ``jax.config.update("jax_compilation_cache_dir", ...)``) is kept;
@@ -13,8 +14,8 @@ Where:
 
 :class:`CompileStats` counts compile time and cache hits while active (the CLI's log, the benchmark).
 
-Opting out: ``compilation_cache=False``, or ``CFGBASIN_JAX_COMPILATION_CACHE=0`` (also ``off``,
-``false``, ``no``, ``none``) in the environment.
+Opting out: ``compilation_cache=False`` (the ``Pipeline`` default), or ``CFGBASIN_JAX_COMPILATION_CACHE=0``
+(also ``off``, ``false``, ``no``, ``none``) in the environment.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def restore(previous: tuple) -> None:
 def enable(cache=None) -> str | None:
     """Turn the persistent compilation cache on; returns the directory in use (None: off).
 
-    cache: None (the default: keep a directory JAX already has, else :func:`default_dir`), a
-    directory (used as given), or False (leave JAX's setting as it is).
+    cache: None or True (keep a directory JAX already has, else :func:`default_dir`), a
+    directory (used as given), or False (leave JAX's setting as it is; returns the directory JAX
+    already has, if any).
     """
     import jax
 

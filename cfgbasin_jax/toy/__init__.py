@@ -1,2 +1,3 @@
 """The toy: a generated 16x16 text-to-image dataset with a memorized subset (``data``) and the training
-of a model that memorizes it (``train``). The shipped toy model is :data:`cfgbasin_jax.TOY_MODEL`."""
+the architecture of a model that memorizes it (``model``), trained by :mod:`cfgbasin_jax.training`, and the
+demo's measurements (``scoring``). The shipped toy model is :data:`cfgbasin_jax.TOY_MODEL`."""

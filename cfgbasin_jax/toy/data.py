@@ -254,12 +254,17 @@ def write_folder(ds: ToyDataset, directory) -> Path:
 # ----------------------------------------------------------------------------- tokenizer
 
 
+def tokenizer_words(words: Sequence[str] = WORDS) -> list[str]:
+    """The words of the toy tokenizer's vocabulary (sorted, each one token)."""
+    return sorted(set(words))
+
+
 def write_toy_tokenizer(directory, words: Sequence[str] = WORDS, model_max_length: int = MODEL_MAX_LENGTH) -> Path:
     """A CLIP tokenizer folder (byte-level BPE like CLIP's) in which every toy word is one token;
     other text falls back to bytes. Loads offline with :func:`cfgbasin_jax.models.tokenizer.load_tokenizer`."""
     from cfgbasin_jax.models.tokenizer import write_bpe_tokenizer
 
-    return write_bpe_tokenizer(directory, sorted(set(words)), model_max_length)
+    return write_bpe_tokenizer(directory, tokenizer_words(words), model_max_length)
 
 
 def main(argv=None) -> int:
