@@ -190,9 +190,14 @@ class Pipeline:
         out = self.text_encoder.apply({"params": params}, ids, ones, pos, deterministic=True)
         return out[0]
 
-    def encode_prompts(self, prompts: Sequence[str]) -> jnp.ndarray:
-        """[B, L, D] last hidden states of the text encoder."""
-        return self._encode(self.params["text_encoder"], jnp.asarray(self.tokenize(prompts)))
+    def encode_prompts(self, prompts: Sequence[str], one_at_a_time: bool = False) -> jnp.ndarray:
+        """[B, L, D] last hidden states of the text encoder. ``one_at_a_time=True`` encodes each
+        prompt as a batch of 1, so its embedding has the same bits in any batch (XLA:CPU picks
+        shape-dependent kernels; the official-precision signal needs batch-independent inputs)."""
+        tokens = jnp.asarray(self.tokenize(prompts))
+        if one_at_a_time:
+            return jnp.concatenate([self._encode(self.params["text_encoder"], tokens[i:i + 1]) for i in range(len(tokens))])
+        return self._encode(self.params["text_encoder"], tokens)
 
     # ------------------------------------------------------------------ images
     def _latents_in(self, latents):
@@ -408,11 +413,12 @@ class Pipeline:
         n = rows.stop - rows.start
         pad = lambda x: parallel.pad_rows(np.asarray(x)[rows], size)  # noqa: E731
         noise = initial_noise(opts.seed, pad(sample_indices), shape) if latents is None else jnp.asarray(pad(latents))
+        per_sample = plan.detector.pass_detector().per_sample_unet  # batch-independent bits (official precision)
         if opts.prompt_embeds is None:
-            cond = self.encode_prompts(list(pad(np.asarray(prompts, dtype=object))))
+            cond = self.encode_prompts(list(pad(np.asarray(prompts, dtype=object))), per_sample)
         else:
             cond = jnp.asarray(pad(opts.prompt_embeds))
-        uncond = self.encode_prompts(list(pad(np.asarray(negative, dtype=object))))
+        uncond = self.encode_prompts(list(pad(np.asarray(negative, dtype=object))), per_sample)
         aux = None if opts.conditioning is None else opts.conditioning.cond_aux(opts.seed, pad(sample_indices))
         x0 = noise * sched.init_noise_sigma
         before, after, detector = pad(plan.before), pad(plan.after), jax.tree.map(pad, plan.detector)

@@ -83,4 +83,4 @@ def sharded_sample_loop(loop: Callable, mesh: Mesh, cond_aux: bool = False) -> C
 
     data = P(AXIS)
     in_specs = (P(), P(), data, data, data, data, data, data) + ((data,) if cond_aux else ())
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=data, check_vma=False)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=data)
