@@ -138,15 +138,17 @@ def _unet_halves_jvp(unet_fn, primals, tangents):
     return jax.jvp(full, tuple(values[n] for n in moving), tuple(_instantiate(v) for v in moving.values()))
 
 
-def _per_sample_unet(unet_fn: UnetFn, batch: int) -> UnetFn:
-    """``unet_fn`` evaluated one sample at a time (``lax.map``; a sample's halves stay together),
-    so each sample's output has the same float rounding whatever else is in the batch."""
+def _per_sample_unet(unet_fn: UnetFn) -> UnetFn:
+    """``unet_fn`` evaluated one row at a time (``lax.map`` over the rows), so each sample's output
+    has the same float rounding whatever else is in the batch (XLA:CPU picks shape-dependent
+    kernels). A single row is evaluated twice: XLA inlines a loop of one iteration, which would
+    compile it differently from the loop body."""
 
     def run(params, x, t, context):
-        k = x.shape[0] // batch
-        split = lambda a: jnp.swapaxes(a.reshape((k, batch) + a.shape[1:]), 0, 1)  # noqa: E731
-        out = jax.lax.map(lambda args: unet_fn(params, *args), (split(x), split(t), split(context)))
-        return jnp.swapaxes(out, 0, 1).reshape(x.shape[:1] + out.shape[2:])
+        n = x.shape[0]
+        rows = (x, t, context) if n > 1 else tuple(jnp.concatenate([a, a]) for a in (x, t, context))
+        out = jax.lax.map(lambda row: unet_fn(params, *(a[None] for a in row))[0], rows)
+        return out[:n]
 
     return run
 
@@ -232,7 +234,7 @@ def sample_loop(
     latents = jnp.asarray(latents, dtype)
     before, after = jnp.asarray(before, dtype), jnp.asarray(after, dtype)
     if detector.per_sample_unet:
-        unet_fn = _per_sample_unet(unet_fn, b)
+        unet_fn = _per_sample_unet(unet_fn)
     per_sample = lambda v, dtype=None: jnp.broadcast_to(jnp.asarray(v, dtype), (b,))  # noqa: E731
     view = (-1,) + (1,) * (latents.ndim - 1)
     # Inside a user's jax.shard_map the loop state must vary over the mesh axes its inputs vary over
