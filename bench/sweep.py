@@ -9,8 +9,9 @@ the steps between their transitions) and over the guidance scale after a fixed `
 runs the same halves). Runners, each compiled once before timing:
 
 * loop: ``jax.jit(sampler.sample)`` for batch B, called once per point from Python (the anchor).
-* sweep: ``sampler.sweep`` (default ``group="halves"``): points whose halves agree at every step
-  share a batch, the others run one after another in a ``lax.map``, all in one compiled call.
+* sweep: ``sampler.sweep`` (default ``group="halves"``), the plans compiled in as constants: points
+  whose halves agree at every step share a batch, the others run one after another in a ``lax.map``,
+  all in one compiled call.
 * flat batch: ``sampler.sweep(group="all")``: all P*B samples in one batch; a half is skipped only
   where every point agrees.
 * vmap: ``jax.vmap`` over ``sampler.sample_loop``; the batched branch index turns ``lax.switch`` into
@@ -57,7 +58,14 @@ def build(pipe: Pipeline, kind: str, points: int, batch: int, steps: int) -> dic
     params = pipe.params["unet"]
 
     one = jax.jit(functools.partial(S.sample, unet_fn=pipe.unet_fn))
-    swept = jax.jit(functools.partial(S.sweep, unet_fn=pipe.unet_fn), static_argnames=("group",))
+
+    def swept(group: str):
+        """sweep compiled with the plans as constants: concrete, so "halves" can group the points (plans
+        passed to jit as arguments are traced, and "halves" then runs one point at a time)."""
+        return jax.jit(lambda params, sched, x0, cond, uncond: S.sweep(params, sched, x0, cond, uncond, plans,
+                                                                       group=group, unet_fn=pipe.unet_fn))
+
+    by_halves, flat = swept("halves"), swept("all")
 
     @jax.jit
     def vmapped(params, sched, x0, cond, uncond, before, after, detector):
@@ -66,11 +74,10 @@ def build(pipe: Pipeline, kind: str, points: int, batch: int, steps: int) -> dic
 
     stacked = (jnp.stack([jnp.asarray(p.before) for p in plans]), jnp.stack([jnp.asarray(p.after) for p in plans]),
                jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *[p.detector for p in plans]))
-    # concrete plans, so sweep groups points by their halves (traced plans would run one point at a time)
     fns = {
         "loop": lambda: [one(params, sched, x0, cond, uncond, p.before, p.after, p.detector) for p in plans],
-        "sweep": lambda: swept(params, sched, x0, cond, uncond, plans),
-        "flat batch": lambda: swept(params, sched, x0, cond, uncond, plans, group="all"),
+        "sweep": lambda: by_halves(params, sched, x0, cond, uncond),
+        "flat batch": lambda: flat(params, sched, x0, cond, uncond),
         "vmap": lambda: vmapped(params, sched, x0, cond, uncond, *stacked),
     }
     out = {}
