@@ -2,6 +2,7 @@
 tiny random SD models built in the test, and its public surface: unet_fn, seeds as keys, the
 shipped toy, the conditioning hook, transition fallbacks."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
