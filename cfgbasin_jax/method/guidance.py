@@ -45,7 +45,7 @@ class Gate:
     steps exceeds ``threshold`` follow the schedule, the others constant CFG (its ``after``).
 
     threshold: a number >= 0, an array [B], a tracer, or None (not set yet: calibrate it with
-    :func:`cfgbasin_jax.metrics.detection.calibrate_threshold`; sampling refuses None).
+    :func:`cfgbasin_jax.pipeline.calibrate_threshold`; sampling refuses None).
     steps: the score's steps (static). score: a name in
     :data:`cfgbasin_jax.method.detectors.GATE_SCORES` (static). pre_scale: the scale of steps
     ``0..steps-2``, before the flag is known (None: the CFG scale ``after``).
@@ -117,7 +117,7 @@ class Guidance:
             gate = self.gate
             if gate.threshold is None:
                 raise ValueError("guidance: the gate's threshold is not set; give one, or calibrate it on plain "
-                                 "prompts (cfgbasin_jax.metrics.detection.calibrate_threshold)")
+                                 "prompts (cfgbasin_jax.pipeline.calibrate_threshold)")
             pre = None if gate.pre_scale is None else _as_float32(gate.pre_scale)
             detector = D.Gated(mitigation=detector, threshold=_as_float32(gate.threshold), pre_scale=pre,
                                steps=gate.steps, score=gate.score)
@@ -307,7 +307,7 @@ def gated(mitigation: Guidance, threshold, steps: int = 1, score: str = "noise_d
     ``threshold`` follows ``mitigation`` (STP, OG+STP, DTP or OG+DTP); every other sample follows
     constant CFG at the mitigation's ``after`` scale. The threshold is traced (sweeping it never
     recompiles); calibrate it on plain prompts with
-    :func:`cfgbasin_jax.metrics.detection.calibrate_threshold`.
+    :func:`cfgbasin_jax.pipeline.calibrate_threshold`.
 
     With ``steps=1`` the flag is known before the first update, so both groups follow their rule
     from the first step. With ``steps > 1`` the first ``steps - 1`` updates use ``pre_scale``
