@@ -313,6 +313,27 @@ def test_scheduler_name_from_config():
     assert S.make_scheduler(None, SD21, 10).prediction_type == "v_prediction"
 
 
+@pytest.mark.parametrize("config, found", [({}, "None"), ({"_class_name": "LMSDiscreteScheduler"}, "'LMSDiscreteScheduler'")])
+def test_no_scheduler_name_and_no_known_class_is_one_line(config, found):
+    """name=None used to give DPM-Solver++ with defaults for a config without a known _class_name."""
+    with pytest.raises(ValueError, match=rf"scheduler: name=None takes the scheduler from the config's _class_name, "
+                                         rf"which is {found}; pass a name \(dpm\+\+2m, ddim, euler, pndm\)") as err:
+        S.make_scheduler(None, config, 8)
+    assert "\n" not in str(err.value)
+    assert S.make_scheduler("ddim", config, 8).kind == "ddim"
+
+
+def test_float64_samples_step_in_float64():
+    with jax.enable_x64(True):
+        sched = S.make_scheduler("dpm++2m", SD14, 10)
+        x = jnp.ones((1, 4, 2, 2), jnp.float64) * (1 + 1e-12)
+        state = sched.init_state(x)
+        assert state["x0_history"].dtype == jnp.float64
+        out, state = sched.step(state, x * 0.5, 0, x)
+        assert out.dtype == jnp.float64 and state["x0_history"].dtype == jnp.float64
+        assert sched.scale_model_input(state, x, 0).dtype == jnp.float64
+
+
 @pytest.mark.parametrize(
     "name,overrides,match",
     [
