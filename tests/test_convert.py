@@ -434,12 +434,12 @@ def test_existing_destination_is_kept(tiny_sd1, tmp_path, capsys):
 
 
 def test_failure_while_writing_leaves_nothing(tiny_sd1, tmp_path, monkeypatch):
-    from transformers import CLIPTokenizerFast  # the class load_tokenizer returns on transformers 4 and 5
+    from cfgbasin_jax.models import converted
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(CLIPTokenizerFast, "save_pretrained", broken)
+    monkeypatch.setattr(converted, "save_tokenizer", broken)  # the tokenizer is our ClipTokenizer now
     with pytest.raises(OSError, match="disk full"):
         convert(tiny_sd1.path, tmp_path / "dst")
     assert list(tmp_path.iterdir()) == []
