@@ -24,6 +24,18 @@ from cfgbasin_jax.models.vae import decoder_stages
 from cfgbasin_jax.runtime import compile_cache, executables, memory
 
 
+PIXEL_RULES = ("round", "truncate")
+"""How decoded images in [0, 1] become uint8: "round" (diffusers' ``numpy_to_pil`` rounding, the
+library default) or "truncate" (the official scripts' ``(x * 255).to(torch.uint8)``, one level lower
+for about half of the pixels)."""
+
+
+def check_pixels(owner: str, pixels) -> str:
+    if pixels not in PIXEL_RULES:
+        raise ValueError(f"{owner}: pixels must be one of {', '.join(PIXEL_RULES)}, got {pixels!r}")
+    return pixels
+
+
 @dataclasses.dataclass
 class GenerationResult:
     """Outputs of :meth:`Pipeline.generate` for B prompts and S scheduler steps (numpy).
@@ -108,6 +120,7 @@ class SamplingOptions:
     conditioning: S.Conditioning | None = None
     prompt_embeds: np.ndarray | None = None
     decode: bool = True
+    pixels: str = "round"
 
 
 class Pipeline:
@@ -131,7 +144,7 @@ class Pipeline:
         self._samplers: dict = {}
         self._placed: tuple = (None, None, None)  # (key, replicated params, source kept alive)
         self._encode = jax.jit(self._encode_ids)
-        self._decoders: list | None = None  # jitted decode stages, built on first use
+        self._decoders: dict = {}  # jitted decode stages per pixel rule, built on first use
         self._functions: dict = {}  # compiled functions of the layers above (owned_function)
 
     # ------------------------------------------------------------------ geometry
@@ -193,9 +206,14 @@ class Pipeline:
         out = self.text_encoder.apply({"params": params}, ids, ones, pos, deterministic=True)
         return out[0]
 
-    def encode_prompts(self, prompts: Sequence[str]) -> jnp.ndarray:
-        """[B, L, D] last hidden states of the text encoder."""
-        return self._encode(self.params["text_encoder"], jnp.asarray(self.tokenize(prompts)))
+    def encode_prompts(self, prompts: Sequence[str], one_at_a_time: bool = False) -> jnp.ndarray:
+        """[B, L, D] last hidden states of the text encoder. ``one_at_a_time=True`` encodes each
+        prompt as a batch of 1, so its embedding has the same bits in any batch (XLA:CPU picks
+        shape-dependent kernels; the official-precision signal needs batch-independent inputs)."""
+        tokens = jnp.asarray(self.tokenize(prompts))
+        if one_at_a_time:
+            return jnp.concatenate([self._encode(self.params["text_encoder"], tokens[i:i + 1]) for i in range(len(tokens))])
+        return self._encode(self.params["text_encoder"], tokens)
 
     # ------------------------------------------------------------------ images
     def _latents_in(self, latents):
@@ -203,30 +221,35 @@ class Pipeline:
         return jnp.transpose(latents / self.vae_scaling_factor, (0, 2, 3, 1)).astype(self.components.dtype)
 
     @staticmethod
-    def _to_uint8(img):
-        """[B,3,H,W] in [-1, 1] -> uint8 [B,H,W,3], as diffusers' SD pipelines round."""
+    def _to_uint8(img, pixels: str = "round"):
+        """[B,3,H,W] in [-1, 1] -> uint8 [B,H,W,3]: ``x = clip(img / 2 + 0.5, 0, 1) * 255`` (float32),
+        rounded as diffusers' SD pipelines do (``pixels="round"``), or truncated as the official
+        scripts' ``(x * 255).to(torch.uint8)`` (``pixels="truncate"``)."""
         img = jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-        return jnp.round(jnp.transpose(img, (0, 2, 3, 1)) * 255.0).astype(jnp.uint8)
+        x = jnp.transpose(img, (0, 2, 3, 1)) * 255.0
+        return (jnp.round(x) if pixels == "round" else jnp.floor(x)).astype(jnp.uint8)
 
-    def _decode_stages(self) -> list:
+    def _decode_stages(self, pixels: str = "round") -> list:
         """The decode as jitted stages ``f(vae_params, x)`` (:func:`cfgbasin_jax.models.vae.decoder_stages`:
         one executable per resnet, so the host peak is the largest stage's); a pixel-space model
         (the UNet denoises RGB in [-1, 1]) has one stage."""
-        if self._decoders is None:
+        if pixels not in self._decoders:
             if self.vae is None:
-                stages = [lambda params, img: self._to_uint8(img)]
+                stages = [lambda params, img: self._to_uint8(img, pixels)]
             else:
                 first, *middle, last = decoder_stages(self.vae)
                 stages = [lambda params, latents: first(params, self._latents_in(latents)), *middle,
-                          lambda params, x: self._to_uint8(last(params, x))]
-            self._decoders = [jax.jit(stage) for stage in stages]
-        return self._decoders
+                          lambda params, x: self._to_uint8(last(params, x), pixels)]
+            self._decoders[pixels] = [jax.jit(stage) for stage in stages]
+        return self._decoders[pixels]
 
-    def decode(self, latents) -> np.ndarray:
-        """uint8 [B,H,W,3] from final latents [B,C,h,w], as diffusers' SD pipelines do."""
+    def decode(self, latents, pixels: str = "round") -> np.ndarray:
+        """uint8 [B,H,W,3] from final latents [B,C,h,w]. ``pixels``: "round" (default, as diffusers'
+        SD pipelines) or "truncate" (as the official scripts' ``(x * 255).to(torch.uint8)``)."""
+        check_pixels("decode", pixels)
         x, params = jnp.asarray(latents), self.params.get("vae")
         param_bytes = sum(self.param_bytes().values())
-        for stage in self._decode_stages():
+        for stage in self._decode_stages(pixels):
             x = stage(params, x)
             if param_bytes >= memory.MIN_PARAM_BYTES:  # this stage's temporaries back to the OS first
                 x.block_until_ready()
@@ -367,6 +390,7 @@ class Pipeline:
         batch_size: int | None = None,
         prompt_embeds=None,
         conditioning: S.Conditioning | None = None,
+        pixels: str = "round",
     ) -> GenerationResult:
         """Sample B images with the compiled loop, data-parallel over ``devices``.
 
@@ -384,7 +408,10 @@ class Pipeline:
           ``prompts`` (which still name the samples), e.g. optimised ones.
         conditioning: optional :class:`cfgbasin_jax.method.sampler.Conditioning` hook rewriting the
           conditional embedding inside the compiled loop (e.g. :class:`cfgbasin_jax.baselines.CADS`).
+        pixels: "round" (default, diffusers' rounding) or "truncate" (the official scripts'
+          ``(x * 255).to(torch.uint8)``); see :data:`PIXEL_RULES`.
         """
+        check_pixels("generate", pixels)
         inputs = self.sampling_inputs("generate", prompts, num_inference_steps, latents, height, width, scheduler,
                                       negative_prompt, sample_indices, batch_size, devices)
         prompts, sched, sample_indices, shape, latents, negative, devices, chunk = inputs
@@ -395,7 +422,8 @@ class Pipeline:
             raise ValueError(f"generate: conditioning must be a cfgbasin_jax.method.sampler.Conditioning, got {conditioning!r}")
         opts = SamplingOptions(seed=prng_key(seed), progress=bool(progress), skip_halves=bool(skip_halves),
                                devices=devices, conditioning=conditioning,
-                               prompt_embeds=self._check_prompt_embeds(prompt_embeds, b), decode=bool(decode))
+                               prompt_embeds=self._check_prompt_embeds(prompt_embeds, b), decode=bool(decode),
+                               pixels=pixels)
 
         starts = range(0, b, chunk)
         with _progress_bar(progress, len(starts) * plan.detector.passes * len(timesteps)):
@@ -431,11 +459,12 @@ class Pipeline:
         n = rows.stop - rows.start
         pad = lambda x: parallel.pad_rows(np.asarray(x)[rows], size)  # noqa: E731
         noise = initial_noise(opts.seed, pad(sample_indices), shape) if latents is None else jnp.asarray(pad(latents))
+        per_sample = plan.detector.pass_detector().per_sample_unet  # batch-independent bits (official precision)
         if opts.prompt_embeds is None:
-            cond = self.encode_prompts(list(pad(np.asarray(prompts, dtype=object))))
+            cond = self.encode_prompts(list(pad(np.asarray(prompts, dtype=object))), per_sample)
         else:
             cond = jnp.asarray(pad(opts.prompt_embeds))
-        uncond = self.encode_prompts(list(pad(np.asarray(negative, dtype=object))))
+        uncond = self.encode_prompts(list(pad(np.asarray(negative, dtype=object))), per_sample)
         aux = None if opts.conditioning is None else opts.conditioning.cond_aux(opts.seed, pad(sample_indices))
         x0 = noise * sched.init_noise_sigma
         before, after, detector = pad(plan.before), pad(plan.after), jax.tree.map(pad, plan.detector)
@@ -445,7 +474,7 @@ class Pipeline:
         if opts.decode:  # the sampler's freed temporaries back to the OS before the decoder's come
             memory.release_freed(sum(self.param_bytes().values()))
         return dict(
-            images=self.decode(trace.latents)[:n] if opts.decode else None,
+            images=self.decode(trace.latents, opts.pixels)[:n] if opts.decode else None,
             latents=real(trace.latents),
             noise_diff=real(trace.noise_diff),
             latent_cosine=real(trace.latent_cosine),

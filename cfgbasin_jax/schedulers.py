@@ -577,32 +577,41 @@ class Scheduler:
         return int(self.timesteps.shape[0])
 
     def init_state(self, sample: jnp.ndarray) -> dict:
-        """Zeroed solver memory for latents of shape [B, C, H, W]."""
-        shape = jnp.shape(sample)
+        """Zeroed solver memory for latents of shape [B, C, H, W] (float64 for float64 latents, else
+        float32)."""
+        shape, dtype = jnp.shape(sample), working_dtype(sample)
         if self.kind == "dpm++2m":
-            return {"x0_history": jnp.zeros((self.solver_order, *shape), jnp.float32)}
+            return {"x0_history": jnp.zeros((self.solver_order, *shape), dtype)}
         if self.kind == "pndm":
             return {
-                "ets": jnp.zeros((PNDM_HISTORY, *shape), jnp.float32),
-                "first_sample": jnp.zeros(shape, jnp.float32),
+                "ets": jnp.zeros((PNDM_HISTORY, *shape), dtype),
+                "first_sample": jnp.zeros(shape, dtype),
             }
         return {}
 
     def scale_model_input(self, state: dict, sample: jnp.ndarray, i) -> jnp.ndarray:
         """UNet input for step i: sample / sqrt(sigma^2 + 1) for Euler, else sample. [B,C,H,W]."""
         del state
-        sample = jnp.asarray(sample, jnp.float32)
+        sample = jnp.asarray(sample, working_dtype(sample))
         if self.kind == "euler":
             return sample / self.tables["input_divisor"][i]
         return sample
 
     def step(self, state: dict, model_output: jnp.ndarray, i, sample: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
-        """Advance sample [B,C,H,W] from step i to i+1 with the model output at step i."""
-        sample = jnp.asarray(sample, jnp.float32)
-        model_output = jnp.asarray(model_output, jnp.float32)
+        """Advance sample [B,C,H,W] from step i to i+1 with the model output at step i. Computed in
+        float64 for float64 samples, else float32 (the tables are float32 values either way)."""
+        dtype = working_dtype(sample)
+        sample = jnp.asarray(sample, dtype)
+        model_output = jnp.asarray(model_output, dtype)
         i = jnp.asarray(i, jnp.int32)
         step_fn = {"ddim": _ddim_step, "pndm": _pndm_step, "euler": _euler_step, "dpm++2m": _dpm_step}[self.kind]
         return step_fn(self, state, model_output, i, sample)
+
+
+def working_dtype(sample) -> jnp.dtype:
+    """The dtype schedulers and the sampler compute in: float64 for float64 samples, float32 for
+    any other dtype (bfloat16 and float16 latents are stepped in float32)."""
+    return jnp.dtype(jnp.float64) if jnp.result_type(sample) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def _ddim_step(sched: Scheduler, state, model_output, i, sample):
@@ -663,6 +672,11 @@ def scheduler_tables(name: str | None, config: Mapping, num_inference_steps: int
     unknown names, unsupported options or a bad step count, exactly as make_scheduler does.
     """
     if name is None:
+        if not isinstance(config, Mapping) or config.get("_class_name") not in _CLASS_TO_NAME:
+            found = config.get("_class_name") if isinstance(config, Mapping) else None
+            raise ValueError(f"scheduler: name=None takes the scheduler from the config's _class_name, which is "
+                             f"{found!r}; pass a name ({', '.join(SCHEDULER_NAMES)}) or a config with one of "
+                             f"{', '.join(sorted(_CLASS_TO_NAME))}")
         name = scheduler_name_from_config(config)
     if name not in SCHEDULER_NAMES:
         raise ValueError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULER_NAMES)}")

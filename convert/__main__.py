@@ -1,7 +1,8 @@
 """cfgbasin-convert: diffusers Stable Diffusion folder -> cfgbasin_jax converted directory.
 
     cfgbasin-convert SRC DST [--dtype float32|bfloat16|float16] [--unet UNET_DIR] [--overwrite]
-    cfgbasin-convert sscd FILE DST      (SSCD copy-detection weights; cfgbasin_jax.convert.sscd)
+    cfgbasin-convert sscd FILE DST [--overwrite]   (SSCD copy-detection weights; cfgbasin_jax.convert.sscd,
+                                                    same destination rules and exit statuses)
     cfgbasin-convert --cache-info | --cache-clear   (the conversion cache; cfgbasin_jax.loading.cache)
 
 Exit status 0 on success, 2 with a one-line message on bad input (missing folder or weight file,
@@ -9,23 +10,24 @@ missing / unexpected / mis-shaped parameter, unsupported config key, unknown dty
 that is, contains or lies inside the source, --overwrite of a folder we did not write) or on an I/O
 error (read-only or full file system, no permission; the message names the path). Interrupted
 (SIGINT 130, SIGTERM 143): the partial output is removed. Nothing is ever left at DST unless the
-conversion succeeded. A parameter holding NaN/Inf values is reported as a warning naming its key.
+conversion succeeded; a DST that another conversion created meanwhile is left alone (exit 2); --overwrite
+through a symlink replaces its target. A parameter holding NaN/Inf values is reported as a warning
+naming its key.
 """
 
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
 
 from cfgbasin_jax.models.errors import ConversionError
+from cfgbasin_jax.runtime.cli import OneLineParser, UsageError, fail, interrupted
 
 PROG = "cfgbasin-convert"
 SSCD_COMMAND = "sscd"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> OneLineParser:
+    parser = OneLineParser(
         prog=PROG,
         description=(
             "Convert a diffusers-format Stable Diffusion folder (SD 1.x / 2.x, .safetensors or .bin "
@@ -48,8 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+    return fail(PROG, message)
 
 
 def _run_sscd(argv: list) -> int:
@@ -97,7 +98,10 @@ def main(argv=None) -> int:
         return _run_sscd(argv[1:])
     if len(argv) == 1 and argv[0] in CACHE_FLAGS:
         return _run_cache(argv[0])
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as err:
+        return _fail(str(err))
     from cfgbasin_jax.convert.sd_folder import convert
     from cfgbasin_jax.models.builders import resolve_dtype
 
@@ -117,12 +121,9 @@ def main(argv=None) -> int:
     except ConversionError as err:
         return _fail(str(err))
     except OSError as err:
-        return _fail(files.describe(err))
+        return _fail(files.describe(files.with_path(err, args.dst)))
     except KeyboardInterrupt as err:
-        terminated = isinstance(err, files.Terminated)
-        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}; nothing written at {args.dst}",
-              file=sys.stderr)
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        return interrupted(PROG, err, args.dst)
     print(f"wrote {dst} ({args.dtype})")
     return 0
 

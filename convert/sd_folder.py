@@ -152,9 +152,9 @@ def weight_files(folder, kind: str) -> list[Path]:
     return [p for p in out if p.is_file()]
 
 
-def folder_fingerprint(path) -> str:
+def folder_fingerprint(path, mtimes: bool = False) -> str:
     """``"files:<hex>"`` of the files the loader reads from the diffusers SD folder ``path`` (cheap:
-    see :mod:`cfgbasin_jax.models.fingerprint`)."""
+    see :mod:`cfgbasin_jax.models.fingerprint`; ``mtimes``: large files' modification times too)."""
     root = Path(path)
     files = []
     for kind in COMPONENTS:
@@ -165,9 +165,9 @@ def folder_fingerprint(path) -> str:
             files += fp.visible_files(root / sub)
     if (root / "model_index.json").is_file():
         files.append(root / "model_index.json")
-    return fp.files_fingerprint(root, files)
+    return fp.files_fingerprint(root, files, mtimes)
 
 
-def unet_fingerprint(folder) -> str:
+def unet_fingerprint(folder, mtimes: bool = False) -> str:
     """The fingerprint of a diffusers ``unet/`` folder (``--unet_path``)."""
-    return fp.files_fingerprint(folder, weight_files(folder, "unet"))
+    return fp.files_fingerprint(folder, weight_files(folder, "unet"), mtimes)

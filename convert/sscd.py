@@ -21,15 +21,21 @@ Only this converter imports torch; the written folder loads without it.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cfgbasin_jax.models.sscd import SSCDConfig, check_params, save_sscd
+from cfgbasin_jax.convert.weights import torch_load
+from cfgbasin_jax.models.errors import ConversionError
+from cfgbasin_jax.models.sscd import CONFIG_NAME, SSCDConfig, SSCDWeightsError, check_params, save_sscd
+from cfgbasin_jax.runtime import files
+from cfgbasin_jax.runtime.cli import OneLineParser, UsageError, fail, interrupted
+
+PROG = "cfgbasin-convert sscd"
 
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 VERIFY_TOL = 1e-3
@@ -194,12 +200,13 @@ def load_torch_file(path: str):
         module = torch.jit.load(path, map_location="cpu").eval()
         state = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
         return state, module
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         pass
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is "not a usable file"
-        raise SSCDConversionError(f"{path} is neither a TorchScript module nor a torch state dict: {err}") from None
+        obj = torch_load(path)
+    except ConversionError as err:
+        raise SSCDConversionError(f"{path} is neither a TorchScript module nor a torch state dict: "
+                                  f"{str(err).split(': ', 1)[-1]}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(hasattr(v, "numpy") for v in obj.values()):
@@ -237,8 +244,20 @@ def verify(module, config: SSCDConfig, params: dict, size: int = 64, seed: int =
     return float(np.max(np.abs(ref - got)))
 
 
-def convert_file(path: str, dst: str, gem_p: float | None = None, bn_eps: float = 1e-5, check: bool = True) -> SSCDConfig:
-    """TorchScript / state-dict file -> Flax SSCD folder ``dst``. Returns the config."""
+def check_destination(dst, sources=(), overwrite: bool = False) -> Path:
+    """Absolute ``dst`` after checking that an SSCD folder may be written there: the rules of the
+    SD conversion (:func:`cfgbasin_jax.runtime.files.check_output_dir`; with ``overwrite`` only a
+    folder holding ``sscd_config.json`` is replaced). Raises FileError naming the paths."""
+    return files.check_output_dir(dst, sources, overwrite, ours=lambda p: (Path(p) / CONFIG_NAME).is_file(),
+                                  kind=f"an SSCD folder (no {CONFIG_NAME})", writer="cfgbasin-convert sscd")
+
+
+def convert_file(path: str, dst: str, gem_p: float | None = None, bn_eps: float = 1e-5, check: bool = True,
+                 overwrite: bool = False) -> SSCDConfig:
+    """TorchScript / state-dict file -> Flax SSCD folder ``dst``. Returns the config. ``dst`` is
+    checked first (:func:`check_destination`) and written whole or not at all
+    (:func:`cfgbasin_jax.runtime.files.building_dir`)."""
+    dst = check_destination(dst, [path], overwrite)
     state, module = load_torch_file(path)
     found_p = gem_p_from_module(module)
     p = gem_p if gem_p is not None else (found_p if found_p is not None else 3.0)
@@ -251,25 +270,35 @@ def convert_file(path: str, dst: str, gem_p: float | None = None, bn_eps: float 
                 f"converted model disagrees with {path} (max diff {err:.3e} > {VERIFY_TOL}); "
                 "check --gem-p / --bn-eps, or pass --no-verify to write anyway"
             )
-    save_sscd(dst, config, params)
+    with files.building_dir(dst, overwrite) as tmp:
+        save_sscd(str(tmp), config, params)
     return config
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cfgbasin-convert sscd", description="Convert an SSCD TorchScript / state-dict file to a Flax SSCD folder."
+    """``cfgbasin-convert sscd FILE DST``: exit 0, or 2 with one line (bad input, an I/O error naming
+    the path, a destination refused by the SD conversion's rules), 130/143 when interrupted; nothing
+    is left at DST unless the conversion succeeded."""
+    parser = OneLineParser(
+        prog=PROG, description="Convert an SSCD TorchScript / state-dict file to a Flax SSCD folder."
     )
     parser.add_argument("file", help="e.g. sscd_disc_mixup.torchscript.pt")
     parser.add_argument("dst", help="output folder (sscd_config.json + sscd_params.safetensors)")
     parser.add_argument("--gem-p", type=float, default=None, help="GeM exponent (default: from the module, else 3.0)")
     parser.add_argument("--bn-eps", type=float, default=1e-5, help="BatchNorm epsilon (default 1e-5)")
     parser.add_argument("--no-verify", action="store_true", help="skip the TorchScript-vs-Flax descriptor check")
-    args = parser.parse_args(argv)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST that this command wrote")
     try:
-        config = convert_file(args.file, args.dst, gem_p=args.gem_p, bn_eps=args.bn_eps, check=not args.no_verify)
-    except SSCDConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)
+        with files.terminate_raises():
+            config = convert_file(args.file, args.dst, gem_p=args.gem_p, bn_eps=args.bn_eps,
+                                  check=not args.no_verify, overwrite=args.overwrite)
+    except (UsageError, SSCDConversionError, SSCDWeightsError, ConversionError, files.FileError) as err:
+        return fail(PROG, str(err))
+    except OSError as err:
+        return fail(PROG, files.describe(files.with_path(err, args.dst)))
+    except KeyboardInterrupt as err:
+        return interrupted(PROG, err, args.dst)
     print(
         f"wrote {args.dst}: blocks {list(config.stage_blocks)}, groups {config.groups}, "
         f"dims {config.dims}, GeM p {config.gem_p}"

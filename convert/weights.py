@@ -189,12 +189,9 @@ def _open_torch_bin(path: Path) -> tuple[dict, Callable]:
         ) from err
 
     try:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConversionError(f"{path}: cannot read pickled weights ({err})") from err
+        state = torch_load(path, mmap=True)
+    except ConversionError:
+        state = torch_load(path)  # legacy (non-zip) pickles cannot be memory-mapped
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -216,6 +213,32 @@ def _open_torch_bin(path: Path) -> tuple[dict, Callable]:
         return out
 
     return specs, read
+
+
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6")
+
+
+def torch_load_reason(err: BaseException) -> str:
+    """One line of torch.load's (many-line) error: the first that is not its boilerplate advice."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
+    return (specific or lines or [type(err).__name__])[0]
+
+
+def torch_load(path, mmap: bool = False):
+    """``torch.load(path, weights_only=True)`` on the CPU (no pickled code runs), torch's warnings
+    (legacy format, pickle protocol) silenced; any failure is one ConversionError line naming the
+    file (:func:`torch_load_reason`)."""
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is "cannot read this file"
+        raise ConversionError(f"{path}: cannot read pickled weights ({torch_load_reason(err)})") from None
 
 
 def _torch_numpy_dtype(dtype):

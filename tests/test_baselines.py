@@ -70,6 +70,56 @@ def test_augmentation_is_seeded_per_sample_and_keeps_the_words(kind, tiny_sd1):
             assert set(extra) <= vocabulary, q
 
 
+def test_augmentation_fixed_outputs():
+    """Fixed expected texts for fixed seeds (issue 26: tested only through invariants). A change of
+    the stream, the bound, the draw order or the insertion rule changes them."""
+    prompts = ["a photo of a cat", "two dogs"]
+    assert B.augment_prompts(prompts, "rand_numb_add", repeat_num=2, seed=7) == [
+        "a photo of 94490 a cat 68417", "87585 two dogs 87026"]
+    assert B.augment_prompts(prompts, "rand_word_repeat", repeat_num=3, seed=7) == [
+        "a photo of cat a cat of a", "two dogs two dogs dogs"]
+    assert B.augment_prompts(prompts, "rand_numb_add", repeat_num=1, seed=0, sample_indices=[5, 9]) == [
+        "a photo 69640 of a cat", "two 25841 dogs"]
+
+
+def _restated(prompt: str, kind: str, repeat_num: int, seed: int, index: int, vocabulary=None) -> str:
+    """The augmentation restated: prompt ``index`` draws from default_rng((seed, index)); each
+    repeat draws the word (a number below 100000, a vocabulary id, or a word of the original
+    prompt), then a position in 0..len(words)."""
+    rng = np.random.default_rng((seed, index))
+    words = prompt.split(" ")
+    original = list(words)
+    for _ in range(repeat_num):
+        if kind == "rand_numb_add":
+            word = str(rng.integers(0, 100_000))
+        elif kind == "rand_word_add":
+            word = vocabulary[rng.choice(sorted(vocabulary))]
+        else:
+            word = original[rng.integers(0, len(original))]
+        at = rng.integers(0, len(words) + 1)
+        words.insert(int(at), word)
+    return " ".join(words)
+
+
+@pytest.mark.parametrize("kind", B.AUGMENTATIONS)
+def test_augmentation_matches_its_restatement_and_reaches_every_position(kind, tiny_sd1):
+    """Every insertion position, both ends included, occurs; each output equals the restatement."""
+    tok = tiny_sd1.tokenizer
+    vocabulary = {i: tok.decode([i]) for i in range(min(len(tok), 49_400)) if i not in tok.all_special_ids}
+    prompt = "one two three"
+    positions = Counter()
+    for seed in range(60):
+        got = B.augment_prompts([prompt], kind, repeat_num=1, seed=seed, tokenizer=tok)[0]
+        assert got == _restated(prompt, kind, 1, seed, 0, vocabulary), seed
+        new, old = got.split(" "), prompt.split(" ")
+        at = next((k for k in range(len(old)) if new[k] != old[k]), len(old))
+        positions[at] += 1
+    assert sorted(positions) == [0, 1, 2, 3], positions  # 3: after the last word
+    for seed in range(3):
+        assert B.augment_prompts(PROMPTS, kind, 3, seed, tok) == [
+            _restated(p, kind, 3, seed, i, vocabulary) for i, p in enumerate(PROMPTS)]
+
+
 # ----------------------------------------------------------------------------- CADS, pure parts
 
 

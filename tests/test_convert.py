@@ -221,6 +221,28 @@ def test_bin_weights_load_like_safetensors(tiny_sd1, tmp_path, loaded, flax_fns,
     assert rel_err(flax_fns.unet(components, inputs), references["sd1"]["unet"]) <= FP32_RTOL
 
 
+def test_safetensors_win_over_bin_with_torch_blocked(tiny_sd1, tiny_sd1_converted, tmp_path):
+    """A folder holding both weight files per component (issue 26: untested): the safetensors are
+    read and torch is never imported (tests/blocked_imports.py fails on any attempt). The .bin files
+    hold other weights (every tensor + 1), so reading them would change the content fingerprint."""
+    from safetensors.torch import load_file as load_torch
+
+    src = tmp_path / "both"
+    shutil.copytree(tiny_sd1.path, src)
+    for kind, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        other = {k: v + 1 if v.is_floating_point() else v for k, v in load_torch(src / kind / f"{stem}.safetensors").items()}
+        torch.save(other, src / kind / f"{'pytorch_model' if kind == 'text_encoder' else stem}.bin")
+    assert len(list(src.rglob("*.bin"))) == 3 and len(list(src.rglob("*.safetensors"))) == 3
+    dst = tmp_path / "dst"
+    code = f"from cfgbasin_jax.convert.sd_folder import convert; convert({str(src)!r}, {str(dst)!r})"
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "blocked_imports.py"), "torch", "-c", code],
+                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fingerprint = lambda d: json.loads((Path(d) / "cfgbasin_jax.json").read_text())["fingerprint"]  # noqa: E731
+    assert fingerprint(dst) == fingerprint(tiny_sd1_converted)
+
+
 def test_round_trip_converted_equals_in_memory(tiny_sd1, tiny_sd1_converted, loaded):
     assert is_converted(tiny_sd1_converted) and not is_converted(tiny_sd1.path)
     in_memory = load_components(tiny_sd1.path)
@@ -412,12 +434,12 @@ def test_existing_destination_is_kept(tiny_sd1, tmp_path, capsys):
 
 
 def test_failure_while_writing_leaves_nothing(tiny_sd1, tmp_path, monkeypatch):
-    from transformers import CLIPTokenizerFast  # the class load_tokenizer returns on transformers 4 and 5
+    from cfgbasin_jax.models import converted
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(CLIPTokenizerFast, "save_pretrained", broken)
+    monkeypatch.setattr(converted, "save_tokenizer", broken)  # the tokenizer is our ClipTokenizer now
     with pytest.raises(OSError, match="disk full"):
         convert(tiny_sd1.path, tmp_path / "dst")
     assert list(tmp_path.iterdir()) == []

@@ -291,7 +291,12 @@ def test_overwrite_never_deletes_the_source_or_unrelated_files(tiny_sd1, tmp_pat
 
 # ---------------------------------------------------------------------------- 5. no debris
 
+# The child sets its own signal dispositions: a test run started as a background job of a
+# non-interactive shell (nohup ... &, some CI runners) hands SIGINT down as ignored, and Python then
+# leaves it ignored. SIGTERM: the converter installs its handler (terminate_raises) either way.
 _SLOW_SAVE = """
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import pathlib, sys, time
 import orbax.checkpoint as ocp
 original = ocp.Checkpointer.save  # the params checkpoint's writer (cfgbasin_jax.models.checkpoint.write_params)
@@ -367,11 +372,17 @@ def test_partial_folders_of_running_conversions_are_kept(tmp_path):
 
 def test_conversion_onto_read_only_and_full_file_systems(namespaces, tiny_sd1, tmp_path):
     """Defect 6: a read-only mount gave a traceback (rc 1), a full disk a 4,550-line traceback."""
+    check_full_and_read_only(f"{sys.executable} -m cfgbasin_jax.convert {tiny_sd1.path}", "1m", "cfgbasin-convert",
+                             tmp_path)
+
+
+def check_full_and_read_only(conv: str, size: str, prog: str, tmp_path) -> None:
+    """``conv DST`` onto a full tmpfs of ``size``, then onto the same one mounted read-only: one line
+    naming the path each time, exit 2, nothing left behind."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    conv = f"{sys.executable} -m cfgbasin_jax.convert {tiny_sd1.path}"
     script = f"""
-mount -t tmpfs -o size=1m tmpfs {mnt} || exit 99
+mount -t tmpfs -o size={size} tmpfs {mnt} || exit 99
 {conv} {mnt}/full 2> {tmp_path}/full.err; echo rc_full=$?
 echo left_full=$(ls -A {mnt} | tr '\\n' ' ')
 mount -o remount,ro {mnt}
@@ -380,10 +391,10 @@ mount -o remount,ro {mnt}
     done = in_namespace(script)
     assert marker(done.stdout, "rc_full") == "2", done.stdout + done.stderr
     assert marker(done.stdout, "left_full") == ""  # nothing half-written, no partial folder
-    line = one_error_line((tmp_path / "full.err").read_text(), "cfgbasin-convert")
-    assert line.endswith(f"{mnt}/full: No space left on device")
+    line = one_error_line((tmp_path / "full.err").read_text(), prog)
+    assert line.endswith(f"{mnt}/full: No space left on device"), line
     assert marker(done.stdout, "rc_ro") == "2"
-    line = one_error_line((tmp_path / "ro.err").read_text(), "cfgbasin-convert")
+    line = one_error_line((tmp_path / "ro.err").read_text(), prog)
     assert f"{mnt} is not writable (read-only file system)" in line
 
 

@@ -316,3 +316,19 @@ def test_pipeline_official_precision(pipe_sd1):
         k = res.transition_index[b]
         assert k == _official_index(c[b])
         assert np.all(res.guidance_scale[b, :k] == -7.5) and np.all(res.guidance_scale[b, k:] == 7.5)
+
+
+def test_pipeline_official_precision_is_independent_of_the_batch(pipe_sd1):
+    """Same prompts and noise in one batch and in batches of 1: the official signal, its index and
+    the scales are the same bits. Its minima are rounding ties, so the recording pass runs the UNet
+    one row at a time and the prompts are encoded one at a time (XLA:CPU's kernels depend on the
+    batch shape)."""
+    noise = np.random.default_rng(5).standard_normal((3, 4, 8, 8)).astype(F32)
+    prompts = [PROMPTS[0], PROMPTS[-1], "a third prompt"]
+    g = G.dynamic_transition(-7.5, 7.5, signal="latent_cosine", mode="exact", precision="official")
+    kw = dict(num_inference_steps=20, latents=noise, scheduler="dpm++2m", progress=False, decode=False)
+    batched = pipe_sd1.generate(prompts, g, **kw)
+    alone = pipe_sd1.generate(prompts, g, batch_size=1, **kw)
+    np.testing.assert_array_equal(batched.latent_cosine, alone.latent_cosine)
+    np.testing.assert_array_equal(batched.transition_index, alone.transition_index)
+    np.testing.assert_array_equal(batched.guidance_scale, alone.guidance_scale)

@@ -211,6 +211,42 @@ def test_stp_switch_keeps_the_one_schedule():
     assert p.before.shape == (1, 50) and int(np.asarray(p.detector.index)[0]) == 20
 
 
+def _official_stp_steps(ts50: list, ts200: list, change: float, cap: int = 1000) -> int | None:
+    """The official STP script's timestep loop, restated: UNet calls until the end, or None if it
+    is still running after ``cap`` calls (``t == change`` jumps to the closest step of the 200-step
+    schedule without advancing, so it meets ``t == change`` again whenever both schedules hold it)."""
+    ts, t_index, calls = ts50, 0, 0
+    while t_index < len(ts):
+        t = ts[t_index]
+        t_index += 1
+        calls += 1
+        if calls > cap:
+            return None
+        if t == change:
+            ts = ts200
+            t_index = min(range(len(ts)), key=lambda i: abs(ts[i] - t))
+    return calls
+
+
+@pytest.mark.parametrize("spacing, hangs", [
+    ("leading", [77, 153, 229, 305, 381, 457, 533, 609, 685, 761]),  # 76j + 1: steps 19k+1 and 4k+1
+    ("linspace", "every timestep of the 50-step schedule"),
+])
+def test_stp_official_jump_hangs_where_both_schedules_meet(spacing, hangs):
+    """The official STP script hangs for every --guidance_change_step on both the 50- and the 200-step
+    schedule (linspace: each of the 50 timesteps, so the default 500; leading: 76j + 1); here the one
+    50-step schedule runs to its end with the switch at the first timestep <= t."""
+    config = {**SD1_SCHEDULER, "timestep_spacing": spacing}
+    ts50 = np.asarray(schedulers.make_scheduler("dpm++2m", config, 50).timesteps).tolist()
+    ts200 = np.asarray(schedulers.make_scheduler("dpm++2m", config, 200).timesteps).tolist()
+    hanging = [t for t in range(1000) if _official_stp_steps(ts50, ts200, t) is None]
+    assert hanging == (sorted(ts50) if spacing == "linspace" else hangs)
+    assert (500 in hanging) == (spacing == "linspace")
+    for t in hanging:
+        p = G.plan(G.static_transition(t, 0.0, 7.5), 1, ts50)
+        assert p.before.shape == (1, 50) and ts50[int(np.asarray(p.detector.index)[0])] == t
+
+
 def test_dtp_and_og_honour_flags_the_official_scripts_ignore(workdir):
     """--CFG_scheduling (forced back to static every step there), --start_iter (always 0 there) and
     --scheduler (always DPM-Solver there) act here; --og_precision picks the official signal."""

@@ -2,6 +2,7 @@
 tiny random SD models built in the test, and its public surface: unet_fn, seeds as keys, the
 shipped toy, the conditioning hook, transition fallbacks."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -205,6 +206,8 @@ def test_bfloat16_sampling_end_to_end(tiny_sd1, pipe_sd1):
         (dict(height=17), "height"),
         (dict(width=0), "width"),
         (dict(latents=np.zeros((1, 4, 3, 3), np.float32)), "latents"),
+        (dict(guidance=7.5), "guidance: expected a Guidance .* got float 7.5"),
+        (dict(pixels="floor"), "generate: pixels must be one of round, truncate, got 'floor'"),
     ],
 )
 def test_bad_input_fails_before_compiling(pipe_sd1, kwargs, match):
@@ -289,3 +292,22 @@ def test_conditioning_hook_is_generic(pipe_sd1):
     assert rel_err(shifted.latents, same.latents) < 1e-5 and rel_err(shifted.latents, plain.latents) > 1e-3
     with pytest.raises(ValueError, match="conditioning must be"):
         pipe_sd1.generate(PROMPTS, G.constant(7.5), conditioning=lambda c: c, **args)
+
+
+def test_pixels_round_by_default_or_truncate_as_the_official_scripts(pipe_sd1):
+    """uint8 conversion: diffusers rounds x * 255 (the library default); the official scripts'
+    ``(x * 255).to(torch.uint8)`` truncates (pixels="truncate"), restated here in numpy."""
+    img = np.asarray([-1.0, -0.999, 0.0, 0.0019, 0.002, 0.5, 0.99, 1.0, 1.5], np.float32)
+    img = np.broadcast_to(img[None, None, None, :], (1, 3, 1, img.size))
+    x = np.clip(img / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1) * np.float32(255)
+    official = torch.from_numpy(np.ascontiguousarray(x)).to(torch.uint8).numpy()  # the official conversion
+    np.testing.assert_array_equal(np.asarray(pipe_sd1._to_uint8(jnp.asarray(img), "truncate")), official)
+    np.testing.assert_array_equal(np.asarray(pipe_sd1._to_uint8(jnp.asarray(img))), np.round(x).astype(np.uint8))
+    assert np.any(np.round(x).astype(np.uint8) != official)  # the inputs tell the two apart
+    kw = dict(num_inference_steps=STEPS, latents=_noise(pipe_sd1, 2, seed=6), scheduler="ddim", progress=False)
+    rounded = pipe_sd1.generate(PROMPTS, **kw)
+    truncated = pipe_sd1.generate(PROMPTS, pixels="truncate", **kw)
+    np.testing.assert_array_equal(truncated.latents, rounded.latents)
+    np.testing.assert_array_equal(truncated.images, pipe_sd1.decode(rounded.latents, "truncate"))
+    diff = rounded.images.astype(int) - truncated.images
+    assert diff.min() == 0 and diff.max() == 1 and 0.2 < np.mean(diff) < 0.8

@@ -197,6 +197,26 @@ def test_matches_torch_on_variants(kind, cfg_name, num_steps):
     check_case(kind, cfg_name, num_steps)
 
 
+# DDIM's last steps read alphas_cumprod[0] (prev_timestep == 0) and then final_alpha_cumprod
+# (prev_timestep < 0: 1.0 with set_alpha_to_one) only with leading spacing and steps_offset 0.
+DDIM_TO_ZERO = {"ddim_alpha_one_offset0": {**SD14, "set_alpha_to_one": True, "steps_offset": 0,
+                                           "timestep_spacing": "leading"},
+                "ddim_alpha_one_offset0_v": {**SD21, "set_alpha_to_one": True, "steps_offset": 0,
+                                             "timestep_spacing": "leading"}}
+
+
+@pytest.mark.parametrize("cfg_name", sorted(DDIM_TO_ZERO))
+@pytest.mark.parametrize("num_steps", [10, 25])
+def test_ddim_reaching_timestep_zero_matches_torch(cfg_name, num_steps, monkeypatch):
+    """Issue 26: no tested config reached prev_timestep == 0. Here the timesteps end with
+    (1000 // n, 0), so the last two steps go to alphas_cumprod[0] and to final_alpha_cumprod = 1."""
+    monkeypatch.setitem(CONFIGS, cfg_name, DDIM_TO_ZERO[cfg_name])
+    ref = torch_scheduler("ddim", DDIM_TO_ZERO[cfg_name])
+    ref.set_timesteps(num_steps)
+    assert ref.timesteps.tolist()[-2:] == [1000 // num_steps, 0] and float(ref.final_alpha_cumprod) == 1.0
+    check_case("ddim", cfg_name, num_steps)
+
+
 # ---------------------------------------------------------------------------- structure
 
 
@@ -291,6 +311,27 @@ def test_scheduler_name_from_config():
     assert S.scheduler_name_from_config({"_class_name": "LMSDiscreteScheduler"}) == "dpm++2m"
     assert S.make_scheduler(None, SD21, 10).kind == "ddim"
     assert S.make_scheduler(None, SD21, 10).prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("config, found", [({}, "None"), ({"_class_name": "LMSDiscreteScheduler"}, "'LMSDiscreteScheduler'")])
+def test_no_scheduler_name_and_no_known_class_is_one_line(config, found):
+    """name=None used to give DPM-Solver++ with defaults for a config without a known _class_name."""
+    with pytest.raises(ValueError, match=rf"scheduler: name=None takes the scheduler from the config's _class_name, "
+                                         rf"which is {found}; pass a name \(dpm\+\+2m, ddim, euler, pndm\)") as err:
+        S.make_scheduler(None, config, 8)
+    assert "\n" not in str(err.value)
+    assert S.make_scheduler("ddim", config, 8).kind == "ddim"
+
+
+def test_float64_samples_step_in_float64():
+    with jax.enable_x64(True):
+        sched = S.make_scheduler("dpm++2m", SD14, 10)
+        x = jnp.ones((1, 4, 2, 2), jnp.float64) * (1 + 1e-12)
+        state = sched.init_state(x)
+        assert state["x0_history"].dtype == jnp.float64
+        out, state = sched.step(state, x * 0.5, 0, x)
+        assert out.dtype == jnp.float64 and state["x0_history"].dtype == jnp.float64
+        assert sched.scale_model_input(state, x, 0).dtype == jnp.float64
 
 
 @pytest.mark.parametrize(

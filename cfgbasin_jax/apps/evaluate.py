@@ -10,20 +10,21 @@ line on bad input or an I/O error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from cfgbasin_jax.metrics import images as I
-from cfgbasin_jax.runs.evaluation import EvalError, evaluate, markdown_row
+from cfgbasin_jax.runs.evaluation import EvalError, check_report_path, evaluate, markdown_row
 from cfgbasin_jax.runtime import files as F
+from cfgbasin_jax.runtime.cli import OneLineParser, UsageError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> OneLineParser:
+    p = OneLineParser(
         prog="evaluate.py",
         description="Copy similarity (SSCD), CLIP score and the paper's summary row for a generation folder.",
     )
@@ -47,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> str:
-    """Every check that needs no model or image: the numbers, and that ``--out`` can be written.
-    Returns the report path. Raises EvalError naming the flag."""
+    """Every check that needs no model or image: the numbers, and that ``--out`` can be written (its
+    folder is created at the end when missing) and is none of the inputs
+    (:func:`cfgbasin_jax.runs.evaluation.check_report_path`). Returns the report path. Raises
+    EvalError naming the flag."""
     threshold = args.threshold
     if not np.isfinite(threshold) or not -1.0 <= threshold <= 1.0:
         raise EvalError(f"--threshold must be a number in [-1, 1] (a cosine similarity), got {threshold}")
@@ -62,11 +65,16 @@ def check_args(args) -> str:
         F.check_writable_file(out, "--out")
     except F.FileError as err:
         raise EvalError(str(err)) from None
+    check_report_path(out, args.gen, args.train, args.captions, args.sscd, args.clip, default=args.out is None)
     return out
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     from cfgbasin_jax.loading.hub import HubError, resolve
     from cfgbasin_jax.metrics.clip_score import ClipWeightsError
@@ -82,6 +90,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size, workers=args.workers, precision=args.precision,
             inception=args.inception, log=log,
         )
+        Path(out).parent.mkdir(parents=True, exist_ok=True)  # checked writable before computing
         F.atomic_write_text(out, json.dumps(report, indent=1))
     except (EvalError, I.ImageInputError, SSCDWeightsError, ClipWeightsError, HubError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,7 +5,7 @@ the converted directory (params restored tensor by tensor, memory-mapped files).
     $XDG_CACHE_HOME/cfgbasin_jax/converted/.<key>.lock
 
 ``key`` hashes the source's fingerprint (:func:`cfgbasin_jax.loading.model_fingerprint`: the files the
-loader reads, by content up to 1 MiB and by size + modification time above), a swapped-in UNet's
+loader reads, by content up to 1 MiB and by size, sampled content and modification time above), a swapped-in UNet's
 fingerprint, the dtype and the converted format's version: a changed source, dtype or format gets a
 new entry. Several processes (or hosts sharing the file system) loading the same source for the
 first time convert it once: the first takes the lock (:class:`cfgbasin_jax.runtime.files.LockFile`)
@@ -35,7 +35,8 @@ POLL_S = 0.2
 
 def cache_key(path, dtype, unet_path=None) -> str:
     """The cache entry's name for a diffusers folder ``path`` (+ ``unet_path``) loaded as ``dtype``."""
-    parts = [sd_folder.folder_fingerprint(path), None if unet_path is None else sd_folder.unet_fingerprint(unet_path),
+    parts = [sd_folder.folder_fingerprint(path, mtimes=True),
+             None if unet_path is None else sd_folder.unet_fingerprint(unet_path, mtimes=True),
              resolve_dtype(dtype).name, FORMAT_VERSION]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 

@@ -37,6 +37,7 @@ from flax import struct
 
 from cfgbasin_jax.method import official_cosine
 from cfgbasin_jax.method.arrays import Latents, Mask, PerSample, PerStep, Scalar
+from cfgbasin_jax.schedulers import working_dtype
 
 EPS_SIGNALS = ("j", "t", "x", "eps_u", "eps_c", "noise_diff")
 """Known after the UNet halves of step j, before the guided combine."""
@@ -77,7 +78,7 @@ class Signals(NamedTuple):
 
 
 def _flat(x: jax.Array) -> jax.Array:
-    return x.reshape(x.shape[0], -1).astype(jnp.float32)
+    return x.reshape(x.shape[0], -1).astype(working_dtype(x))
 
 
 def safe_sqrt(sq: jax.Array) -> jax.Array:
@@ -114,6 +115,12 @@ where consecutive latents are nearly parallel; ``"official"`` is the official sc
 ``1 - torch cosine_similarity``, bit for bit (:mod:`cfgbasin_jax.method.official_cosine`), whose values
 near convergence are small multiples of 2^-24 with ties. A new formula is one entry here
 (``fn(x_next, x) -> [B]``) and is then accepted as ``precision=``."""
+
+
+PER_SAMPLE_FORMULAS = frozenset({"official"})
+"""Formulas whose values follow float rounding (the official one's ties): a pass that records one
+runs the UNet one sample at a time, so a sample's signal is the same bits in any batch
+(:attr:`Detector.per_sample_unet`)."""
 
 
 def cosine_formula(precision: str) -> Callable[[Latents, Latents], PerSample]:
@@ -179,6 +186,17 @@ class Detector:
         """A detector for one more pass from the same noise, decided from this pass's trace
         (:class:`~cfgbasin_jax.method.sampler.Trace`), or None (default: a single pass)."""
         return None
+
+    def replay_needed(self, trace) -> Mask:
+        """bool [B]: the samples whose result the pass that :meth:`replay` returns would change
+        (default: all). When none does, the sampler skips that pass (``lax.cond`` under jit)."""
+        return jnp.ones(jnp.shape(trace.transition_index), bool)
+
+    @property
+    def per_sample_unet(self) -> bool:
+        """Static: this pass evaluates the UNet one sample at a time, so each sample's trajectory
+        is bit for bit the same in any batch (needed by :data:`PER_SAMPLE_FORMULAS`; default False)."""
+        return getattr(self, "precision", None) in PER_SAMPLE_FORMULAS
 
     def pass_detector(self) -> "Detector":
         """The detector the sampler runs for this pass (a multi-pass composite names its part)."""
@@ -438,6 +456,16 @@ class Gated(Detector):
     def pass_detector(self):
         return self.replace(mitigation=self.mitigation.pass_detector())
 
+    def replay_needed(self, trace):
+        """Only flagged samples follow the mitigation's replay; the others' recording pass was
+        already constant CFG, so a batch with no flagged sample skips the replay."""
+        state = trace.detector_state
+        return state.flagged & self.mitigation.replay_needed(trace._replace(detector_state=state.inner))
+
+    @property
+    def per_sample_unet(self):
+        return self.mitigation.per_sample_unet
+
     def latent_cosine(self, x_next, x):
         return self.mitigation.latent_cosine(x_next, x)
 
@@ -479,7 +507,7 @@ def exact_latent_cosine(precision: str = "stable") -> TwoPass:
 
 __all__ = [
     "COSINE_FORMULAS", "Detector", "EPS_SIGNALS", "FixedSwitch", "GATE_SCORES", "GateState", "Gated", "LATENT_COSINE_FALLBACK_INDEX", "LatentCosineMinimum",
-    "MinimumState", "NEVER", "NoiseDiffMinimum", "SIGNALS", "STEP_SIGNALS", "Signals", "TwoPass",
+    "MinimumState", "NEVER", "NoiseDiffMinimum", "PER_SAMPLE_FORMULAS", "SIGNALS", "STEP_SIGNALS", "Signals", "TwoPass",
     "broadcast", "concatenate", "cosine_distance", "cosine_formula", "describe", "exact_latent_cosine", "first_minimum_index",
     "l2_norm", "minimum_init", "replay_at_first_minimum", "strict_minimum_behind",
 ]

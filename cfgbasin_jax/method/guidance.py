@@ -46,7 +46,7 @@ class Gate:
     steps exceeds ``threshold`` follow the schedule, the others constant CFG (its ``after``).
 
     threshold: a number >= 0, an array [B], a tracer, or None (not set yet: calibrate it with
-    :func:`cfgbasin_jax.metrics.detection.calibrate_threshold`; sampling refuses None).
+    :func:`cfgbasin_jax.pipeline.calibrate_threshold`; sampling refuses None).
     steps: the score's steps (static). score: a name in
     :data:`cfgbasin_jax.method.detectors.GATE_SCORES` (static). pre_scale: the scale of steps
     ``0..steps-2``, before the flag is known (None: the CFG scale ``after``).
@@ -118,7 +118,7 @@ class Guidance:
             gate = self.gate
             if gate.threshold is None:
                 raise ValueError("guidance: the gate's threshold is not set; give one, or calibrate it on plain "
-                                 "prompts (cfgbasin_jax.metrics.detection.calibrate_threshold)")
+                                 "prompts (cfgbasin_jax.pipeline.calibrate_threshold)")
             pre = None if gate.pre_scale is None else _as_float32(gate.pre_scale)
             detector = D.Gated(mitigation=detector, threshold=_as_float32(gate.threshold), pre_scale=pre,
                                steps=gate.steps, score=gate.score)
@@ -147,6 +147,8 @@ def _as_float32(value):
 
 def finite_number(owner: str, name: str, value) -> float:
     """``float(value)``, or one ValueError ``"{owner}: {name} must be ..."`` if it is not a finite number."""
+    if np.iscomplexobj(value):
+        raise ValueError(f"{owner}: {name} must be a real number, got the complex {value!r}")
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -161,6 +163,8 @@ def _scale(name: str, value):
     if _traced(value):
         return value
     if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) > 0:
+        if np.iscomplexobj(value):
+            raise ValueError(f"guidance: {name} must be real, got a {np.asarray(value).dtype} array")
         arr = np.asarray(value, np.float64)
         if arr.ndim != 1 or arr.size == 0:
             raise ValueError(f"guidance: {name} must be a number or a 1-D array (one per sample), got shape {arr.shape}")
@@ -304,7 +308,7 @@ def gated(mitigation: Guidance, threshold, steps: int = 1, score: str = "noise_d
     ``threshold`` follows ``mitigation`` (STP, OG+STP, DTP or OG+DTP); every other sample follows
     constant CFG at the mitigation's ``after`` scale. The threshold is traced (sweeping it never
     recompiles); calibrate it on plain prompts with
-    :func:`cfgbasin_jax.metrics.detection.calibrate_threshold`.
+    :func:`cfgbasin_jax.pipeline.calibrate_threshold`.
 
     With ``steps=1`` the flag is known before the first update, so both groups follow their rule
     from the first step. With ``steps > 1`` the first ``steps - 1`` updates use ``pre_scale``
@@ -338,6 +342,8 @@ def per_step(scales) -> Guidance:
     [B,S] with one row per sample)."""
     if _traced(scales):
         return Guidance(before=scales, after=scales, rule="per_step")
+    if np.iscomplexobj(scales):
+        raise ValueError("guidance: per-step scales must be real, got complex values")
     arr = np.asarray(scales, dtype=np.float64)
     if arr.ndim not in (1, 2) or arr.size == 0:
         raise ValueError(f"guidance: per-step scales must be a non-empty [S] or [B,S] array, got shape {arr.shape}")
@@ -455,6 +461,9 @@ def plan(guidance: Guidance | Sequence[Guidance], batch: int, timesteps: Timeste
     B; all with the same detector structure). Works on concrete values and inside ``jax.jit``."""
     if isinstance(guidance, Guidance):
         return plan_batch(guidance, batch, timesteps, num_train_timesteps)
+    if isinstance(guidance, (str, bytes)) or not isinstance(guidance, Sequence):
+        raise ValueError(f"guidance: expected a Guidance (e.g. guidance.constant(7.5)) or a list of one per prompt, "
+                         f"got {type(guidance).__name__} {guidance!r}")
     items = list(guidance)
     if len(items) != batch:
         raise ValueError(f"guidance: got {len(items)} schedules for {batch} prompts")

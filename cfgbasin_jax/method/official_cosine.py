@@ -29,6 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cfgbasin_jax.method.arrays import vary, varying_axes
+
 LANES = 8  # float32 lanes of torch's AVX2 reduction kernels
 ILP = 4  # rows of vectors summed side by side (row_sum's ilp_factor)
 LEVELS = 4  # cascade levels of multi_row_sum
@@ -110,7 +112,8 @@ def torch_vector_norm(x: jnp.ndarray) -> jnp.ndarray:
     n_main = n - n % LANES
     squares = _rounded(x * x)
     vectors = jnp.moveaxis(squares[:, :n_main].reshape(b, n_main // LANES, LANES), 1, 0)
-    acc, _ = jax.lax.scan(lambda a, v: (a + v, None), jnp.zeros((b, LANES), x.dtype), vectors, unroll=8)
+    zero = vary(jnp.zeros((b, LANES), x.dtype), varying_axes(x))  # typed like x inside shard_map
+    acc, _ = jax.lax.scan(lambda a, v: (a + v, None), zero, vectors, unroll=8)
     total = acc[:, 0]
     for k in range(1, LANES):
         total = total + acc[:, k]

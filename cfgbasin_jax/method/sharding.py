@@ -3,6 +3,8 @@
 Params and the scheduler are replicated; prompts, noise, guidance plans and detector state are
 split along the batch. Each device runs its own ``lax.scan`` over its shard (so halves are skipped
 per device, exactly as pmap would), and the per-step results come back as global arrays.
+``jax.shard_map`` runs with its defaults (``check_vma=True``): the sampler types its loop state as
+varying over the mesh axes its inputs vary over, as a user's own shard_map needs too.
 """
 
 from __future__ import annotations
@@ -83,4 +85,4 @@ def sharded_sample_loop(loop: Callable, mesh: Mesh, cond_aux: bool = False) -> C
 
     data = P(AXIS)
     in_specs = (P(), P(), data, data, data, data, data, data) + ((data,) if cond_aux else ())
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=data, check_vma=False)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=data)

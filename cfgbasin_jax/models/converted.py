@@ -18,7 +18,6 @@ import contextlib
 import gc
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -54,16 +53,22 @@ def check_marker(root: Path) -> None:
 
 
 def converted_fingerprint(root) -> str:
-    """The fingerprint of a converted directory: the one stored in its marker file at conversion, or
-    (a directory written before fingerprints existed) ``files_fingerprint`` of its visible files."""
+    """The fingerprint of a converted directory: the parameter digest stored in its marker file at
+    conversion, combined with its configs, scheduler config and tokenizer files as they are now (so
+    editing one changes it; see :mod:`cfgbasin_jax.models.fingerprint`). A directory written before
+    the parameter digest was stored: its stored fingerprint combined the same way; before
+    fingerprints existed: ``files_fingerprint`` of its visible files."""
     root = Path(root)
     try:
-        stored = json.loads((root / FORMAT_FILE).read_text(encoding="utf-8")).get(fp.MARKER_KEY)
-    except (OSError, ValueError, AttributeError):
-        stored = None
-    if isinstance(stored, str) and stored:
-        return stored
-    return fp.files_fingerprint(root, fp.visible_files(root))
+        marker = json.loads((root / FORMAT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marker = None
+    stored = [marker.get(key) for key in (fp.PARAMS_KEY, fp.MARKER_KEY)] if isinstance(marker, dict) else []
+    stored = next((value for value in stored if isinstance(value, str) and value), None)
+    if stored is None:
+        return fp.files_fingerprint(root, fp.visible_files(root))
+    configs = {kind: read_model_config(root / kind) for kind in COMPONENTS}
+    return fp.combine(stored, configs, read_scheduler_config(root / "scheduler"), root / "tokenizer")
 
 
 def _restore_params(params_dir: Path, modules: dict, dtype, configs: dict | None = None) -> dict:
@@ -104,30 +109,13 @@ def check_destination(dst, sources=(), overwrite: bool = False) -> Path:
     nothing. Refused: ``dst`` equal to, inside or containing one of ``sources`` (existing paths:
     the SD folder, a --unet folder); an existing ``dst`` without ``overwrite``; with ``overwrite``,
     an existing ``dst`` that is not a converted directory (no marker file) and not empty; a parent
-    that cannot be written. Raises ConversionError naming the paths."""
-    dst = Path(dst).absolute()
-    for src in sources:
-        if src is None or not Path(src).exists():
-            continue
-        if files.is_within(dst, src):
-            where = "is" if dst.resolve() == Path(src).resolve() else "lies inside"
-            raise ConversionError(f"destination {dst} {where} the source {src}; choose another destination")
-        if files.is_within(src, dst):
-            raise ConversionError(f"destination {dst} contains the source {src}; choose another destination")
-    if dst.exists() or dst.is_symlink():
-        if not dst.is_dir():
-            raise ConversionError(f"{dst} exists and is not a directory")
-        if not overwrite:
-            raise ConversionError(f"{dst} already exists (use overwrite=True / --overwrite to replace it)")
-        if not is_converted(dst) and any(dst.iterdir()):
-            raise ConversionError(
-                f"{dst} is not a converted directory (no {FORMAT_FILE}) and is not empty; --overwrite only "
-                "replaces a directory that cfgbasin-convert wrote, so it is left alone")
+    that cannot be written (the rules of :func:`cfgbasin_jax.runtime.files.check_output_dir`, which
+    the SSCD converter shares). Raises ConversionError naming the paths."""
     try:
-        files.check_writable_dir(dst.parent, "destination")
+        return files.check_output_dir(dst, sources, overwrite, ours=is_converted,
+                                      kind=f"a converted directory (no {FORMAT_FILE})", writer="cfgbasin-convert")
     except files.FileError as err:
         raise ConversionError(str(err)) from None
-    return dst
 
 
 def _note(log, message: str) -> None:
@@ -144,7 +132,9 @@ def save_components(components: Components, dst, overwrite: bool = False, source
 
     Checks first (:func:`check_destination`, with ``components.source`` and ``sources``). Everything
     goes to a hidden sibling ``.DST.partial-HOST-PID-RANDOM`` and is renamed to `dst` at the end, so
-    `dst` is never partial. On an error, KeyboardInterrupt or SIGTERM (under
+    `dst` is never partial (:func:`cfgbasin_jax.runtime.files.building_dir`): without ``overwrite``,
+    a `dst` that another process created meanwhile is left alone (ConversionError); with it, a
+    symlink at `dst` has its target replaced. On an error, KeyboardInterrupt or SIGTERM (under
     :func:`cfgbasin_jax.runtime.files.terminate_raises`) the partial folder is removed once the writers
     have stopped; a partial folder of a killed save is removed by the next save to `dst`. An I/O
     error inside orbax is raised as OSError naming the folder. The marker file holds the model's
@@ -154,40 +144,37 @@ def save_components(components: Components, dst, overwrite: bool = False, source
     parameter with NaN/Inf values, stale folders removed); default: ``warnings.warn``.
     """
     dst = check_destination(dst, [components.source, *sources], overwrite)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    for path in files.remove_stale_partials(dst):
-        _note(log, f"removed {path}, left by an interrupted conversion")
-    tmp = dst.parent / f".{dst.name}{files.PARTIAL_TAG}{files.owner_tag()}"
-    tmp.mkdir()
     try:
-        for kind in COMPONENTS:
-            (tmp / kind).mkdir()
-            write_json(tmp / kind / "config.json", components.configs[kind])
-        (tmp / "scheduler").mkdir()
-        write_json(tmp / "scheduler" / SCHEDULER_CONFIG, components.scheduler_config)
-        save_tokenizer(components.tokenizer, tmp / "tokenizer")
-        params = {kind: components.params[kind] for kind in COMPONENTS}
-
-        hasher = fp.ParamHasher()
-        _save_params(tmp / PARAMS_DIR, params, dst, {kind: components.configs[kind] for kind in COMPONENTS},
-                     hasher.add)
-        for key, count, size in hasher.nonfinite():
-            _note(log, f"warning: parameter {key} has {count} non-finite value(s) (NaN/Inf) of {size}; "
-                       "the model will produce NaN images")
-        marker = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "dtype": jnp.dtype(components.dtype).name,
-            "source": components.source,
-            fp.MARKER_KEY: hasher.fingerprint(components.configs, components.scheduler_config, tmp / "tokenizer"),
-        }
-        write_json(tmp / FORMAT_FILE, marker)
-        files.replace_dir(tmp, dst)
-    except BaseException:
-        with files.signals_deferred():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with files.building_dir(dst, overwrite, note=lambda message: _note(log, message)) as tmp:
+            _write_components(components, tmp, dst, log)
+    except files.FileError as err:
+        raise ConversionError(str(err)) from None
     return dst
+
+
+def _write_components(components: Components, tmp: Path, dst: Path, log) -> None:
+    """Every file of the converted directory into the (partial) folder ``tmp``."""
+    for kind in COMPONENTS:
+        (tmp / kind).mkdir()
+        write_json(tmp / kind / "config.json", components.configs[kind])
+    (tmp / "scheduler").mkdir()
+    write_json(tmp / "scheduler" / SCHEDULER_CONFIG, components.scheduler_config)
+    save_tokenizer(components.tokenizer, tmp / "tokenizer")
+    params = {kind: components.params[kind] for kind in COMPONENTS}
+
+    hasher = fp.ParamHasher()
+    _save_params(tmp / PARAMS_DIR, params, dst, {kind: components.configs[kind] for kind in COMPONENTS}, hasher.add)
+    for key, count, size in hasher.nonfinite():
+        _note(log, f"warning: parameter {key} has {count} non-finite value(s) (NaN/Inf) of {size}; "
+                   "the model will produce NaN images")
+    marker = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "dtype": jnp.dtype(components.dtype).name,
+        "source": components.source,
+        **hasher.marker_fields(components.configs, components.scheduler_config, tmp / "tokenizer"),
+    }
+    write_json(tmp / FORMAT_FILE, marker)
 
 
 def _save_params(directory: Path, params: dict, dst: Path, configs: dict, on_write) -> None:

@@ -34,8 +34,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cfgbasin_jax.runs import folder as R
 from cfgbasin_jax.metrics import images as I
+from cfgbasin_jax.runs import folder as R
+from cfgbasin_jax.runtime import files as F
 
 PREFETCH_BATCHES = 2  # batches being decoded while the device runs the current one
 FID_NOTE = "FID not available: cfgbasin_jax has no Inception-v3 port yet (use pytorch-fid / clean-fid on OUTDIR/Images)"
@@ -154,6 +155,38 @@ def attach_captions(items: list[GenImage], captions: Sequence[str], source: str)
     if top >= len(captions) or min(g.index for g in items) < 0:
         raise EvalError(f"{source} has {len(captions)} captions but the generated images use prompt index {top}")
     return [dataclasses.replace(g, prompt=captions[g.index]) for g in items]
+
+
+def _is_report(path: str) -> bool:
+    """True for a report an earlier evaluation wrote (a JSON object with 'gen_dir' and 'per_image')."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "gen_dir" in data and "per_image" in data
+
+
+def check_report_path(out: str, gen_dir: str, train_dir=None, captions=None, sscd_dir=None, clip_dir=None,
+                      default: bool = False) -> None:
+    """Refuse (EvalError naming ``--out``) a report path that would overwrite or lie among the
+    inputs: the --captions file; anything inside --train, --sscd, --clip or GEN/Images; inside GEN,
+    a run file (config.json, metadata*.jsonl) or any existing file that is not an earlier report.
+    A new file in GEN or an earlier report there is fine. The ``default`` path (GEN/eval.json, not
+    chosen by the user) is held to the GEN rules only (--train may be GEN itself)."""
+    if captions and os.path.exists(captions) and os.path.realpath(out) == os.path.realpath(captions):
+        raise EvalError(f"--out {out} is the --captions file; choose another path")
+    folders = [("--train", train_dir), ("--sscd", sscd_dir), ("--clip", clip_dir)] if not default else []
+    folders.append(("--gen", os.path.join(gen_dir, R.IMAGES_DIR)))
+    for flag, folder in folders:
+        if folder and os.path.isdir(folder) and F.is_within(out, folder):
+            raise EvalError(f"--out {out} lies inside {flag} {folder} (an input); choose another path")
+    if F.is_within(out, gen_dir):
+        name = os.path.basename(out)
+        run_file = name == R.CONFIG_FILE or (name.startswith("metadata") and name.endswith(".jsonl"))
+        if run_file or (os.path.lexists(out) and not _is_report(out)):
+            raise EvalError(f"--out {out} is a file of the generation folder --gen {gen_dir} (an input); "
+                            "choose another path (default: GEN/eval.json)")
 
 
 # ----------------------------------------------------------------------------- batched embedding

@@ -25,6 +25,9 @@ line (the last), which every reader skips (:func:`read_metadata_file`, the one p
 format) and the next writer cuts off. A write that fails (full disk, read-only mount) removes its
 temporary file and cuts its partial metadata line before the error is raised.
 
+A record's ``file`` must lie inside OUTDIR (relative, no ``..``, no symlink leading out): anything
+else is a corrupt record, refused with one line naming it, never counted as done nor read.
+
 A different configuration (``identity``) in an existing OUTDIR is refused, never mixed.
 """
 
@@ -241,7 +244,29 @@ def _check_record(rec, where: str, required) -> dict:
         raise RunError(f"{where}: 'prompt' must be a string, got {rec['prompt']!r}")
     if "file" in rec and not isinstance(rec["file"], str):
         raise RunError(f"{where}: 'file' must be a string, got {rec['file']!r}")
+    if "file" in rec and not _relative_inside(rec["file"]):
+        raise RunError(f"{where}: 'file' {rec['file']!r} is not a path inside the run folder (a corrupt record)")
     return rec
+
+
+def _relative_inside(file: str) -> bool:
+    """A non-empty relative path without '..' (lexically inside the folder it is relative to)."""
+    parts = Path(file).parts
+    return bool(parts) and not Path(file).is_absolute() and not file.startswith(("/", "\\")) and ".." not in parts
+
+
+def check_record_paths(records: Iterable[dict], outdir, where) -> None:
+    """RunError naming ``where`` and the record when a record's ``file``, symlinks resolved, lies
+    outside OUTDIR (or outside its Images/ folder, wherever that links to): a corrupt record, never
+    trusted as a finished image nor read."""
+    roots = [Path(outdir).resolve(), (Path(outdir) / IMAGES_DIR).resolve()]
+    for rec in records:
+        if "file" not in rec:
+            continue
+        target = (Path(outdir) / rec["file"]).resolve()
+        if not any(target == root or root in target.parents for root in roots):
+            raise RunError(f"{where}: record of index {rec.get('index')!r}: file {rec['file']!r} resolves to "
+                           f"{target}, outside {Path(outdir).absolute()} (a corrupt record)")
 
 
 def parse_metadata(data: bytes, path, required=REQUIRED_KEYS) -> tuple[list[dict], int, bool]:
@@ -274,10 +299,12 @@ def parse_metadata(data: bytes, path, required=REQUIRED_KEYS) -> tuple[list[dict
 
 
 def read_metadata_file(path, required=REQUIRED_KEYS, on_skip=None) -> list[dict]:
-    """Records of one metadata file (see :func:`parse_metadata`). ``on_skip(message)`` is told when
-    a cut-off last line is skipped. Every reader of metadata.jsonl uses this."""
+    """Records of one metadata file (see :func:`parse_metadata`), each one's ``file`` checked to lie
+    inside the file's folder (:func:`check_record_paths`). ``on_skip(message)`` is told when a
+    cut-off last line is skipped. Every reader of metadata.jsonl uses this."""
     path = Path(path)
     records, _, skipped = parse_metadata(path.read_bytes(), path, required)
+    check_record_paths(records, path.parent, path)
     if skipped and on_skip is not None:
         on_skip(f"{path}: skipped a cut-off last line (left by a killed run)")
     return records
