@@ -1,6 +1,6 @@
 """The paper's command lines (cfgbasin_jax.apps.generate, scripts/generate_test_dataset_*.py) on tiny models:
 the seed commands, outputs, resume (in-process and kill -9 in a subprocess), configuration check,
-bad input. In-process runs share one loaded pipeline per model (cli.cached_pipeline)."""
+bad input. In-process runs share one loaded pipeline per model (runs.runner.PIPELINES)."""
 
 import json
 import os
