@@ -218,6 +218,10 @@ class ClipTokenizer:
             rows, masks = rows[0], masks[0]
         return Encoded(input_ids=rows, attention_mask=masks)
 
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        """The vocabulary entries of ``ids`` (BPE tokens, ``</w>`` marking a word's end)."""
+        return [self.backend_tokenizer.id_to_token(int(i)) for i in ids]
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         text = self.backend_tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return text.replace("</w>", " ").strip()
