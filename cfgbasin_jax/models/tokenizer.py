@@ -218,6 +218,10 @@ class ClipTokenizer:
             rows, masks = rows[0], masks[0]
         return Encoded(input_ids=rows, attention_mask=masks)
 
+    def tokenize(self, text: str) -> list[str]:
+        """The BPE tokens of ``text`` (no BOS/EOS), as transformers' ``tokenize`` gives them."""
+        return self.convert_ids_to_tokens(self.backend_tokenizer.encode(text).ids[1:-1])
+
     def convert_ids_to_tokens(self, ids) -> list[str]:
         """The vocabulary entries of ``ids`` (BPE tokens, ``</w>`` marking a word's end)."""
         return [self.backend_tokenizer.id_to_token(int(i)) for i in ids]
