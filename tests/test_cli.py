@@ -72,6 +72,7 @@ def test_stp_seed_command(tiny_sd1, tmp_path, monkeypatch):
     assert s.guidance == G.static_transition(500, 0.0, 7.5)
     assert (s.label, s.img_size, s.num_inference_steps, s.scheduler, s.seed) == ("stp", 256, 50, "dpm++2m", 42)
     assert (s.start_iter, s.end_iter, s.prompt_set.exp, s.batch_size) == (0, 10000, "laion10k", 1)
+    assert s.pixels == "truncate"  # the official scripts' uint8 conversion
     assert s.model == Path(tiny_sd1.path).resolve() and s.outdir == out and not out.exists()
 
     # the same command run at tiny size: 5 prompts, 6 steps, 16 px
@@ -102,7 +103,7 @@ def test_stp_seed_command(tiny_sd1, tmp_path, monkeypatch):
     g = G.static_transition(500, 0.0, 7.5)
     for batch in ([0, 1], [4, 4]):
         res = pipe.generate([expected[i] for i in batch], guidance=g, num_inference_steps=STEPS, seed=42, height=16,
-                            width=16, scheduler="dpm++2m", progress=False, sample_indices=batch)
+                            width=16, scheduler="dpm++2m", progress=False, sample_indices=batch, pixels="truncate")
         assert np.array_equal(png(out / f"Images/{batch[0]}.png"), res.images[0])
         assert recs[batch[0]]["noise_diff"] == nan_to_none(res.noise_diff[0])
 

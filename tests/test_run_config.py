@@ -52,7 +52,7 @@ def test_every_field_is_declared_and_the_identity_follows_the_declarations():
     keys = [f.metadata["key"] or f.name for f in C.identity_fields()]
     # the identity config.json has always stored (f0ec935), restated
     assert sorted(keys) == sorted(["method", "model", "model_fingerprint", "unet_path", "unet_fingerprint",
-                                   "batch_size", "dtype", "guidance", "scheduler", "num_inference_steps", "img_size",
+                                   "batch_size", "dtype", "pixels", "guidance", "scheduler", "num_inference_steps", "img_size",
                                    "seed", "exp", "prompt_source", "baselines", "gate_calibration"])
 
 

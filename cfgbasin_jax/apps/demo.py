@@ -66,7 +66,7 @@ def load_demo_pipeline(model: str | None, log=print):
 
     path = _resolve_model(model) if model else SHIPPED_MODEL
     if is_pixel_model(path):
-        return Pipeline(load_pixel_components(path)), f"toy model {path}", True
+        return Pipeline(load_pixel_components(path), compilation_cache=True), f"toy model {path}", True
     if model:
         raise ValueError(f"--model {model}: not a pixel-model folder (needs model.json + params.safetensors)")
     from cfgbasin_jax.models.tiny import random_components
@@ -76,7 +76,7 @@ def load_demo_pipeline(model: str | None, log=print):
         "cfgbasin_jax.models.tiny.random_components(): a RANDOM untrained model. The numbers below say "
         "nothing about memorization."
     )
-    return Pipeline(random_components()), "random tiny model (fallback: shipped toy weights missing)", False
+    return Pipeline(random_components(), compilation_cache=True), "random tiny model (fallback: shipped toy weights missing)", False
 
 
 def method_guidance(name: str, scale: float, stp_t: int | None, og_t: int | None, og_scale: float, threshold=None,

@@ -52,6 +52,7 @@ import sys
 
 from cfgbasin_jax.method import guidance as G
 from cfgbasin_jax.method import registry as M
+from cfgbasin_jax.pipeline import PIXEL_RULES
 from cfgbasin_jax.runs import config as C
 from cfgbasin_jax.runs import distributed as D
 from cfgbasin_jax.runs import folder as R
@@ -133,6 +134,9 @@ def build_parser(prog: str = PROG, method: str | None = None) -> argparse.Argume
     add("--batch_size", type=int, default=1, help="images per compiled batch")
     add("--seed", type=int, default=42, help="noise of image i is drawn from (seed, i)")
     add("--dtype", default="float32", choices=C.DTYPES)
+    add("--pixels", default=C.SCRIPT_PIXELS, choices=PIXEL_RULES,
+        help="uint8 conversion of the decoded images: truncate (the official scripts' (x*255).to(uint8), default) "
+             "or round (diffusers', the library default)")
     add("--og_mode", default=None, choices=G.MODES, help="og-dtp: exact (two passes, default) or causal")
     add("--og_precision", default=None, choices=G.PRECISIONS,
         help="og-dtp latent-cosine signal: stable (default, smooth float32 formula) or official (the official "

@@ -28,6 +28,9 @@ from cfgbasin_jax.runtime import files as F
 ENV_BASE_MODEL = "CFGBASIN_BASE_MODEL"
 HUB_DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DTYPES = ("float32", "bfloat16", "float16")
+SCRIPT_PIXELS = "truncate"
+"""The paper scripts' uint8 conversion: the official ``(x * 255).to(torch.uint8)`` (the library rounds;
+see :data:`cfgbasin_jax.pipeline.PIXEL_RULES`)."""
 PLOT_MODES = ("none", "run", "images")
 PROGRESS_MODES = ("none", "images", "steps")
 SEED_RANGE = (0, 2**32 - 1)  # jax.random.PRNGKey keeps 32 bits: 2**32 would repeat seed 0
@@ -116,6 +119,7 @@ class RunConfig:
     unet_fingerprint: str | None = identity()
     batch_size: int = identity()
     dtype: str = identity()
+    pixels: str = identity()  # uint8 conversion: "truncate" (the official scripts') or "round"
     guidance: G.Guidance = identity(encode=G.Guidance.describe)
     scheduler: str = identity()
     num_inference_steps: int = identity()
@@ -415,7 +419,7 @@ def from_flags(flags: Mapping[str, Any], method=None, given=(), argv=(), env=Non
     return RunConfig(
         label=m.recorded_name(guidance.before), model=model, model_fingerprint=loading.model_fingerprint(model),
         unet_path=unet, unet_fingerprint=None if unet is None else loading.unet_fingerprint(unet),
-        batch_size=f["batch_size"], dtype=f["dtype"], guidance=guidance, scheduler=scheduler,
+        batch_size=f["batch_size"], dtype=f["dtype"], pixels=f["pixels"], guidance=guidance, scheduler=scheduler,
         num_inference_steps=f["num_inference_steps"], img_size=f["img_size"], seed=f["seed"], exp=prompt_set.exp,
         prompt_source=prompt_set.source, hook=hook, gate_calibration=calibration, method=m, outdir=outdir,
         prompt_set=prompt_set, start_iter=start, end_iter=end, process=process,

@@ -145,7 +145,7 @@ class Run:
         """Pipeline.generate arguments of every batch (its default devices are this process's)."""
         c = self.c
         return dict(num_inference_steps=c.num_inference_steps, seed=c.seed, height=c.img_size, width=c.img_size,
-                    scheduler=c.scheduler, progress=c.progress == "steps")
+                    scheduler=c.scheduler, pixels=c.pixels, progress=c.progress == "steps")
 
     def execute(self) -> int:
         from cfgbasin_jax.runtime import compile_cache
