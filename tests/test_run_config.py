@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_faults import env_cpu, in_namespace, namespaces  # noqa: F401  (namespaces: a fixture)
+from test_faults import one_error_line as one_line
+
 from cfgbasin_jax.apps import generate as cli
 from cfgbasin_jax.method import guidance as G
 from cfgbasin_jax.method import registry as M
@@ -23,20 +26,6 @@ from cfgbasin_jax.runs import runner
 
 FAST = ["--num_inference_steps", "3", "--img_size", "16", "--batch_size", "1", "--progress", "none", "--plot", "none",
         "--no_compilation_cache"]
-
-
-def env_cpu() -> dict:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
-def one_line(err: str, prog: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err[-3000:]
-    return lines[0]
 
 
 def config_of(argv, method="cfg") -> C.RunConfig:
@@ -246,24 +235,16 @@ def test_demo_bad_method_is_one_line(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_demo_on_a_full_disk_names_the_path_and_leaves_no_grids(tmp_path):
+def test_demo_on_a_full_disk_names_the_path_and_leaves_no_grids(namespaces, tmp_path):
     """Issue 26, item 10: the demo's full-disk message named no path and left grids without report.md.
     Its outputs are written all or nothing (report.md last); the error names the file."""
-    try:
-        probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=8k tmpfs /mnt"],
-                               capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        pytest.skip(f"no unshare: {err}")
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs in a user namespace: {probe.stderr.strip()}")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     demo = " ".join([sys.executable, "-m", "cfgbasin_jax.apps.demo", "--methods", "CFG", "--num_mem_prompts", "2",
                      "--num_plain_prompts", "2", "--samples_per_prompt", "2", "--num_inference_steps", "3",
                      "--outdir", f"{mnt}/out"])
     script = f"mount -t tmpfs -o size=24k tmpfs {mnt} || exit 99\n{demo} 2> {tmp_path}/err; echo rc=$?\nls -a {mnt}/out"
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env_cpu(),
-                          timeout=600)
+    done = in_namespace(script)
     assert "rc=2" in done.stdout, (tmp_path / "err").read_text()[-3000:]
     line = one_line((tmp_path / "err").read_text(), "cfgbasin-demo")
     assert f"{mnt}/out/" in line and "No space left on device" in line
