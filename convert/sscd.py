@@ -32,7 +32,7 @@ import numpy as np
 from cfgbasin_jax.convert.weights import torch_load
 from cfgbasin_jax.models.errors import ConversionError
 from cfgbasin_jax.models.sscd import CONFIG_NAME, SSCDConfig, SSCDWeightsError, check_params, save_sscd
-from cfgbasin_jax.runtime import files
+from cfgbasin_jax.runtime import files, folders
 from cfgbasin_jax.runtime.cli import OneLineParser, UsageError, fail, interrupted
 
 PROG = "cfgbasin-convert sscd"
@@ -246,9 +246,9 @@ def verify(module, config: SSCDConfig, params: dict, size: int = 64, seed: int =
 
 def check_destination(dst, sources=(), overwrite: bool = False) -> Path:
     """Absolute ``dst`` after checking that an SSCD folder may be written there: the rules of the
-    SD conversion (:func:`cfgbasin_jax.runtime.files.check_output_dir`; with ``overwrite`` only a
+    SD conversion (:func:`cfgbasin_jax.runtime.folders.check_output_dir`; with ``overwrite`` only a
     folder holding ``sscd_config.json`` is replaced). Raises FileError naming the paths."""
-    return files.check_output_dir(dst, sources, overwrite, ours=lambda p: (Path(p) / CONFIG_NAME).is_file(),
+    return folders.check_output_dir(dst, sources, overwrite, ours=lambda p: (Path(p) / CONFIG_NAME).is_file(),
                                   kind=f"an SSCD folder (no {CONFIG_NAME})", writer="cfgbasin-convert sscd")
 
 
@@ -256,7 +256,7 @@ def convert_file(path: str, dst: str, gem_p: float | None = None, bn_eps: float 
                  overwrite: bool = False) -> SSCDConfig:
     """TorchScript / state-dict file -> Flax SSCD folder ``dst``. Returns the config. ``dst`` is
     checked first (:func:`check_destination`) and written whole or not at all
-    (:func:`cfgbasin_jax.runtime.files.building_dir`)."""
+    (:func:`cfgbasin_jax.runtime.folders.building_dir`)."""
     dst = check_destination(dst, [path], overwrite)
     state, module = load_torch_file(path)
     found_p = gem_p_from_module(module)
@@ -270,7 +270,7 @@ def convert_file(path: str, dst: str, gem_p: float | None = None, bn_eps: float 
                 f"converted model disagrees with {path} (max diff {err:.3e} > {VERIFY_TOL}); "
                 "check --gem-p / --bn-eps, or pass --no-verify to write anyway"
             )
-    with files.building_dir(dst, overwrite) as tmp:
+    with folders.building_dir(dst, overwrite) as tmp:
         save_sscd(str(tmp), config, params)
     return config
 

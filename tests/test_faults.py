@@ -349,7 +349,7 @@ def test_interrupted_conversions_leave_no_debris(tiny_sd1, tmp_path):
 
 
 def test_partial_folders_of_running_conversions_are_kept(tmp_path):
-    from cfgbasin_jax.runtime.files import remove_stale_partials
+    from cfgbasin_jax.runtime.folders import remove_stale_partials
 
     host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

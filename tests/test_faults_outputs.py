@@ -119,7 +119,7 @@ def test_overwrite_through_a_symlink_replaces_its_target_and_leaves_nothing(tiny
     assert marker_file(real / "dst")["source"] == str(tiny_sd2.path) and marker_file(real / "dst")["fingerprint"] != first
     assert os.listdir(links) == ["link"] and os.listdir(real) == ["dst"]
 
-    from cfgbasin_jax.runtime.files import remove_stale_partials
+    from cfgbasin_jax.runtime.folders import remove_stale_partials
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

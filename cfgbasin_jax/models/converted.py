@@ -29,7 +29,7 @@ from cfgbasin_jax.models.components import (COMPONENTS, SCHEDULER_CONFIG, Compon
                                             read_model_config, read_scheduler_config, write_json)
 from cfgbasin_jax.models.errors import ConversionError
 from cfgbasin_jax.models.tokenizer import save_tokenizer
-from cfgbasin_jax.runtime import files
+from cfgbasin_jax.runtime import files, folders
 
 FORMAT_FILE = "cfgbasin_jax.json"
 FORMAT_NAME = "cfgbasin_jax.stable_diffusion"
@@ -109,10 +109,10 @@ def check_destination(dst, sources=(), overwrite: bool = False) -> Path:
     nothing. Refused: ``dst`` equal to, inside or containing one of ``sources`` (existing paths:
     the SD folder, a --unet folder); an existing ``dst`` without ``overwrite``; with ``overwrite``,
     an existing ``dst`` that is not a converted directory (no marker file) and not empty; a parent
-    that cannot be written (the rules of :func:`cfgbasin_jax.runtime.files.check_output_dir`, which
+    that cannot be written (the rules of :func:`cfgbasin_jax.runtime.folders.check_output_dir`, which
     the SSCD converter shares). Raises ConversionError naming the paths."""
     try:
-        return files.check_output_dir(dst, sources, overwrite, ours=is_converted,
+        return folders.check_output_dir(dst, sources, overwrite, ours=is_converted,
                                       kind=f"a converted directory (no {FORMAT_FILE})", writer="cfgbasin-convert")
     except files.FileError as err:
         raise ConversionError(str(err)) from None
@@ -132,7 +132,7 @@ def save_components(components: Components, dst, overwrite: bool = False, source
 
     Checks first (:func:`check_destination`, with ``components.source`` and ``sources``). Everything
     goes to a hidden sibling ``.DST.partial-HOST-PID-RANDOM`` and is renamed to `dst` at the end, so
-    `dst` is never partial (:func:`cfgbasin_jax.runtime.files.building_dir`): without ``overwrite``,
+    `dst` is never partial (:func:`cfgbasin_jax.runtime.folders.building_dir`): without ``overwrite``,
     a `dst` that another process created meanwhile is left alone (ConversionError); with it, a
     symlink at `dst` has its target replaced. On an error, KeyboardInterrupt or SIGTERM (under
     :func:`cfgbasin_jax.runtime.files.terminate_raises`) the partial folder is removed once the writers
@@ -145,7 +145,7 @@ def save_components(components: Components, dst, overwrite: bool = False, source
     """
     dst = check_destination(dst, [components.source, *sources], overwrite)
     try:
-        with files.building_dir(dst, overwrite, note=lambda message: _note(log, message)) as tmp:
+        with folders.building_dir(dst, overwrite, note=lambda message: _note(log, message)) as tmp:
             _write_components(components, tmp, dst, log)
     except files.FileError as err:
         raise ConversionError(str(err)) from None
