@@ -216,10 +216,14 @@ def our_row(pipe, method: str, batch: int, steps: int, side: int) -> dict:
 
 def torch_pipeline(configs: dict, tokenizer, device: str):
     """diffusers' StableDiffusionPipeline in float16 (float32 on CPU), seeded random weights."""
+    import tempfile
+
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    with tempfile.TemporaryDirectory() as folder:  # diffusers wants transformers' tokenizer, not ours
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer.save_pretrained(folder)), local_files_only=True)
     dtype = torch.float16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(
