@@ -148,6 +148,7 @@ def test_shapes_come_from_the_checkpoint_only_for_its_own_configs(tiny_sd1_conve
     assert sorted(traced) == sorted(COMPONENTS)  # configs changed since: checked against the modules
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's unawaited reads after the failure
 def test_params_that_do_not_fit_are_refused(tiny_sd1_converted, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_sd1_converted, bad)
@@ -166,6 +167,7 @@ def test_params_that_do_not_fit_are_refused(tiny_sd1_converted, tmp_path):
         load_components(bad)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's unawaited reads after the failure
 def test_bfloat16_load_halves_the_params_end_to_end(tiny_sd1_converted):
     full = cfgbasin_jax.load_pipeline(tiny_sd1_converted, dtype="float32")
     before = {a.unsafe_buffer_pointer() for a in jax.live_arrays()}
@@ -266,6 +268,7 @@ def test_a_second_process_loads_its_compilations_from_the_default_cache(tiny_sd1
     assert second["hits"] >= first["misses"] and second["misses"] == 0
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's unawaited reads after the failure
 def test_a_read_failing_while_streaming_leaves_nothing(tiny_sd1, tmp_path, monkeypatch):
     calls = []
     read = weights.StateDict.read

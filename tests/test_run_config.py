@@ -216,8 +216,9 @@ def test_gated_report_under_padding(pipe_sd1):
     score and flag have length 5 and equal the unchunked run's."""
     prompts = list(P.imagenette_prompts()[:5])
     kwargs = dict(num_inference_steps=3, seed=0, height=16, width=16, scheduler="ddim", progress=False, decode=False)
-    probe = np.sort(pipe_sd1.generate(prompts, G.constant(7.5), **kwargs).noise_diff[:, 0])
-    g = M.guidance("gated-stp", threshold=float(probe[2] + probe[3]) / 2)  # between two scores: no tie
+    open_gate = M.guidance("gated-stp", threshold=float(np.finfo(np.float32).max))  # flags none: the scores
+    probe = np.sort(pipe_sd1.generate(prompts, open_gate, **kwargs).gate_score)  # same program as the runs below
+    g = G.with_threshold(open_gate, float(probe[2] + probe[3]) / 2)  # between two scores: no tie
     whole = pipe_sd1.generate(prompts, g, **kwargs)
     chunked = pipe_sd1.generate(prompts, g, batch_size=2, **kwargs)
     assert whole.gate_score.shape == chunked.gate_score.shape == (5,)
