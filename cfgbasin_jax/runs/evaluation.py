@@ -41,6 +41,10 @@ from cfgbasin_jax.runtime import files as F
 PREFETCH_BATCHES = 2  # batches being decoded while the device runs the current one
 FID_NOTE = "FID not available: cfgbasin_jax has no Inception-v3 port yet (use pytorch-fid / clean-fid on OUTDIR/Images)"
 
+# Defaults shared by sscd_similarity, clip_similarity and evaluate (images per batch, image-reading threads, matmul
+# precision, nearest-neighbour chunks of queries and keys).
+BATCH_SIZE, WORKERS, PRECISION, QUERY_CHUNK, KEY_CHUNK = 32, 8, "highest", 1024, 4096
+
 
 class EvalError(ValueError):
     """Bad evaluation input; the message names the flag, folder or file."""
@@ -266,11 +270,11 @@ def sscd_similarity(
     train_paths: Sequence[str],
     sscd_dir: str,
     preset: str = "sscd",
-    batch_size: int = 32,
-    workers: int = 8,
-    precision: str = "highest",
-    query_chunk: int = 1024,
-    key_chunk: int = 4096,
+    batch_size: int = BATCH_SIZE,
+    workers: int = WORKERS,
+    precision: str = PRECISION,
+    query_chunk: int = QUERY_CHUNK,
+    key_chunk: int = KEY_CHUNK,
     log: Callable[[str], None] = print,
 ) -> tuple[np.ndarray, np.ndarray]:
     """-> (max cosine similarity to the training set float32 [N], index of the match int32 [N])."""
@@ -305,9 +309,9 @@ def clip_similarity(
     gen_paths: Sequence[str],
     prompts: Sequence[str],
     clip_dir: str,
-    batch_size: int = 32,
-    workers: int = 8,
-    precision: str = "highest",
+    batch_size: int = BATCH_SIZE,
+    workers: int = WORKERS,
+    precision: str = PRECISION,
     log: Callable[[str], None] = print,
 ) -> np.ndarray:
     """-> raw cosine float64 [N] between each generated image and its prompt."""
@@ -355,11 +359,11 @@ def evaluate(
     metrics: Sequence[str] | None = None,
     threshold: float = 0.5,
     sscd_preprocess: str = "sscd",
-    batch_size: int = 32,
-    workers: int = 8,
-    precision: str = "highest",
-    query_chunk: int = 1024,
-    key_chunk: int = 4096,
+    batch_size: int = BATCH_SIZE,
+    workers: int = WORKERS,
+    precision: str = PRECISION,
+    query_chunk: int = QUERY_CHUNK,
+    key_chunk: int = KEY_CHUNK,
     inception: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
