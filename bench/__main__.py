@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cfgbasin_jax.method.registry import BENCH
 
-SECTIONS = ("table", "overhead", "dtp", "percall", "compile")
+SECTIONS = ("table", "overhead", "dtp", "percall", "compile", "profile")
 FULL_CONFIGS = ("sd15", "sd21")
 # Defaults that differ on a full-size model (--config sd15 / sd21): few steps, batch 1, one round.
 FULL_DEFAULTS = {"runners": "ours,torch_loop,torch_pipe", "repeats": 1, "loop_images": 1, "pin": "none", "steps": 3,
@@ -159,6 +159,10 @@ def run(args, log=print) -> dict:
 
                 result.setdefault("compile", {})[name] = full.compile_section(
                     models.folder, Path(tmp), size.latent * models.pipe.vae_scale_factor, steps, batch, log=log)
+            if "profile" in sections:
+                from bench import full
+
+                result.setdefault("profile", {})[name] = full.profile_section(models, args.repeats, log=log)
             if "dtp" in sections:
                 batches = [int(b) for b in args.dtp_batches.split(",")]
                 result.setdefault("dtp", {})[name] = harness.dtp_batches(

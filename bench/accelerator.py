@@ -265,7 +265,7 @@ def _f(value, fmt="{:.3g}"):
 def markdown(info: dict) -> str:
     lines = [f"### Accelerator run ({info['date']})", "",
              f"Device: {info['device']}; JAX backend {info['backend']}; jax {info['jax']}, torch {info['torch']}, "
-             f"diffusers {info['diffusers']}", "",
+             f"diffusers {info['diffusers']}", "", f"Host: {info['host']}", "",
              f"Command: `{info['command']}` ({info['wall_s']:.0f} s)", "",
              f"Model: {info['model']}; {info['side']}x{info['side']}, {info['steps']} DDIM steps, ours in "
              f"{info['dtype']}, VAE decode included; attention: {info['attention']}", ""]
@@ -318,7 +318,10 @@ def run(args, log=print) -> dict:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = "absent"
+    from bench import measure
+
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "backend": backend,
+            "host": measure.machine_line(measure.machine()),
             "device": jax.devices()[0].device_kind, "command": "python -m bench.accelerator " + " ".join(
                 shlex.quote(a) for a in (sys.argv[1:] if sys.argv[0].endswith(("accelerator.py", "accelerator")) else [])),
             "dtype": args.dtype, "steps": args.steps, "rows": [], "torch_rows": {}, **versions}

@@ -34,7 +34,10 @@ def main() -> None:
     n = len(jax.local_devices())
     counts = [c for c in (1, 2, 4, 8) if c <= n]
     rates = {c: images_per_second(pipe, c) for c in counts}
+    from bench import measure
+
     print(f"{jax.devices()[0].platform}, {n} local device(s); DTP, tiny sd1 model, batch 8, 20 DDIM steps")
+    print(f"Host: {measure.machine_line(measure.machine())}")
     print("| devices | images/s | vs 1 device |\n|---|---|---|")
     for c, r in rates.items():
         print(f"| {c} | {r:.2f} | {r / rates[1]:.2f}x |")

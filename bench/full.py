@@ -16,6 +16,9 @@ Sections (``--sections``, default all of them except the ones marked optional):
   table     the table of ``python -m bench`` (our sampler, the official-structure PyTorch loop,
             diffusers' PyTorch pipeline; diffusers' Flax pipeline with ``--runners``) at batch
             ``--batch`` and ``--steps`` steps, in this process
+  profile   one CFG step's UNet call split into convolutions, self- and cross-attention, group
+            norms and the rest, ours and PyTorch's; FLOP/s against the measured peak
+            (:mod:`bench.profile`), in this process
 
 The model is built once (random weights, :mod:`bench.fullsize`) under ``--cache-dir`` and converted
 there (``<cache>/<config>.converted``); the measured conversion writes to a scratch folder beside it.
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from bench import fullsize, jobs
 
-SECTIONS = ("convert", "load", "memory", "compile", "table")
+SECTIONS = ("convert", "load", "memory", "compile", "table", "profile")
 NOTES = [
     "read from disk: the files' pages dropped from the page cache first (posix_fadvise DONTNEED), then read "
     "through one reused 64 MiB buffer; from the page cache: the same, read again",
@@ -140,14 +143,22 @@ def compile_section(converted: Path, scratch: Path, side: int, steps: int, batch
     }
 
 
-def table_section(name: str, source: Path, converted: Path, args, log=print) -> dict:
+def table_section(name: str, models, args, log=print) -> dict:
     from bench import harness
 
-    models = bench_models(name, source, converted, log=log)
     tab = harness.table(models, args.methods.split(","), args.batch, args.steps, args.loop_images,
                         args.repeats, tuple(args.runners.split(",")), sweep=False, log=log)
     return {"size": {"name": name, "description": fullsize.DESCRIPTIONS[name], "latent": models.size.latent,
                      "unet_params_m": models.unet_params_m, "parity": models.parity}, "table": tab}
+
+
+def profile_section(models, repeats: int, log=print) -> dict:
+    """bench.profile.profile_section on the models of the table (our UNet and PyTorch's, same weights)."""
+    from bench import profile
+
+    pipe = models.pipe
+    return profile.profile_section(pipe.unet, pipe.params["unet"], models.torch_unet, models.size.latent,
+                                   models.configs["unet"]["cross_attention_dim"], repeats=max(repeats, 2), log=log)
 
 
 def bench_models(name: str, source: Path, converted: Path, log=print):
@@ -202,11 +213,17 @@ def run(args, result: dict, log=print) -> dict:
         if "compile" in sections:
             log(f"{name}: compile")
             out["compile"] = compile_section(converted, scratch, side, args.memory_steps, log=log)
+        models = None
+        if "table" in sections or "profile" in sections:
+            models = bench_models(name, source, converted, log=log)
         if "table" in sections:
             log(f"{name}: table")
-            sized = table_section(name, source, converted, args, log)
+            sized = table_section(name, models, args, log)
             result["sizes"][name] = sized["size"]
             result.setdefault("table", {})[name] = sized["table"]
+        if "profile" in sections:
+            log(f"{name}: profile")
+            result.setdefault("profile", {})[name] = profile_section(models, args.repeats, log)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     out["wall_s"] = time.time() - started

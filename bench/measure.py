@@ -114,8 +114,11 @@ def median_ratio(a: list, b: list) -> float:
 
 
 def machine() -> dict:
-    """CPU model, core count, affinity, load, memory, accelerator, library versions."""
+    """CPU model, vendor, ISA level and flags, core count, affinity, load, memory, accelerator,
+    library versions."""
     import jax
+
+    from cfgbasin_jax.runtime.cpu import host_cpu, isa_level
 
     info = {
         "cpu": platform.processor() or platform.machine(),
@@ -126,13 +129,8 @@ def machine() -> dict:
         "jax_backend": jax.default_backend(),
         "jax_devices": [d.device_kind for d in jax.devices()],
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            info["cpu"] = names[0]
-    except OSError:
-        pass
+    cpu = host_cpu()
+    info.update(cpu=cpu.model, cpu_vendor=cpu.vendor, cpu_isa=isa_level(cpu), cpu_flags=list(cpu.isa_flags))
     try:
         with open("/proc/meminfo") as f:
             total_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
@@ -156,7 +154,9 @@ def machine_line(info: dict) -> str:
     load = info.get("load_avg_start", info.get("load_avg"))
     load_end = info.get("load_avg_end")
     load_text = f"load avg {load[0]}" + (f" -> {load_end[0]}" if load_end else "")
+    isa = (f" ({info['cpu_vendor'] or 'vendor ?'}; ISA {info['cpu_isa']}: {' '.join(info['cpu_flags']) or 'none'})"
+           if "cpu_isa" in info else "")
     return (
-        f"{info.get('cpu')}, {info.get('cores')} cores, {info.get('memory_gb', '?')} GB, "
+        f"{info.get('cpu')}{isa}, {info.get('cores')} cores, {info.get('memory_gb', '?')} GB, "
         f"JAX backend {info.get('jax_backend')} ({devices}), {info.get('setting', '')}; {load_text}; {versions}"
     )

@@ -171,11 +171,52 @@ def compile_line(name: str, cp: dict) -> str:
             f"{b['backend_s']:.1f} s); load avg {cp['load_avg'][0]}")
 
 
+PROFILE_ROWS = (("conv", "convolutions"), ("self_attention", "self-attention (attn1)"),
+                ("cross_attention", "cross-attention (attn2)"), ("group_norm", "group norms"), ("rest", "the rest"))
+
+
+def profile_table(result: dict) -> list:
+    """Where one CFG step's UNet call spends its time, ours and PyTorch's; FLOP/s against the peak."""
+    lines = []
+    for name, p in result.get("profile", {}).items():
+        ours, theirs, peak, fl = p["ours"], p["torch"], p["peak"], p["ours"]["flops"]
+        rows = [[label + (f" ({ours['calls'][key]} calls)" if key in ours["calls"] else ""),
+                 _f(ours[f"{key}_s"], "{:.3f}"), _f(ours[f"{key}_s"] / ours["step_s"], "{:.0%}"),
+                 _f(theirs[f"{key}_s"], "{:.3f}"), _f(theirs[f"{key}_s"] / theirs["step_s"], "{:.0%}"),
+                 _f(ours[f"{key}_s"] / theirs[f"{key}_s"] if min(ours[f"{key}_s"], theirs[f"{key}_s"]) > 0 else None,
+                    "{:.2f}x")]
+                for key, label in PROFILE_ROWS]
+        rows.append(["whole step", _f(ours["step_s"], "{:.3f}"), "100%", _f(theirs["step_s"], "{:.3f}"), "100%",
+                     _f(ours["step_s"] / theirs["unprofiled_step_s"], "{:.2f}x")])
+        lines += ["", f"#### Where one CFG step goes, `{name}` (UNet call, batch {p['batch']}, {p['latent']}x{p['latent']} "
+                  f"latents; medians of {p['repeats']})", ""]
+        lines += _table(["part", "ours s", "ours share", "PyTorch s", "PyTorch share", "ours / PyTorch"], rows)
+        lines += ["",
+                  f"- ours: per-block compiled timings ({ours['distinct_blocks']} distinct blocks), the whole step as one "
+                  f"program; PyTorch: torch.profiler ranges around each module (profiled step {theirs['step_s']:.3f} s, "
+                  f"without the profiler {theirs['unprofiled_step_s']:.3f} s; the last column's whole-step ratio uses the latter)",
+                  f"- FLOPs per step: {fl['total'] / 1e9:.4g} GFLOP (convolutions {fl['conv'] / 1e9:.4g}, dense "
+                  f"{fl['dense'] / 1e9:.4g}, attention products {fl['attention_products'] / 1e9:.4g}; XLA's cost analysis "
+                  f"{ours['xla_flops'] / 1e9:.4g})",
+                  f"- peak ({peak['n']}x{peak['n']} float32 matmul): JAX {peak['jax_gflops']:.0f} GFLOP/s, PyTorch "
+                  f"{peak['torch_gflops']:.0f} GFLOP/s; the UNet step reaches {ours['gflops']:.0f} GFLOP/s "
+                  f"({ours['fraction_of_peak']:.0%} of the peak) ours, {theirs['gflops']:.0f} GFLOP/s "
+                  f"({theirs['fraction_of_peak']:.0%}) PyTorch"]
+        rows = [[kind.replace("_", "-"), "x".join(str(v) for v in a["shape"])]
+                + [_f(a[k] * 1e3, "{:.1f}") for k in ("chunked", "xla", "dense", "torch_sdpa")]
+                for kind, a in p.get("attention", {}).items()]
+        if rows:
+            lines += ["", "The largest attention product alone (ms; shape B x queries x keys x heads x head dim):", ""]
+            lines += _table(["attention", "shape", "ours chunked", "ours xla", "ours dense", "PyTorch SDPA"], rows)
+    return lines
+
+
 def markdown(result: dict) -> str:
     info = result["machine"]
     lines = [f"### Benchmark ({result['date']})", "", f"Machine: {measure.machine_line(info)}", "",
              f"Command: `{result['command']}`"]
-    lines += targets(result) + fullsize_tables(result) + main_table(result) + dtp_table(result) + percall_table(result)
+    lines += targets(result) + fullsize_tables(result) + main_table(result) + profile_table(result) + dtp_table(result)
+    lines += percall_table(result)
     if result.get("notes"):
         lines += ["", "Notes:"] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
