@@ -131,10 +131,6 @@ class RunConfig:
     gate_calibration: Calibration | None = identity(encode=Calibration.describe, omit_none=True)
 
     method: M.Method = run_only()
-    # The Hub revision and weight variant pick the files; the identity holds what they picked: `model`
-    # (a Hub snapshot's folder is named by its commit) and `model_fingerprint` (of the files read).
-    revision: str | None = run_only(None)
-    variant: str | None = run_only(None)
     outdir: Path = run_only()
     prompt_set: P.PromptSet = run_only()
     start_iter: int = run_only()
@@ -146,6 +142,10 @@ class RunConfig:
     progress: str = run_only("images")
     warnings: tuple = run_only(())
     argv: tuple = run_only(())
+    # The Hub revision and weight variant pick the files; the identity holds what they picked: `model`
+    # (a Hub snapshot's folder is named by its commit) and `model_fingerprint` (of the files read).
+    revision: str | None = run_only(None)
+    variant: str | None = run_only(None)
 
     def identity(self) -> dict:
         """What must match for a resume (derived from the field declarations). The batch size is part
