@@ -36,9 +36,9 @@ def load_pipeline(path, dtype: str = "float32", unet_path=None, compilation_cach
     (or a Hub id holding one) to swap in (the paper's ``--unet_path``). compilation_cache: JAX's
     persistent compilation cache, which this loader asks for by default (True: the default
     directory; a directory; or False: leave JAX's global configuration alone, as
-    ``Pipeline(components)`` does; see :mod:`cfgbasin_jax.runtime.compile_cache`). revision, variant:
-    of a Hub id (a branch, tag or commit; e.g. "fp16"), as in diffusers (see
-    :mod:`cfgbasin_jax.loading.hub`). A diffusers folder is converted once into the conversion cache
+    ``Pipeline(components)`` does; see :mod:`cfgbasin_jax.runtime.compile_cache`). revision: of a Hub
+    id (a branch, tag or commit); variant: e.g. "fp16", the weight files downloaded and read where a
+    folder has them (else the plain ones), as in diffusers (see :mod:`cfgbasin_jax.loading.hub`). A diffusers folder is converted once into the conversion cache
     and read from there afterwards (:mod:`cfgbasin_jax.loading.cache`; ``CFGBASIN_JAX_CONVERSION_CACHE=0``
     converts in memory).
     Params go straight to the device, one tensor at a time (see :mod:`cfgbasin_jax.models.checkpoint`).
@@ -48,7 +48,7 @@ def load_pipeline(path, dtype: str = "float32", unet_path=None, compilation_cach
 
     folder = hub.resolve(path, revision=revision, variant=variant)
     unet = None if unet_path is None else hub.resolve_unet(unet_path, revision=revision, variant=variant)
-    return Pipeline(load_cached(folder, dtype=dtype, unet_path=unet), compilation_cache=compilation_cache)
+    return Pipeline(load_cached(folder, dtype=dtype, unet_path=unet, variant=variant), compilation_cache=compilation_cache)
 
 
 __all__ = ["GenerationResult", "Pipeline", "TOY_MODEL", "detectors", "guidance", "load_pipeline", "methods", "sampler",

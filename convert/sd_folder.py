@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from cfgbasin_jax.convert.mapping import VAE_ATTENTION_ALIASES, lazy_flax_params, state_dict_to_flax, with_prefix
+from cfgbasin_jax.convert import weight_names
 from cfgbasin_jax.convert.weights import WEIGHT_STEMS, find_weight_file, read_component_state_dict
 from cfgbasin_jax.models import checkpoint
 from cfgbasin_jax.models import fingerprint as fp
@@ -44,9 +45,10 @@ def check_sd_folder(root: Path, subfolders=SUBFOLDERS) -> None:
             )
 
 
-def _component_state(folder: Path, kind: str):
-    """`folder`'s state dict (opened lazily) with the key prefix the mapping expects."""
-    state = read_component_state_dict(Path(folder), kind)
+def _component_state(folder: Path, kind: str, variant: str | None = None):
+    """`folder`'s state dict (opened lazily; the ``variant``'s weights where present) with the key
+    prefix the mapping expects."""
+    state = read_component_state_dict(Path(folder), kind, variant)
     return with_prefix(state, "text_model") if kind == "text_encoder" else state
 
 
@@ -59,34 +61,37 @@ def convert_weights(folder: Path, kind: str, target_shapes) -> dict:
     return state_dict_to_flax(_component_state(folder, kind), target_shapes, aliases=_aliases(kind))
 
 
-def lazy_weights(folder: Path, kind: str, target_shapes, dtype) -> dict:
+def lazy_weights(folder: Path, kind: str, target_shapes, dtype, variant: str | None = None) -> dict:
     """`folder`'s PyTorch weights as the Flax tree `target_shapes` of LazyLeaf in `dtype`: every key,
     shape and dtype is checked now, from the file headers; each tensor is read when its leaf is."""
-    return lazy_flax_params(_component_state(folder, kind), target_shapes, dtype, aliases=_aliases(kind))
+    return lazy_flax_params(_component_state(folder, kind, variant), target_shapes, dtype, aliases=_aliases(kind))
 
 
-def component_weights(folder: Path, kind: str, module, dtype, lazy: bool = False) -> dict:
+def component_weights(folder: Path, kind: str, module, dtype, lazy: bool = False, variant: str | None = None) -> dict:
     """Params of one diffusers model subfolder in `dtype`, checked from the file headers first: as
-    LazyLeafs (`lazy`, read when written) or read tensor by tensor straight to the device."""
-    params = lazy_weights(folder, kind, component_param_shapes(kind, module), dtype)
+    LazyLeafs (`lazy`, read when written) or read tensor by tensor straight to the device. variant:
+    e.g. "fp16", the weights read where the folder has them (:func:`find_weight_file`)."""
+    params = lazy_weights(folder, kind, component_param_shapes(kind, module), dtype, variant)
     return params if lazy else checkpoint.materialize(params)
 
 
-def load_unet_folder(folder, dtype="float32") -> tuple:
+def load_unet_folder(folder, dtype="float32", variant: str | None = None) -> tuple:
     """(UNet2DConditionModel, config dict, params) from a diffusers `unet/` folder, e.g. a
     fine-tuned `checkpoint-20000/unet`."""
     dtype = resolve_dtype(dtype)
     config = read_model_config(Path(folder))
     module = build_module("unet", config, dtype)
-    return module, config, component_weights(Path(folder), "unet", module, dtype)
+    return module, config, component_weights(Path(folder), "unet", module, dtype, variant=variant)
 
 
-def load_sd_folder(path, dtype="float32", unet_path=None, lazy: bool = False) -> Components:
+def load_sd_folder(path, dtype="float32", unet_path=None, lazy: bool = False, variant: str | None = None) -> Components:
     """Components of the diffusers SD folder ``path``, its weights mapped in memory.
 
     unet_path: a diffusers `unet/` folder whose UNet replaces the folder's (which may then be absent).
     lazy: params stay LazyLeafs (checked, not read) until save_components writes them one at a time
-    (streamed conversion). Raises ConversionError naming the file, key or setting at fault."""
+    (streamed conversion). variant: e.g. "fp16", the weight files read where a folder has them (else
+    the plain ones), as diffusers' ``from_pretrained(variant=...)``. Raises ConversionError naming
+    the file, key or setting at fault."""
     dtype = resolve_dtype(dtype)
     root = Path(path)
     swap = unet_path is not None
@@ -97,7 +102,7 @@ def load_sd_folder(path, dtype="float32", unet_path=None, lazy: bool = False) ->
     configs = {kind: read_model_config(folder) for kind, folder in folders.items()}
     check_compatible(configs)
     modules = {kind: build_module(kind, configs[kind], dtype) for kind in COMPONENTS}
-    params = {kind: component_weights(folders[kind], kind, modules[kind], dtype, lazy) for kind in COMPONENTS}
+    params = {kind: component_weights(folders[kind], kind, modules[kind], dtype, lazy, variant) for kind in COMPONENTS}
     return Components(
         unet=modules["unet"],
         vae=modules["vae"],
@@ -118,10 +123,11 @@ def check_unet_path(unet_path) -> Path:
     return Path(unet_path)
 
 
-def convert(src, dst, dtype="float32", unet_path=None, overwrite=False, log=None) -> Path:
+def convert(src, dst, dtype="float32", unet_path=None, overwrite=False, log=None, variant: str | None = None) -> Path:
     """Convert the diffusers SD folder ``src`` (optionally with the UNet folder ``unet_path`` swapped
-    in) into the converted-checkpoint directory ``dst``, params stored in ``dtype``. Returns dst as a
-    Path (``cfgbasin-convert``).
+    in) into the converted-checkpoint directory ``dst``, params stored in ``dtype``, from the
+    ``variant``'s weight files where present (:func:`load_sd_folder`). Returns dst as a Path
+    (``cfgbasin-convert``).
 
     Nothing is written at ``dst`` unless the whole conversion succeeds; ``dst`` may not be, contain or
     lie inside ``src`` or ``unet_path``, and ``overwrite`` replaces only a converted directory (see
@@ -131,19 +137,19 @@ def convert(src, dst, dtype="float32", unet_path=None, overwrite=False, log=None
     check_destination(dst, sources, overwrite)  # fail before the (slow) load; save re-checks
     # Streamed: every weight is checked from the file headers here, then read, laid out, cast and
     # written one tensor at a time by save_components (never two copies of the model in memory).
-    components = load_sd_folder(src, dtype=dtype, unet_path=unet_path, lazy=True)
+    components = load_sd_folder(src, dtype=dtype, unet_path=unet_path, lazy=True, variant=variant)
     return save_components(components, dst, overwrite=overwrite, sources=sources, log=log)
 
 
 # ------------------------------------------------------------------------------------ fingerprints
 
 
-def weight_files(folder, kind: str) -> list[Path]:
+def weight_files(folder, kind: str, variant: str | None = None) -> list[Path]:
     """The config and the weight file(s) the loader reads from a diffusers component folder."""
     folder = Path(folder)
-    chosen = find_weight_file(folder, WEIGHT_STEMS[kind])
+    chosen = find_weight_file(folder, WEIGHT_STEMS[kind], variant)
     out = [folder / "config.json", chosen]
-    if chosen.name.endswith(".index.json"):
+    if weight_names.parse(chosen.name).kind == "index":
         try:
             shards = set(json.loads(chosen.read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -152,14 +158,15 @@ def weight_files(folder, kind: str) -> list[Path]:
     return [p for p in out if p.is_file()]
 
 
-def folder_fingerprint(path, mtimes: bool = False) -> str:
-    """``"files:<hex>"`` of the files the loader reads from the diffusers SD folder ``path`` (cheap:
-    see :mod:`cfgbasin_jax.models.fingerprint`; ``mtimes``: large files' modification times too)."""
+def folder_fingerprint(path, mtimes: bool = False, variant: str | None = None) -> str:
+    """``"files:<hex>"`` of the files the loader reads from the diffusers SD folder ``path`` (with the
+    ``variant``'s weights where present; cheap: see :mod:`cfgbasin_jax.models.fingerprint`;
+    ``mtimes``: large files' modification times too)."""
     root = Path(path)
     files = []
     for kind in COMPONENTS:
         if (root / kind).is_dir():
-            files += weight_files(root / kind, kind)
+            files += weight_files(root / kind, kind, variant)
     for sub in ("tokenizer", "scheduler"):
         if (root / sub).is_dir():
             files += fp.visible_files(root / sub)
@@ -168,6 +175,6 @@ def folder_fingerprint(path, mtimes: bool = False) -> str:
     return fp.files_fingerprint(root, files, mtimes)
 
 
-def unet_fingerprint(folder, mtimes: bool = False) -> str:
+def unet_fingerprint(folder, mtimes: bool = False, variant: str | None = None) -> str:
     """The fingerprint of a diffusers ``unet/`` folder (``--unet_path``)."""
-    return fp.files_fingerprint(folder, weight_files(folder, "unet"), mtimes)
+    return fp.files_fingerprint(folder, weight_files(folder, "unet", variant), mtimes)

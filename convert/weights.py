@@ -1,9 +1,11 @@
 """Open a PyTorch state dict from a diffusers / transformers weight folder lazily: every key's shape
 and dtype up front (from the file headers), one tensor read at a time. No torch for safetensors.
 
-Looked for in this order (first found wins): `<stem>.safetensors`, `<stem>.safetensors.index.json`
-(sharded), `<stem>.bin`, `<stem>.bin.index.json`, then a single `*.safetensors` or `*.bin` file of any
-name (e.g. a `.fp16.` variant). Safetensors headers are parsed here and each tensor is read with
+Looked for in this order (first found wins; :func:`find_weight_file`): the requested variant's
+`<stem>.fp16.safetensors`, its shard index `<stem>.safetensors.index.fp16.json` (or the legacy
+`<stem>.safetensors.fp16.index.json`), the same in `.bin`; then the plain `<stem>.safetensors`,
+`<stem>.safetensors.index.json`, `<stem>.bin`, `<stem>.bin.index.json`; then the one weight file or
+shard index of any name (the names: :mod:`cfgbasin_jax.convert.weight_names`). Safetensors headers are parsed here and each tensor is read with
 one positioned read into an aligned buffer. `.bin` files are opened with
 torch.load(weights_only=True, mmap=True); torch is imported only there (without it: one
 ConversionError naming the file).
@@ -21,6 +23,7 @@ from typing import Callable
 import ml_dtypes  # registers numpy's 'bfloat16'
 import numpy as np
 
+from cfgbasin_jax.convert import weight_names
 from cfgbasin_jax.models.checkpoint import aligned_empty, read_file
 from cfgbasin_jax.models.errors import ConversionError
 
@@ -30,6 +33,8 @@ WEIGHT_STEMS = {
     "vae": ("diffusion_pytorch_model",),
     "text_encoder": ("model", "pytorch_model"),
 }
+
+READABLE_FORMATS = (".safetensors", ".bin")  # in the order preferred
 
 # safetensors dtype names -> numpy (None: a dtype numpy cannot hold; such a tensor cannot be read).
 SAFETENSORS_DTYPES = {
@@ -84,41 +89,59 @@ class StateDict:
         return cls(specs=specs, source=source, readers={source: lambda spec: np.asarray(tensors[spec.name])})
 
 
-def find_weight_file(folder: Path, stems) -> Path:
-    """The weight file (or shard index) of a component folder; ConversionError naming the folder if none."""
+def find_weight_file(folder: Path, stems, variant: str | None = None) -> Path:
+    """The weight file (or shard index) of a component folder, as diffusers picks it: the ``variant``'s
+    (e.g. "fp16": ``<stem>.fp16.safetensors``, ``<stem>.safetensors.index.fp16.json``) where the folder
+    has it, else the plain one; safetensors before .bin; a single file before a shard index. Else
+    the one weight file or shard index of any name (shards of an index are not counted; with a
+    ``variant``, only its names and plain ones). ConversionError naming the folder if none, or if
+    several could be meant."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConversionError(f"missing folder {folder}")
     candidates = []
-    for suffix in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"):
-        for stem in stems:
-            candidates.append(folder / f"{stem}{suffix}")
+    for v in ((None,) if variant is None else (variant, None)):
+        for fmt in READABLE_FORMATS:
+            for names in zip(*(weight_names.expected_names(stem, fmt, v) for stem in stems)):
+                candidates += [folder / name for name in names]
     for path in candidates:
         if path.is_file():
             return path
-    for pattern in ("*.safetensors", "*.bin"):
-        matches = sorted(folder.glob(pattern))
+    present = sorted(p for p in folder.iterdir() if p.is_file())
+    for fmt in READABLE_FORMATS:
+        matches = [p for p in present if _may_be_meant(p.name, fmt, variant)]
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
             names = ", ".join(m.name for m in matches)
-            raise ConversionError(f"{folder}: several weight files ({names}) and none named {candidates[0].name}")
+            hint = "; choose one with a variant (--variant, e.g. fp16)" if variant is None else ""
+            raise ConversionError(f"{folder}: several weight files ({names}) and none named {candidates[0].name}{hint}")
     names = ", ".join(p.name for p in candidates)
     raise ConversionError(f"{folder}: no weight file (looked for {names})")
+
+
+def _may_be_meant(name: str, fmt: str, variant: str | None) -> bool:
+    """A file of format ``fmt`` that find_weight_file's fallback may pick: a weight file or shard index
+    (not a shard) of ``variant`` or plain (any variant when None), or an unusual name ending in ``fmt``."""
+    parsed = weight_names.parse(name)
+    if parsed is None:
+        return name.endswith(fmt)
+    return parsed.format == fmt and parsed.kind != "shard" and (variant is None or parsed.variant in (variant, None))
 
 
 def read_state_dict(path: Path) -> StateDict:
     """Open one weight file or a sharded `*.index.json` as a lazy StateDict."""
     path = Path(path)
-    if path.name.endswith(".index.json"):
+    parsed = weight_names.parse(path.name)
+    if parsed is not None and parsed.kind == "index":
         return _open_sharded(path)
     specs, reader = _open_file(path)
     return StateDict(specs=specs, source=path, readers={path: reader})
 
 
-def read_component_state_dict(folder: Path, kind: str) -> StateDict:
+def read_component_state_dict(folder: Path, kind: str, variant: str | None = None) -> StateDict:
     """find_weight_file + read_state_dict for component `kind` ('unet', 'vae', 'text_encoder')."""
-    return read_state_dict(find_weight_file(folder, WEIGHT_STEMS[kind]))
+    return read_state_dict(find_weight_file(folder, WEIGHT_STEMS[kind], variant))
 
 
 def _open_file(path: Path) -> tuple[dict, Callable]:

@@ -348,6 +348,88 @@ def test_sharded_safetensors(tiny_sd1, tmp_path, loaded):
     assert tree_leaves_equal(load_components(src).params, loaded("sd1", "float32").params)
 
 
+# --- variants and shards, named as diffusers names them ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp16_unet(tiny_sd1):
+    """tiny_sd1's UNet shifted by 0.01 and cast to float16: a variant with other weights than the plain."""
+    import copy
+
+    unet = copy.deepcopy(tiny_sd1.unet)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)
+    return unet.half()
+
+
+def _unet_params(folder, variant=None):
+    from cfgbasin_jax.convert.sd_folder import load_unet_folder
+
+    return load_unet_folder(folder, variant=variant)[2]
+
+
+def test_weight_names_restated():
+    from cfgbasin_jax.convert.weight_names import parse
+
+    table = {  # name -> (kind, variant), the names diffusers' _add_variant and shard patterns give
+        "diffusion_pytorch_model.safetensors": ("file", None),
+        "diffusion_pytorch_model.fp16.safetensors": ("file", "fp16"),
+        "model.safetensors.index.json": ("index", None),
+        "model-00001-of-00002.safetensors": ("shard", None),
+        "diffusion_pytorch_model.safetensors.index.fp16.json": ("index", "fp16"),
+        "diffusion_pytorch_model.fp16-00002-of-00003.safetensors": ("shard", "fp16"),
+        "diffusion_pytorch_model.bin.fp16.index.json": ("index", "fp16"),  # legacy
+        "diffusion_pytorch_model-00001-of-00002.fp16.bin": ("shard", "fp16"),  # legacy
+    }
+    for name, (kind, variant) in table.items():
+        parsed = parse(name)
+        assert (parsed.kind, parsed.variant) == (kind, variant), name
+    assert parse("config.json") is None and parse("tokenizer.json") is None
+
+
+def test_sharded_variant_the_diffusers_way(tiny_sd1, fp16_unet, tmp_path):
+    """save_pretrained(variant="fp16", max_shard_size=...) beside the plain weights: variant="fp16" reads
+    the fp16 index and its shards (equal to the same weights saved whole under the plain name), no
+    variant the plain file; diffusers' own loader reads the folder back (the names are diffusers')."""
+    from diffusers import UNet2DConditionModel
+
+    unet_dir = _copy(tiny_sd1.path / "unet", tmp_path / "unet")
+    fp16_unet.save_pretrained(unet_dir, variant="fp16", max_shard_size="300KB")
+    names = sorted(p.name for p in unet_dir.iterdir())
+    shards = [n for n in names if n.startswith("diffusion_pytorch_model.fp16-")]
+    assert "diffusion_pytorch_model.safetensors.index.fp16.json" in names and len(shards) >= 2, names
+    back = UNet2DConditionModel.from_pretrained(unet_dir, variant="fp16").state_dict()
+    assert all(torch.equal(back[k], v) for k, v in fp16_unet.state_dict().items())
+
+    fp16_unet.save_pretrained(tmp_path / "whole")  # the reference: one plain file
+    reference = _unet_params(tmp_path / "whole")
+    assert tree_leaves_equal(_unet_params(unet_dir, "fp16"), reference)
+    assert tree_leaves_equal(_unet_params(unet_dir), _unet_params(tiny_sd1.path / "unet"))
+    assert not tree_leaves_equal(_unet_params(unet_dir), reference)
+
+    # the legacy names (diffusers < 0.27): <stem>-0000k-of-0000n.fp16.safetensors, <stem>.safetensors.fp16.index.json
+    legacy = _copy(unet_dir, tmp_path / "legacy")
+    index = json.loads((legacy / "diffusion_pytorch_model.safetensors.index.fp16.json").read_text())
+    renamed = {n: n.replace(".fp16-", "-").replace(".safetensors", ".fp16.safetensors") for n in shards}
+    for old, new in renamed.items():
+        (legacy / old).rename(legacy / new)
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    (legacy / "diffusion_pytorch_model.safetensors.index.fp16.json").unlink()
+    (legacy / "diffusion_pytorch_model.safetensors.fp16.index.json").write_text(json.dumps(index))
+    assert tree_leaves_equal(_unet_params(legacy, "fp16"), reference)
+
+    # without the plain file and without a variant: the one index (its shards are not "several files")
+    (unet_dir / "diffusion_pytorch_model.safetensors").unlink()
+    assert tree_leaves_equal(_unet_params(unet_dir), reference)
+    with pytest.raises(ConversionError, match="no weight file"):  # neither that variant nor plain: no other variant
+        _unet_params(unet_dir, "bf16")
+    shutil.copy(tiny_sd1.path / UNET_FILE, unet_dir / "diffusion_pytorch_model.ema.safetensors")
+    with pytest.raises(ConversionError, match="several weight files .*--variant"):
+        _unet_params(unet_dir)
+    assert tree_leaves_equal(_unet_params(unet_dir, "fp16"), reference)
+
+
 # --- bad input -----------------------------------------------------------------------------------------
 
 

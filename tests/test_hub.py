@@ -198,3 +198,94 @@ def test_pixel_model_repo_for_the_demo(fake_hub):
                                   "tokenizer/vocab.json"]
     with pytest.raises(demo.DemoError, match="--model org/missing .*not found"):
         demo._resolve_model("org/missing")
+
+
+# ------------------------------------------------------------------ --revision / --variant on the command line
+
+
+def test_select_files_sharded_variant_restated():
+    """diffusers' sharded variant names (save_pretrained(variant="fp16", max_shard_size=...)), current and
+    legacy: the variant's index and shards, not the plain ones; without a variant the plain ones."""
+    plain = ["unet/diffusion_pytorch_model.safetensors"]
+    current = ["unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+               "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+               "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors"]
+    legacy = ["unet/diffusion_pytorch_model.safetensors.fp16.index.json",
+              "unet/diffusion_pytorch_model-00001-of-00002.fp16.safetensors",
+              "unet/diffusion_pytorch_model-00002-of-00002.fp16.safetensors"]
+    for fp16 in (current, legacy):
+        listing = ["unet/config.json", *plain, *fp16]
+        assert hub.select_files(listing, "fp16") == sorted(["unet/config.json", *fp16])
+        assert hub.select_files(listing) == ["unet/config.json", *plain]
+        assert hub.select_files(listing, "bf16") == ["unet/config.json", *plain]  # no such variant: the plain
+
+
+@pytest.fixture(scope="module")
+def fp16_repo(repo_folder, tmp_path_factory):
+    """repo_folder whose UNet fp16 variant holds real float16 weights (other bytes than the plain ones)."""
+    from safetensors.numpy import load_file, save_file
+
+    root = tmp_path_factory.mktemp("hub_fp16") / "repo"
+    shutil.copytree(repo_folder, root)
+    tensors = load_file(root / "unet" / "diffusion_pytorch_model.safetensors")
+    save_file({k: v.astype(np.float16) for k, v in tensors.items()}, root / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    return root
+
+
+GENERATE = ["--method", "cfg", "--exp", "imagenette", "--end_iter", "1", "--num_inference_steps", "3", "--img_size",
+            "16", "--progress", "none", "--plot", "none", "--no_compilation_cache"]
+
+
+def test_generate_with_revision_and_variant(fake_hub, fp16_repo, tmp_path, monkeypatch, capsys):
+    """cfgbasin-generate --revision v2 --variant fp16 downloads v2's files with the fp16 UNet (not the
+    plain one), loads the fp16 weights, and the run's identity holds both (the snapshot folder is named
+    by v2's commit; the fingerprint is of the files read): a resume without either flag is refused."""
+    import json
+
+    from cfgbasin_jax import loading
+    from cfgbasin_jax.apps import generate as cli
+    from cfgbasin_jax.runs import runner
+
+    commit = fake_hub.add(REPO, fp16_repo, revision="v2")
+    asked = []
+    original = runner.PipelineCache.get
+
+    def spy(self, *args, **kwargs):
+        asked.append(kwargs.get("variant", args[4] if len(args) > 4 else None))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner.PipelineCache, "get", spy)
+    out = tmp_path / "out"
+    argv = GENERATE + ["--pretrained_model_name_or_path", REPO, "--outdir", str(out)]
+    assert cli.main(argv + ["--revision", "v2", "--variant", "fp16"]) == 0, capsys.readouterr().err
+    snapshot = Path(os.environ["HF_HOME"]) / "hub" / "models--org--tiny-model" / "snapshots" / commit
+    got = downloaded(snapshot)
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in got and "unet/diffusion_pytorch_model.safetensors" not in got
+    assert not any(r[1].startswith(f"/{REPO}/resolve/main/") for r in fake_hub.requests)
+    assert asked == ["fp16"]  # the runner loads the variant's weights
+    identity = json.loads((out / "config.json").read_text())["identity"]
+    assert Path(identity["model"]).name == commit
+    assert identity["model_fingerprint"] == loading.model_fingerprint(snapshot, "fp16")
+    assert len(list((out / "Images").glob("*.png"))) == 1
+    capsys.readouterr()
+
+    files = downloaded(out)
+    # --revision dropped: main's snapshot (model); --variant dropped: the plain UNet (model_fingerprint only)
+    for kept, key in ((["--variant", "fp16"], "model"), (["--revision", "v2"], "model_fingerprint")):
+        assert cli.main(argv + kept) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Fetching" not in line]  # no bar
+        assert len(err) == 1 and "different configuration" in err[0] and f"{key}: " in err[0], err
+        assert downloaded(out) == files
+
+
+def test_generate_bad_revision_is_one_line_exit_2(fake_hub, tmp_path, capsys):
+    from cfgbasin_jax.apps import generate as cli
+
+    out = tmp_path / "out"
+    argv = GENERATE + ["--pretrained_model_name_or_path", REPO, "--outdir", str(out), "--revision", "nope"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and REPO in err[0] and "--revision" in err[0] and "'nope' not found" in err[0], err
+    assert not out.exists()
+    snapshots = Path(os.environ["HF_HOME"]) / "hub" / "models--org--tiny-model" / "snapshots"
+    assert not snapshots.exists() or not any(snapshots.rglob("*.safetensors"))

@@ -32,7 +32,8 @@ LAION_10k_DCR_with_text_100000_0_500_7_5_else_cosine_1); dtp/og-dtp the ``sdv1_p
 (--img_size 512, --end_iter 200, shipped with the package, --outdir output). --scheduler DPM,
 --num_inference_steps 50, --seed 42, --batch_size 1. The base model defaults to
 ``$CFGBASIN_BASE_MODEL`` or else "CompVis/stable-diffusion-v1-4"; a Hub id is downloaded on first use
-(:mod:`cfgbasin_jax.loading.hub`); a local diffusers folder or a converted directory always works.
+(:mod:`cfgbasin_jax.loading.hub`; --revision and --variant as in diffusers' scripts); a local diffusers
+folder or a converted directory always works.
 Where a flag behaves differently from the reference script, its ``--help`` says so ("official: ...");
 README.md, "Differences from the official scripts", gives the whole list.
 
@@ -109,6 +110,12 @@ def build_parser(prog: str = PROG, method: str | None = None) -> argparse.Argume
     add("--unet_path", default=None,
         help="a fine-tuned diffusers unet/ folder replacing the base model's UNet (default: none; official: "
              f"{HUB_DEFAULT_MODEL}, which has no UNet config at its root; the official dtp script ignores it)")
+    add("--revision", default=None,
+        help="of a Hub id (--pretrained_model_name_or_path, --unet_path): a branch, tag or commit (default: main; "
+             "as diffusers' scripts)")
+    add("--variant", default=None,
+        help="weight variant, e.g. fp16: its files (diffusion_pytorch_model.fp16.safetensors, sharded or not) are "
+             "downloaded and read where a folder has them, else the plain ones (as diffusers' scripts)")
     add("--outdir", default=None,
         help="output folder (Images/, metadata.jsonl, config.json); stp LAION_10k_DCR_with_text_100000_0_500_7_5"
              "_else_cosine_1, dtp output")

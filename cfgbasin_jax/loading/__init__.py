@@ -23,10 +23,14 @@ __all__ = [
 ]
 
 load_unet_folder = sd_folder.load_unet_folder
-unet_fingerprint = sd_folder.unet_fingerprint
 
 
-def load_components(path, dtype="float32", unet_path=None, lazy: bool = False) -> Components:
+def unet_fingerprint(folder, variant: str | None = None) -> str:
+    """The fingerprint of a diffusers ``unet/`` folder (of the files read with ``variant``)."""
+    return sd_folder.unet_fingerprint(folder, variant=variant)
+
+
+def load_components(path, dtype="float32", unet_path=None, lazy: bool = False, variant: str | None = None) -> Components:
     """Components from a converted directory, a diffusers SD folder (converted in memory) or a
     pixel-space model folder (the shipped toy).
 
@@ -34,6 +38,7 @@ def load_components(path, dtype="float32", unet_path=None, lazy: bool = False) -
     unet_path: a diffusers `unet/` folder whose UNet replaces the pipeline's.
     lazy: params read from diffusers weight files stay LazyLeafs (checked, not read) until
     save_components writes them one at a time (streamed conversion).
+    variant: e.g. "fp16", the diffusers weight files read where a folder has them (else the plain ones).
     Raises ConversionError naming the file, key or setting at fault.
     """
     dtype = resolve_dtype(dtype)
@@ -45,7 +50,7 @@ def load_components(path, dtype="float32", unet_path=None, lazy: bool = False) -
             raise ConversionError(f"{root}: a pixel-space model takes no unet_path (got {unet_path})")
         return load_pixel_components(root, dtype)
     if not is_converted(root):
-        return sd_folder.load_sd_folder(root, dtype, unet_path=unet_path, lazy=lazy)
+        return sd_folder.load_sd_folder(root, dtype, unet_path=unet_path, lazy=lazy, variant=variant)
     if unet_path is None:
         return load_converted(root, dtype)
     # A converted model with a fine-tuned UNet swapped in: check the swap before the (slow) restore.
@@ -56,12 +61,12 @@ def load_components(path, dtype="float32", unet_path=None, lazy: bool = False) -
     check_compatible(configs)
     components = load_converted(root, dtype)
     unet = build_module("unet", configs["unet"], dtype)
-    components.params["unet"] = sd_folder.component_weights(unet_folder, "unet", unet, dtype, lazy)
+    components.params["unet"] = sd_folder.component_weights(unet_folder, "unet", unet, dtype, lazy, variant)
     components.unet, components.configs["unet"] = unet, configs["unet"]
     return components
 
 
-def model_fingerprint(path) -> str:
-    """The fingerprint of a converted directory or a diffusers-format SD folder (cheap: see
-    :mod:`cfgbasin_jax.models.fingerprint`)."""
-    return converted_fingerprint(path) if is_converted(path) else sd_folder.folder_fingerprint(path)
+def model_fingerprint(path, variant: str | None = None) -> str:
+    """The fingerprint of a converted directory or a diffusers-format SD folder (of the files read
+    with ``variant``; cheap: see :mod:`cfgbasin_jax.models.fingerprint`)."""
+    return converted_fingerprint(path) if is_converted(path) else sd_folder.folder_fingerprint(path, variant=variant)

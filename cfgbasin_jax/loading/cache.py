@@ -33,10 +33,11 @@ from cfgbasin_jax.runtime.cache_dirs import conversion_cache_dir
 POLL_S = 0.2
 
 
-def cache_key(path, dtype, unet_path=None) -> str:
-    """The cache entry's name for a diffusers folder ``path`` (+ ``unet_path``) loaded as ``dtype``."""
-    parts = [sd_folder.folder_fingerprint(path, mtimes=True),
-             None if unet_path is None else sd_folder.unet_fingerprint(unet_path, mtimes=True),
+def cache_key(path, dtype, unet_path=None, variant: str | None = None) -> str:
+    """The cache entry's name for a diffusers folder ``path`` (+ ``unet_path``) loaded as ``dtype``
+    (its fingerprints are of the files ``variant`` reads)."""
+    parts = [sd_folder.folder_fingerprint(path, mtimes=True, variant=variant),
+             None if unet_path is None else sd_folder.unet_fingerprint(unet_path, mtimes=True, variant=variant),
              resolve_dtype(dtype).name, FORMAT_VERSION]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
@@ -54,7 +55,7 @@ def wait_lock(path: Path, what: str, log=None) -> files.LockFile:
             time.sleep(POLL_S)
 
 
-def cached_entry(path, dtype="float32", unet_path=None, log=None) -> Path | None:
+def cached_entry(path, dtype="float32", unet_path=None, log=None, variant: str | None = None) -> Path | None:
     """The converted directory of the diffusers folder ``path`` in the cache, converting it first if
     absent (once across processes); None when the cache is off, ``path`` is not a diffusers folder,
     or the cache cannot be written (``log`` hears why)."""
@@ -62,7 +63,7 @@ def cached_entry(path, dtype="float32", unet_path=None, log=None) -> Path | None
     root = Path(path)
     if folder is None or not root.is_dir() or is_converted(root) or is_pixel_model(root):
         return None
-    entry = folder / cache_key(root, dtype, unet_path)
+    entry = folder / cache_key(root, dtype, unet_path, variant)
     if is_converted(entry):
         return entry
     try:
@@ -74,7 +75,7 @@ def cached_entry(path, dtype="float32", unet_path=None, log=None) -> Path | None
     try:
         if not is_converted(entry):  # another process may have converted it while we waited
             _say(log, f"converting {root} into the cache {entry} (once)")
-            sd_folder.convert(root, entry, dtype=dtype, unet_path=unet_path, log=log)
+            sd_folder.convert(root, entry, dtype=dtype, unet_path=unet_path, log=log, variant=variant)
     except OSError as err:
         _say(log, f"conversion cache unusable ({files.describe(err)}); converting in memory")
         return None
@@ -88,14 +89,14 @@ def _say(log, message: str) -> None:
         log(message)
 
 
-def load_cached(path, dtype="float32", unet_path=None, log=None) -> Components:
+def load_cached(path, dtype="float32", unet_path=None, log=None, variant: str | None = None) -> Components:
     """:func:`cfgbasin_jax.loading.load_components`, through the conversion cache for a diffusers folder
     (see the module docstring); ``source`` stays ``path``."""
     from cfgbasin_jax.loading import load_components
 
-    entry = cached_entry(path, dtype, unet_path, log)
+    entry = cached_entry(path, dtype, unet_path, log, variant)
     if entry is None:
-        return load_components(path, dtype=dtype, unet_path=unet_path)
+        return load_components(path, dtype=dtype, unet_path=unet_path, variant=variant)
     components = load_converted(entry, dtype)
     components.source = str(path)
     return components

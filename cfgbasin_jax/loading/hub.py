@@ -11,7 +11,8 @@ A name that is an existing path is returned as it is. A repo id is downloaded th
   checkpoints are skipped); a pixel-space model (``model.json``) its root and tokenizer/; any other
   repo (a CLIP model, a UNet) its root folder, or unet/ when only that holds a config. Per folder: the configs and tokenizer
   files (.json, .txt) and ONE weight format: safetensors, else .bin, else Flax .msgpack, of the
-  requested ``variant`` (``fp16``: ``*.fp16.safetensors``) where the folder has it;
+  requested ``variant`` (``fp16``: ``*.fp16.safetensors``, or a sharded ``*.safetensors.index.fp16.json``
+  with its ``*.fp16-0000k-of-0000n.safetensors``) where the folder has it, else the plain weights;
 - ``revision``: a branch, tag or commit; the token: ``token=``, else ``$HF_TOKEN`` or the login cache
   (``hf auth login``), as huggingface_hub finds it;
 - a progress bar (huggingface_hub's tqdm; ``HF_HUB_DISABLE_PROGRESS_BARS=1`` hides it); a dropped
@@ -33,15 +34,15 @@ import os
 import re
 from pathlib import Path
 
+from cfgbasin_jax.convert import weight_names
 from cfgbasin_jax.runtime import files
 from cfgbasin_jax.runtime.cache_dirs import cache_root, hf_hub_cache
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 PIPELINE_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-WEIGHT_FORMATS = (".safetensors", ".bin", ".msgpack")  # preference order
+WEIGHT_FORMATS = weight_names.FORMATS  # preference order
 TEXT_SUFFIXES = (".json", ".txt")
-INDEX_SUFFIX = ".index.json"
 TRUE = ("1", "on", "true", "yes")
 
 
@@ -58,28 +59,16 @@ def _folder(path: str) -> str:
     return path.rpartition("/")[0]
 
 
-def weight_variant(name: str) -> str | None:
-    """'diffusion_pytorch_model.fp16.safetensors' -> 'fp16'; 'model.safetensors' -> None (shards and
-    shard indexes too: 'model-00001-of-00002.fp16.safetensors', 'x.fp16.safetensors.index.json')."""
-    base = name.rpartition("/")[2]
-    base = base[: -len(INDEX_SUFFIX)] if base.endswith(INDEX_SUFFIX) else base
-    stem = base.rpartition(".")[0]
-    return stem.rpartition(".")[2] if "." in stem else None
-
-
-def _is_weight(name: str) -> bool:
-    name = name[: -len(INDEX_SUFFIX)] if name.endswith(INDEX_SUFFIX) else name
-    return name.endswith(WEIGHT_FORMATS)
-
-
 def pick_weights(names: list[str], variant: str | None) -> list[str]:
-    """The weight files (and shard index) of one folder to download: the ``variant``'s where there
-    are any (else the plain ones), in the first format of :data:`WEIGHT_FORMATS` present."""
-    wanted = [n for n in names if weight_variant(n) == variant]
+    """The weight files (shards and shard index included) of one folder to download: the ``variant``'s
+    where there are any (else the plain ones), in the first format of :data:`WEIGHT_FORMATS` present
+    (names parsed by :mod:`cfgbasin_jax.convert.weight_names`)."""
+    parsed = {n: weight_names.parse(n) for n in names}
+    wanted = [n for n, p in parsed.items() if p is not None and p.variant == variant]
     if variant is not None and not wanted:
-        wanted = [n for n in names if weight_variant(n) is None]
+        wanted = [n for n, p in parsed.items() if p is not None and p.variant is None]
     for suffix in WEIGHT_FORMATS:
-        group = [n for n in wanted if n.endswith(suffix) or n.endswith(suffix + INDEX_SUFFIX)]
+        group = [n for n in wanted if parsed[n].format == suffix]
         if group:
             return sorted(group)
     return []
@@ -103,9 +92,9 @@ def select_files(repo_files, variant: str | None = None) -> list[str]:
     chosen = []
     for folder in folders:
         inside = [n for n in names if _folder(n) == folder]
-        chosen += [n for n in inside if n.endswith(TEXT_SUFFIXES) and not _is_weight(n)]
+        chosen += [n for n in inside if n.endswith(TEXT_SUFFIXES) and not weight_names.is_weight(n)]
         if folder or root_weights:
-            chosen += pick_weights([n for n in inside if _is_weight(n)], variant)
+            chosen += pick_weights([n for n in inside if weight_names.is_weight(n)], variant)
     return sorted(chosen)
 
 

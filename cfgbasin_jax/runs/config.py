@@ -142,6 +142,10 @@ class RunConfig:
     progress: str = run_only("images")
     warnings: tuple = run_only(())
     argv: tuple = run_only(())
+    # The Hub revision and weight variant pick the files; the identity holds what they picked: `model`
+    # (a Hub snapshot's folder is named by its commit) and `model_fingerprint` (of the files read).
+    revision: str | None = run_only(None)
+    variant: str | None = run_only(None)
 
     def identity(self) -> dict:
         """What must match for a resume (derived from the field declarations). The batch size is part
@@ -191,10 +195,10 @@ identity_fields()  # a field added without a declaration fails at import
 # ------------------------------------------------------------------------------ model folders
 
 
-def find_model_folder(name: str) -> Path | None:
+def find_model_folder(name: str, revision: str | None = None, variant: str | None = None) -> Path | None:
     """``name`` as a folder: a local directory, or an "org/name" Hub id downloaded or found in the cache
-    (:mod:`cfgbasin_jax.loading.hub`; a Hub failure is one ConfigError line). None when neither. The one
-    place a model name becomes a path."""
+    (:mod:`cfgbasin_jax.loading.hub`: its ``revision``, the ``variant``'s weights; a Hub failure is one
+    ConfigError line). None when neither. The one place a model name becomes a path."""
     path = Path(name)
     if path.is_dir():
         return path.resolve()
@@ -203,31 +207,32 @@ def find_model_folder(name: str) -> Path | None:
     if path.exists() or not hub.is_repo_id(str(name)):
         return None
     try:
-        return hub.resolve(str(name))
+        return hub.resolve(str(name), revision=revision, variant=variant)
     except hub.HubError as err:
         raise ConfigError(str(err)) from None
 
 
-def resolve_model(name: str | None, env=None) -> Path:
+def resolve_model(name: str | None, env=None, revision: str | None = None, variant: str | None = None) -> Path:
     """The base model folder (symlinks resolved): ``name``, else $CFGBASIN_BASE_MODEL, else the SD
-    1.4 Hub id."""
+    1.4 Hub id (a Hub id at ``revision``, with the ``variant``'s weights)."""
     env = os.environ if env is None else env
     source = "--pretrained_model_name_or_path"
     if name is None:
         name, source = (env[ENV_BASE_MODEL], f"${ENV_BASE_MODEL}") if env.get(ENV_BASE_MODEL) else (
             HUB_DEFAULT_MODEL, "the default model")
-    found = find_model_folder(name)
+    found = find_model_folder(name, revision, variant)
     if found is None:
         raise ConfigError(f"model folder {name} ({source}) not found: pass --pretrained_model_name_or_path DIR "
                           f"(a diffusers SD folder or a converted directory) or a Hub id (org/name) or set ${ENV_BASE_MODEL}")
     return found
 
 
-def resolve_unet(name: str | None) -> Path | None:
-    """A diffusers unet/ folder (a folder with a unet/ subfolder is accepted too)."""
+def resolve_unet(name: str | None, revision: str | None = None, variant: str | None = None) -> Path | None:
+    """A diffusers unet/ folder (a folder with a unet/ subfolder is accepted too; a Hub id at
+    ``revision``, with the ``variant``'s weights, as :func:`cfgbasin_jax.load_pipeline`)."""
     if name is None:
         return None
-    path = find_model_folder(name)
+    path = find_model_folder(name, revision, variant)
     if path is None:
         raise ConfigError(f"--unet_path {name}: not a directory")
     for folder in (path, path / "unet"):
@@ -404,7 +409,9 @@ def from_flags(flags: Mapping[str, Any], method=None, given=(), argv=(), env=Non
         raise ConfigError(str(err)) from None
     prompt_set = P.load_prompt_set(f["exp"], f.get("prompt_json"), n_draw=f["end_iter"] if f["exp"] == "laion10k" else None)
     start, end = P.select_range(prompt_set, f["start_iter"], f["end_iter"])
-    model, unet = resolve_model(f.get("pretrained_model_name_or_path"), env), resolve_unet(f.get("unet_path"))
+    revision, variant = f.get("revision"), f.get("variant")
+    model = resolve_model(f.get("pretrained_model_name_or_path"), env, revision, variant)
+    unet = resolve_unet(f.get("unet_path"), revision, variant)
     check_schedule(model, scheduler, f["num_inference_steps"], guidance)
     check_memory(model, f["img_size"], f["batch_size"])
     outdir = check_outdir(f["outdir"], model, unet)
@@ -417,11 +424,12 @@ def from_flags(flags: Mapping[str, Any], method=None, given=(), argv=(), env=Non
 
             cache = default_dir()
     return RunConfig(
-        label=m.recorded_name(guidance.before), model=model, model_fingerprint=loading.model_fingerprint(model),
-        unet_path=unet, unet_fingerprint=None if unet is None else loading.unet_fingerprint(unet),
+        label=m.recorded_name(guidance.before), model=model, model_fingerprint=loading.model_fingerprint(model, variant),
+        unet_path=unet, unet_fingerprint=None if unet is None else loading.unet_fingerprint(unet, variant),
         batch_size=f["batch_size"], dtype=f["dtype"], pixels=f["pixels"], guidance=guidance, scheduler=scheduler,
         num_inference_steps=f["num_inference_steps"], img_size=f["img_size"], seed=f["seed"], exp=prompt_set.exp,
-        prompt_source=prompt_set.source, hook=hook, gate_calibration=calibration, method=m, outdir=outdir,
+        prompt_source=prompt_set.source, hook=hook, gate_calibration=calibration, method=m, revision=revision,
+        variant=variant, outdir=outdir,
         prompt_set=prompt_set, start_iter=start, end_iter=end, process=process,
         distributed_timeout=f["distributed_timeout"], compilation_cache=cache, plot=f["plot"], progress=f["progress"],
         warnings=warnings, argv=tuple(argv))

@@ -30,7 +30,7 @@ log = logging.getLogger("cfgbasin_jax.generate")
 
 
 class PipelineCache:
-    """Loaded pipelines by (model, unet, dtype), at most ``size`` of them (the oldest goes first), so
+    """Loaded pipelines by (model, unet, dtype, weight variant), at most ``size`` of them (the oldest goes first), so
     repeated in-process runs reuse their compiled samplers. A fingerprint other than the cached
     pipeline's (another model now at the same path) loads it again."""
 
@@ -38,10 +38,10 @@ class PipelineCache:
         self.size = size
         self._items: dict = {}
 
-    def get(self, model: Path, unet_path: Path | None, dtype: str, fingerprint=None):
+    def get(self, model: Path, unet_path: Path | None, dtype: str, fingerprint=None, variant: str | None = None):
         import cfgbasin_jax
 
-        key = (str(model), None if unet_path is None else str(unet_path), dtype)
+        key = (str(model), None if unet_path is None else str(unet_path), dtype, variant)
         if key in self._items and fingerprint is not None and self._items[key][0] != fingerprint:
             del self._items[key]
         if key not in self._items:
@@ -49,7 +49,7 @@ class PipelineCache:
                 self._items.pop(next(iter(self._items)))
             # The command configures the compilation cache itself (--compilation_cache / --no_compilation_cache).
             self._items[key] = (fingerprint, cfgbasin_jax.load_pipeline(model, dtype=dtype, unet_path=unet_path,
-                                                                        compilation_cache=False))
+                                                                        compilation_cache=False, variant=variant))
         return self._items[key][1]
 
     def clear(self) -> None:
@@ -191,7 +191,7 @@ class Run:
         c = self.c
         t_load = time.perf_counter()
         try:
-            pipe = self.pipelines.get(c.model, c.unet_path, c.dtype, (c.model_fingerprint, c.unet_fingerprint))
+            pipe = self.pipelines.get(c.model, c.unet_path, c.dtype, (c.model_fingerprint, c.unet_fingerprint), c.variant)
             pipe.latent_hw(c.img_size, c.img_size)
         except ConversionError as err:
             raise ConfigError(f"cannot load the model: {err}") from None
