@@ -61,3 +61,30 @@ def pipe_sd2(tiny_sd2):
     import cfgbasin_jax
 
     return cfgbasin_jax.load_pipeline(tiny_sd2.path)
+
+
+# ---- long subprocess checks started at the session's first test
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early(request):
+    """Long subprocess checks begun at the first test, one at a time on the second core beside the
+    in-process tests (:mod:`early_start`): a test module's ``start_early(request, items)`` (its
+    collected items) returns {name: :class:`early_start.Started`}, empty when none of them needs it;
+    its tests wait with ``early[name].wait(timeout)``."""
+    from early_start import run_in_order
+
+    by_module: dict = {}
+    for item in request.session.items:
+        module = getattr(item, "module", None)
+        if module is not None:
+            by_module.setdefault(module, []).append(item)
+    started = {}
+    for module, items in by_module.items():
+        start = getattr(module, "start_early", None)
+        if start is not None:
+            started.update(start(request, items))
+    run_in_order(list(started.values()))
+    yield started
+    for job in started.values():
+        job.stop()

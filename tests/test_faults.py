@@ -407,7 +407,8 @@ def test_generation_onto_a_full_disk_then_resume(namespaces, tiny_sd1, tmp_path)
     mnt, snap = tmp_path / "mnt", tmp_path / "snap"
     mnt.mkdir()
     argv = [*STP, "--pretrained_model_name_or_path", str(tiny_sd1.path), "--end_iter", str(n)] + FAST
-    gen = " ".join([sys.executable, "-m", "cfgbasin_jax.apps.generate", *argv, "--compilation_cache", str(tmp_path / "cache")])
+    # the session's compilation cache (tests/conftest.py), off the small mount: samplers compiled before load
+    gen = " ".join([sys.executable, "-m", "cfgbasin_jax.apps.generate", *argv])
     script = f"""
 mount -t tmpfs -o size=48k tmpfs {mnt} || exit 99
 {gen} --outdir {mnt}/run 2> {tmp_path}/full.err; echo rc_full=$?

@@ -19,9 +19,13 @@ BLOCKED = "torch,diffusers,transformers"
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
+def blocked_command(*args, allow_attempts=False) -> list:
+    return [sys.executable, str(BLOCKER), *(["--allow-attempts"] if allow_attempts else []), BLOCKED, *args]
+
+
 def run_blocked(*args, allow_attempts=False, timeout=600):
-    cmd = [sys.executable, str(BLOCKER), *(["--allow-attempts"] if allow_attempts else []), BLOCKED, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+    return subprocess.run(blocked_command(*args, allow_attempts=allow_attempts), capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
 
 
 LOAD_AND_GENERATE = """
@@ -49,22 +53,40 @@ print("ok")
 """
 
 
-def test_load_generate_and_every_module_without_torch_or_diffusers(tiny_sd1, tiny_sd1_converted):
-    code = LOAD_AND_GENERATE.format(converted=str(tiny_sd1_converted), folder=str(tiny_sd1.path))
-    result = run_blocked("-c", code)
+DEMO_FLAGS = ["--methods", "CFG", "STP", "Aug", "--stp_t", "500", "--steps", "3", "--num_mem_prompts", "1",
+              "--num_plain_prompts", "1", "--samples_per_prompt", "1"]
+
+
+def start_early(request, items):
+    """The two long runs below, started at the session's first test (conftest's `early`)."""
+    from early_start import Started
+
+    names = {item.originalname for item in items}
+    folder = request.getfixturevalue("tmp_path_factory").mktemp("light_import")
+    jobs = {}
+    if "test_load_generate_and_every_module_without_torch_or_diffusers" in names:
+        tiny_sd1, converted = request.getfixturevalue("tiny_sd1"), request.getfixturevalue("tiny_sd1_converted")
+        code = LOAD_AND_GENERATE.format(converted=str(converted), folder=str(tiny_sd1.path))
+        jobs["light_import_load"] = Started(blocked_command("-c", code), ENV, folder / "load")
+    if "test_demo_without_torch_or_diffusers" in names:
+        demo = blocked_command("-m", "cfgbasin_jax.apps.demo", "--outdir", folder / "demo" / "out", *DEMO_FLAGS)
+        jobs["light_import_demo"] = Started(demo, ENV, folder / "demo")
+    return jobs
+
+
+def test_load_generate_and_every_module_without_torch_or_diffusers(early):
+    result = early["light_import_load"].wait(timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 
 
-def test_demo_without_torch_or_diffusers(tmp_path):
+def test_demo_without_torch_or_diffusers(early):
     """cfgbasin-demo on the shipped toy, reduced (3 methods, 3 steps, 2 prompts; the full demo is
     tests/test_demo.py): the baselines module and the report writer are on this path too."""
-    out = tmp_path / "demo"
-    result = run_blocked("-m", "cfgbasin_jax.apps.demo", "--outdir", str(out), "--methods", "CFG", "STP", "Aug",
-                         "--stp_t", "500", "--steps", "3", "--num_mem_prompts", "1", "--num_plain_prompts", "1",
-                         "--samples_per_prompt", "1")
+    job = early["light_import_demo"]
+    result = job.wait(timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = (out / "report.md").read_text()
+    report = (job.logs / "out" / "report.md").read_text()
     assert all(f"| {name} |" in report for name in ("CFG", "STP", "Aug"))
 
 

@@ -301,14 +301,23 @@ def test_precision_option_validation():
     assert G.plan(g, 2, np.arange(10)[::-1] * 100).detector.pass_detector().precision == "official"
 
 
-def test_pipeline_official_precision(pipe_sd1):
+OFFICIAL = G.dynamic_transition(-7.5, 7.5, signal="latent_cosine", mode="exact", precision="official")
+OFFICIAL_KW = dict(num_inference_steps=STEPS, scheduler="dpm++2m", progress=False, decode=False)
+
+
+@pytest.fixture(scope="module")
+def official_run(pipe_sd1):
+    """precision="official" through Pipeline.generate on PROMPTS in one batch: (noise, result); the
+    two tests below share it (one compiled batch-of-4 sampler)."""
+    noise = np.random.default_rng(3).standard_normal((len(PROMPTS), 4, 8, 8)).astype(F32)
+    return noise, pipe_sd1.generate(PROMPTS, OFFICIAL, latents=noise, **OFFICIAL_KW)
+
+
+def test_pipeline_official_precision(official_run):
     """precision="official" through Pipeline.generate (exact mode): the recorded signal is the
     official quantized one, the transition is the official rule's index on it, and the scale is a
     constant -7.5 before it (the official script flips the sign at every step) and 7.5 from it on."""
-    noise = np.random.default_rng(3).standard_normal((len(PROMPTS), 4, 8, 8)).astype(F32)
-    g = G.dynamic_transition(-7.5, 7.5, signal="latent_cosine", mode="exact", precision="official")
-    res = pipe_sd1.generate(PROMPTS, g, num_inference_steps=STEPS, latents=noise, scheduler="dpm++2m",
-                            progress=False, decode=False)
+    _, res = official_run
     c = res.latent_cosine
     small = c[c < 0.5].astype(np.float64)
     assert small.size and np.all(small / ULP1 == np.round(small / ULP1))
@@ -318,17 +327,13 @@ def test_pipeline_official_precision(pipe_sd1):
         assert np.all(res.guidance_scale[b, :k] == -7.5) and np.all(res.guidance_scale[b, k:] == 7.5)
 
 
-def test_pipeline_official_precision_is_independent_of_the_batch(pipe_sd1):
+def test_pipeline_official_precision_is_independent_of_the_batch(pipe_sd1, official_run):
     """Same prompts and noise in one batch and in batches of 1: the official signal, its index and
     the scales are the same bits. Its minima are rounding ties, so the recording pass runs the UNet
     one row at a time and the prompts are encoded one at a time (XLA:CPU's kernels depend on the
     batch shape)."""
-    noise = np.random.default_rng(5).standard_normal((3, 4, 8, 8)).astype(F32)
-    prompts = [PROMPTS[0], PROMPTS[-1], "a third prompt"]
-    g = G.dynamic_transition(-7.5, 7.5, signal="latent_cosine", mode="exact", precision="official")
-    kw = dict(num_inference_steps=20, latents=noise, scheduler="dpm++2m", progress=False, decode=False)
-    batched = pipe_sd1.generate(prompts, g, **kw)
-    alone = pipe_sd1.generate(prompts, g, batch_size=1, **kw)
+    noise, batched = official_run
+    alone = pipe_sd1.generate(PROMPTS, OFFICIAL, latents=noise, batch_size=1, **OFFICIAL_KW)
     np.testing.assert_array_equal(batched.latent_cosine, alone.latent_cosine)
     np.testing.assert_array_equal(batched.transition_index, alone.transition_index)
     np.testing.assert_array_equal(batched.guidance_scale, alone.guidance_scale)

@@ -1,25 +1,35 @@
 """Data parallelism: same seed -> same image for any device count and batch size (bitwise on CPU)."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from early_start import Started
 from parallel_worker import GRID
 
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def sharded_runs(tiny_sd1_converted, tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel") / "runs.npz"
+def start_early(request, items):
+    """The worker, started at the session's first test (conftest's `early`) when a collected test
+    reads its runs: it runs for minutes in its own process, beside the other tests."""
+    if not any("sharded_runs" in item.fixturenames for item in items):
+        return {}
+    model = request.getfixturevalue("tiny_sd1_converted")
+    folder = request.getfixturevalue("tmp_path_factory").mktemp("parallel")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(HERE / "parallel_worker.py"), str(tiny_sd1_converted), str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    return {"parallel_worker": Started([sys.executable, HERE / "parallel_worker.py", model, folder / "runs.npz"], env,
+                                       folder / "logs")}
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(early):
+    worker = early["parallel_worker"]
+    proc = worker.wait(timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return dict(np.load(out))
+    return dict(np.load(worker.logs.parent / "runs.npz"))
 
 
 def _local_batch(n_dev, bs):
