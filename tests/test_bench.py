@@ -2,6 +2,7 @@
 consistent. Nothing here is timed; `python -m bench` is the benchmark."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -119,14 +120,28 @@ def test_report_markdown_and_json(stp_table, tmp_path):
     assert np.isclose(loaded["percall"]["pinned_1_thread"]["results"][0]["ratio_vs_torch"]["ours"], 0.9)
 
 
-def test_accelerator_run_on_cpu_with_the_tiny_config(tmp_path):
+ACCELERATOR_FLAGS = ["--config", "tiny", "--steps", "3", "--batches", "1", "--methods", "cfg,dtp"]
+
+
+def start_early(request, items):
+    """`python -m bench.accelerator` below, started at the session's first test (conftest's `early`)."""
+    if not any(item.originalname == "test_accelerator_run_on_cpu_with_the_tiny_config" for item in items):
+        return {}
+    from early_start import Started
+
+    folder = request.getfixturevalue("tmp_path_factory").mktemp("accelerator")
+    command = [sys.executable, "-m", "bench.accelerator", *ACCELERATOR_FLAGS, "--out", folder / "accelerator.md"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return {"accelerator": Started(command, env, folder / "logs")}
+
+
+def test_accelerator_run_on_cpu_with_the_tiny_config(early):
     """python -m bench.accelerator end to end on CPU (the tiny config, 3 steps, batch 1): the table,
     the attention choice, parity against PyTorch and the saved reference, the runner rows."""
-    from bench import accelerator
-
-    out = tmp_path / "accelerator.md"
-    assert accelerator.main(["--config", "tiny", "--steps", "3", "--batches", "1", "--methods", "cfg,dtp",
-                             "--out", str(out)]) == 0
+    job = early["accelerator"]
+    done = job.wait(timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = job.logs.parent / "accelerator.md"
     text = out.read_text()
     assert "JAX backend cpu" in text and "attention: chunked" in text
     errors = {line.split(" vs ")[1].split(":")[0]: float(line.rsplit(": ", 1)[1].split()[0])
