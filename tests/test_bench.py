@@ -132,14 +132,14 @@ def start_early(request, items):
     folder = request.getfixturevalue("tmp_path_factory").mktemp("accelerator")
     command = [sys.executable, "-m", "bench.accelerator", *ACCELERATOR_FLAGS, "--out", folder / "accelerator.md"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return {"accelerator": Started(command, env, folder / "logs")}
+    return {"accelerator": Started([command], env, folder / "logs")}
 
 
 def test_accelerator_run_on_cpu_with_the_tiny_config(early):
     """python -m bench.accelerator end to end on CPU (the tiny config, 3 steps, batch 1): the table,
     the attention choice, parity against PyTorch and the saved reference, the runner rows."""
     job = early["accelerator"]
-    done = job.wait(timeout=600)
+    (done,) = job.wait(timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = job.logs.parent / "accelerator.md"
     text = out.read_text()

@@ -5,7 +5,6 @@ and the persistent compilation cache (on in load_pipeline by default, never chan
 import json
 import os
 import shutil
-import subprocess
 import sys
 import weakref
 from pathlib import Path
@@ -253,17 +252,28 @@ print(json.dumps({"hits": events.count("/jax/compilation_cache/cache_hits"),
 """
 
 
-def test_a_second_process_loads_its_compilations_from_the_default_cache(tiny_sd1_converted, tmp_path):
+def start_early(request, items):
+    """The two processes below, one after the other, started at the session's first test (conftest's `early`)."""
+    if not any(item.originalname == "test_a_second_process_loads_its_compilations_from_the_default_cache"
+               for item in items):
+        return {}
+    from early_start import Started
+
+    folder = request.getfixturevalue("tmp_path_factory").mktemp("default_cache")
     env = {k: v for k, v in os.environ.items() if k not in (compile_cache.ENV, "JAX_COMPILATION_CACHE_DIR")}
-    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu")  # the library caches every executable
+    env.update(XDG_CACHE_HOME=str(folder / "xdg"), JAX_PLATFORMS="cpu")  # the library caches every executable
+    command = [sys.executable, "-c", SECOND_PROCESS, request.getfixturevalue("tiny_sd1_converted")]
+    return {"second_process_cache": Started([command] * 2, env, folder / "logs")}
+
+
+def test_a_second_process_loads_its_compilations_from_the_default_cache(early):
+    job = early["second_process_cache"]
     runs = []
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", SECOND_PROCESS, str(tiny_sd1_converted)], env=env,
-                             capture_output=True, text=True, timeout=600)
+    for out in job.wait(timeout=1200):
         assert out.returncode == 0, out.stderr[-3000:]
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     first, second = runs
-    assert first["dir"] == second["dir"] == str(Path(tmp_path) / "cfgbasin_jax" / "jax_cache")
+    assert first["dir"] == second["dir"] == str(Path(job.env["XDG_CACHE_HOME"]) / "cfgbasin_jax" / "jax_cache")
     assert first["misses"] > 0  # written (a stage compiled twice with the same program may hit already)
     assert second["hits"] >= first["misses"] and second["misses"] == 0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
 import sys
 
 import jax
@@ -104,13 +103,23 @@ print("RESULT", fn.hits, fn.writes, int(res.images.astype(np.int64).sum()))
 """
 
 
-def test_second_process_loads_the_sampler(cache):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", E.ENV: str(cache)}
+def start_early(request, items):
+    """The two processes below, one after the other, started at the session's first test (conftest's `early`)."""
+    if not any(item.originalname == "test_second_process_loads_the_sampler" for item in items):
+        return {}
+    from early_start import Started
+
+    folder = request.getfixturevalue("tmp_path_factory").mktemp("executables")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", E.ENV: str(folder / "exe")}
+    return {"second_process_sampler": Started([[sys.executable, "-c", SAMPLE]] * 2, env, folder / "logs")}
+
+
+def test_second_process_loads_the_sampler(early):
     runs = []
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", SAMPLE], capture_output=True, text=True, env=env, timeout=600)
+    for out in early["second_process_sampler"].wait(timeout=1200):
         assert out.returncode == 0, out.stderr[-3000:]
         runs.append(out.stdout.split("RESULT")[1].split())
+    assert len(runs) == 2
     assert runs[0][:2] == ["0", "1"] and runs[1][:2] == ["1", "0"]  # written, then loaded
     assert runs[0][2] == runs[1][2]  # the same image
 

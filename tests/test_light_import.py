@@ -67,15 +67,15 @@ def start_early(request, items):
     if "test_load_generate_and_every_module_without_torch_or_diffusers" in names:
         tiny_sd1, converted = request.getfixturevalue("tiny_sd1"), request.getfixturevalue("tiny_sd1_converted")
         code = LOAD_AND_GENERATE.format(converted=str(converted), folder=str(tiny_sd1.path))
-        jobs["light_import_load"] = Started(blocked_command("-c", code), ENV, folder / "load")
+        jobs["light_import_load"] = Started([blocked_command("-c", code)], ENV, folder / "load")
     if "test_demo_without_torch_or_diffusers" in names:
         demo = blocked_command("-m", "cfgbasin_jax.apps.demo", "--outdir", folder / "demo" / "out", *DEMO_FLAGS)
-        jobs["light_import_demo"] = Started(demo, ENV, folder / "demo")
+        jobs["light_import_demo"] = Started([demo], ENV, folder / "demo")
     return jobs
 
 
 def test_load_generate_and_every_module_without_torch_or_diffusers(early):
-    result = early["light_import_load"].wait(timeout=600)
+    (result,) = early["light_import_load"].wait(timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 
@@ -84,7 +84,7 @@ def test_demo_without_torch_or_diffusers(early):
     """cfgbasin-demo on the shipped toy, reduced (3 methods, 3 steps, 2 prompts; the full demo is
     tests/test_demo.py): the baselines module and the report writer are on this path too."""
     job = early["light_import_demo"]
-    result = job.wait(timeout=600)
+    (result,) = job.wait(timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = (job.logs / "out" / "report.md").read_text()
     assert all(f"| {name} |" in report for name in ("CFG", "STP", "Aug"))

@@ -20,14 +20,14 @@ def start_early(request, items):
     model = request.getfixturevalue("tiny_sd1_converted")
     folder = request.getfixturevalue("tmp_path_factory").mktemp("parallel")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    return {"parallel_worker": Started([sys.executable, HERE / "parallel_worker.py", model, folder / "runs.npz"], env,
-                                       folder / "logs")}
+    command = [sys.executable, HERE / "parallel_worker.py", model, folder / "runs.npz"]
+    return {"parallel_worker": Started([command], env, folder / "logs")}
 
 
 @pytest.fixture(scope="module")
 def sharded_runs(early):
     worker = early["parallel_worker"]
-    proc = worker.wait(timeout=900)
+    (proc,) = worker.wait(timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return dict(np.load(worker.logs.parent / "runs.npz"))
 

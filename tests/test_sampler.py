@@ -209,14 +209,14 @@ def start_early(request, items):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
     logs = request.getfixturevalue("tmp_path_factory").mktemp("shard_map_worker")
-    return {"shard_map_worker": Started([sys.executable, HERE / "shard_map_worker.py"], env, logs)}
+    return {"shard_map_worker": Started([[sys.executable, HERE / "shard_map_worker.py"]], env, logs)}
 
 
 def test_a_users_shard_map_with_default_arguments(early):
     """jax.shard_map with check_vma on (the default) around sample_loop and sample, forward and under
     grad, on 4 host devices: the loop state is typed as varying over the mesh axis like its inputs.
     Latents, transition indices and gradients equal one device's (float rounding only)."""
-    proc = early["shard_map_worker"].wait(timeout=600)
+    (proc,) = early["shard_map_worker"].wait(timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(results) == {"stp/sample_loop", "dtp/sample", "og-dtp/sample", "gated-og-dtp/sample"}
