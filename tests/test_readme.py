@@ -1,23 +1,28 @@
-"""The README's Python code blocks run, in order, in one namespace.
+"""The README: its Python code blocks run (tests/readme_blocks.py, in a process of their own started
+at the session's first test), its functional sections and its layout tree."""
 
-Blocks that load a real converted model run against the shipped toy instead: every occurrence of a
-key of :data:`SUBSTITUTIONS` is replaced by its value before the block runs (documented in the
-README). Blocks are written for this; nothing else is patched.
-"""
-
+import os
 import re
+import sys
 from pathlib import Path
 
-import pytest
+import numpy as np
+from readme_blocks import README, VALUES, python_blocks
 
 import cfgbasin_jax
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-SUBSTITUTIONS = {'"converted/sd14"': repr(str(cfgbasin_jax.TOY_MODEL))}
+HERE = Path(__file__).resolve().parent
 
 
-def python_blocks(text: str) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+def start_early(request, items):
+    """The README's blocks, run by tests/readme_blocks.py from the session's first test (conftest's `early`)."""
+    if not any(item.originalname == "test_readme_python_blocks_run" for item in items):
+        return {}
+    from early_start import Started
+
+    workdir = request.getfixturevalue("tmp_path_factory").mktemp("readme")
+    return {"readme_blocks": Started([[sys.executable, HERE / "readme_blocks.py", workdir]], dict(os.environ),
+                                     workdir / "logs")}
 
 
 def test_readme_has_the_functional_sections():
@@ -26,28 +31,22 @@ def test_readme_has_the_functional_sections():
     assert "class BelowTau(D.Detector)" in text and "S.sweep" in text and "jax.grad(loss)" in text
 
 
-def test_readme_python_blocks_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # nothing a block writes lands in the checkout
-    blocks = python_blocks(README.read_text(encoding="utf-8"))
-    assert len(blocks) >= 5
-    namespace: dict = {"__name__": "readme"}
-    for i, block in enumerate(blocks):
-        for old, new in SUBSTITUTIONS.items():
-            block = block.replace(old, new)
-        try:
-            exec(compile(block, f"README.md python block {i}", "exec"), namespace)
-        except Exception as err:  # name the block in the failure
-            pytest.fail(f"README.md python block {i} failed: {type(err).__name__}: {err}\n{block}")
-    res = namespace["res"]  # the custom detector's run
-    assert res.transition_index.shape == (4,)
-    d = res.noise_diff
-    for b, k in enumerate(res.transition_index):  # the documented rule, restated
+def test_readme_python_blocks_run(early):
+    assert len(python_blocks(README.read_text(encoding="utf-8"))) >= 5
+    job = early["readme_blocks"]
+    (done,) = job.wait(timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]  # names the block that failed
+    values = np.load(job.logs.parent / VALUES)
+    index = values["res_transition_index"]  # the custom detector's run
+    assert index.shape == (4,)
+    d = values["res_noise_diff"]
+    for b, k in enumerate(index):  # the documented rule, restated
         want = next((j for j, v in enumerate(d[b]) if v < 0.8), -1)
         assert k == want
-    assert res.transition_index.tolist() == [-1, -1, 0, 0]  # as the README says
-    out = namespace["out"]  # the gated run: OG+STP for the memorized caption only, as the README says
-    assert out.gate_flagged.tolist() == [True, True, False, False]
-    assert (out.transition_index >= 0).tolist() == out.gate_flagged.tolist()
+    assert index.tolist() == [-1, -1, 0, 0]  # as the README says
+    flagged = values["out_gate_flagged"]  # the gated run: OG+STP for the memorized caption only, as the README says
+    assert flagged.tolist() == [True, True, False, False]
+    assert (values["out_transition_index"] >= 0).tolist() == flagged.tolist()
 
 
 def test_readme_layout_names_every_module():
