@@ -34,7 +34,11 @@ class Started:
                 with self._lock, open(out_path, "wb") as out, open(err_path, "wb") as err:
                     if self._stopped:
                         return
-                    self._proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=err)
+                    try:
+                        self._proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=err)
+                    except OSError as e:  # no such program: as a shell reports it
+                        self.results.append(subprocess.CompletedProcess(cmd, 127, "", f"{cmd[0]}: {e}"))
+                        return
                 self._proc.wait()
                 read = lambda path: path.read_text(errors="replace")  # noqa: E731
                 self.results.append(subprocess.CompletedProcess(cmd, self._proc.returncode, read(out_path),

@@ -398,40 +398,60 @@ mount -o remount,ro {mnt}
     assert f"{mnt} is not writable (read-only file system)" in line
 
 
-def test_generation_onto_a_full_disk_then_resume(namespaces, tiny_sd1, tmp_path):
+FULL_DISK_IMAGES = 20
+
+
+def full_disk_argv(model) -> list:
+    return [*STP, "--pretrained_model_name_or_path", str(model), "--end_iter", str(FULL_DISK_IMAGES)] + FAST
+
+
+def start_early(request, items):
+    """The namespace script of the full-disk test below, started at the session's first test
+    (conftest's `early`); where namespaces are refused the test is skipped and its result unread."""
+    if not any(item.originalname == "test_generation_onto_a_full_disk_then_resume" for item in items):
+        return {}
+    from early_start import Started
+
+    folder = request.getfixturevalue("tmp_path_factory").mktemp("full_disk")
+    mnt = folder / "mnt"
+    mnt.mkdir()
+    # the session's compilation cache (tests/conftest.py), off the small mount
+    gen = " ".join([sys.executable, "-m", "cfgbasin_jax.apps.generate", *full_disk_argv(request.getfixturevalue("tiny_sd1").path)])
+    script = f"""
+mount -t tmpfs -o size=48k tmpfs {mnt} || exit 99
+{gen} --outdir {mnt}/run 2> {folder}/full.err; echo rc_full=$?
+cp -a {mnt}/run {folder}/snap
+mount -o remount,size=8m {mnt}
+{gen} --outdir {mnt}/run 2> {folder}/resume.err; echo rc_resume=$?
+cp -a {mnt}/run {folder}/resumed
+"""
+    return {"full_disk": Started([["unshare", "-rm", "sh", "-c", script]], env_cpu(), folder / "logs")}
+
+
+def test_generation_onto_a_full_disk_then_resume(namespaces, early, tiny_sd1, tmp_path):
     """Defect 6: generating onto a full disk gave a traceback. Now: one line, exit 2, no temporary
     file or cut-off metadata line; after space is freed the same command finishes the run bit for bit
     as an uninterrupted one. (A read-only OUTDIR is refused by the check that
-    test_read_only_outputs_of_demo_and_evaluate runs on a real read-only mount.)"""
-    n = 20
-    mnt, snap = tmp_path / "mnt", tmp_path / "snap"
-    mnt.mkdir()
-    argv = [*STP, "--pretrained_model_name_or_path", str(tiny_sd1.path), "--end_iter", str(n)] + FAST
-    # the session's compilation cache (tests/conftest.py), off the small mount: samplers compiled before load
-    gen = " ".join([sys.executable, "-m", "cfgbasin_jax.apps.generate", *argv])
-    script = f"""
-mount -t tmpfs -o size=48k tmpfs {mnt} || exit 99
-{gen} --outdir {mnt}/run 2> {tmp_path}/full.err; echo rc_full=$?
-cp -a {mnt}/run {snap}
-mount -o remount,size=8m {mnt}
-{gen} --outdir {mnt}/run 2> {tmp_path}/resume.err; echo rc_resume=$?
-cp -a {mnt}/run {tmp_path}/resumed
-"""
-    done = in_namespace(script)
-    assert marker(done.stdout, "rc_full") == "2", (tmp_path / "full.err").read_text()[-3000:]
-    line = last_error_line((tmp_path / "full.err").read_text())
+    test_read_only_outputs_of_demo_and_evaluate runs on a real read-only mount.)
+    The two runs in a namespace (a 48k tmpfs, then 8m) are an early job (start_early above)."""
+    n = FULL_DISK_IMAGES
+    job = early["full_disk"]
+    (done,) = job.wait(timeout=600)
+    folder = job.logs.parent
+    snap = folder / "snap"
+    assert marker(done.stdout, "rc_full") == "2", (folder / "full.err").read_text()[-3000:]
+    line = last_error_line((folder / "full.err").read_text())
     assert "No space left on device; every finished image is kept" in line
     kept = records(snap)
     assert (snap / R.METADATA_FILE).read_bytes().endswith(b"\n") or not kept  # no cut-off line
     assert 0 < len(kept) < n and all((snap / r["file"]).is_file() for r in kept)
     assert not [p for p in tree(snap) if p.endswith(".tmp") or ".run" in p]  # no temp files, no lock
 
-    assert marker(done.stdout, "rc_resume") == "0", (tmp_path / "resume.err").read_text()[-3000:]
+    assert marker(done.stdout, "rc_resume") == "0", (folder / "resume.err").read_text()[-3000:]
     reference = tmp_path / "reference"
-    assert cli.main(argv + ["--no_compilation_cache", "--outdir", str(reference)]) == 0
-    assert pngs(tmp_path / "resumed") == pngs(reference) and len(pngs(reference)) == n
-    assert records(tmp_path / "resumed") == records(reference)
-
+    assert cli.main(full_disk_argv(tiny_sd1.path) + ["--no_compilation_cache", "--outdir", str(reference)]) == 0
+    assert pngs(folder / "resumed") == pngs(reference) and len(pngs(reference)) == n
+    assert records(folder / "resumed") == records(reference)
 
 
 def test_writers_clean_up_after_a_failed_write(tmp_path, monkeypatch):
