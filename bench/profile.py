@@ -56,9 +56,10 @@ class Call:
 def _kind(module, args, kwargs) -> str | None:
     import flax.linen as nn
 
+    from cfgbasin_jax.models.conv import Conv2d
     from cfgbasin_jax.models.unet import Attention
 
-    if isinstance(module, nn.Conv):
+    if isinstance(module, (nn.Conv, Conv2d)):
         return "conv"
     if isinstance(module, nn.GroupNorm):
         return "group_norm"

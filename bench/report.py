@@ -197,7 +197,8 @@ def profile_table(result: dict) -> list:
                   f"without the profiler {theirs['unprofiled_step_s']:.3f} s; the last column's whole-step ratio uses the latter)",
                   f"- FLOPs per step: {fl['total'] / 1e9:.4g} GFLOP (convolutions {fl['conv'] / 1e9:.4g}, dense "
                   f"{fl['dense'] / 1e9:.4g}, attention products {fl['attention_products'] / 1e9:.4g}; XLA's cost analysis "
-                  f"{ours['xla_flops'] / 1e9:.4g})",
+                  f"{ours['xla_flops'] / 1e9:.4g}, which counts a loop's body once: the chunked attention's products "
+                  f"run in lax.map)",
                   f"- peak ({peak['n']}x{peak['n']} float32 matmul): JAX {peak['jax_gflops']:.0f} GFLOP/s, PyTorch "
                   f"{peak['torch_gflops']:.0f} GFLOP/s; the UNet step reaches {ours['gflops']:.0f} GFLOP/s "
                   f"({ours['fraction_of_peak']:.0%} of the peak) ours, {theirs['gflops']:.0f} GFLOP/s "

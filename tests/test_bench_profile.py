@@ -76,8 +76,10 @@ def test_flop_count_agrees_with_xla(unets):
     assert min(flops["conv"], flops["dense"], flops["attention_products"]) > 0
     compiled = jax.jit(lambda p, *xs: ours.apply({"params": p}, *xs, return_dict=False)).lower(params, *inputs).compile()
     xla = P._cost(compiled)["flops"]
-    # XLA also counts biases, norms and activations (not counted here): a little above ours, never below.
-    assert flops["total"] <= xla <= 1.02 * flops["total"]
+    # XLA also counts biases, norms and activations (not counted here) and, on the matrix-product
+    # convolution path, the windows' padded zeros: a little above ours. A dropped factor (2, k*k,
+    # a kind of call) is off by far more.
+    assert flops["total"] <= xla <= 1.1 * flops["total"]
 
 
 def test_conv_flops_restated():

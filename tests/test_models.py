@@ -138,8 +138,9 @@ def _qkv(sq, sk, heads, width, dtype=np.float32, seed=0):
 
 
 SHAPES = {
-    "self_1024_chunked_map": (1024, 1024, 2, 8),  # lax.map over pairs, 8 query chunks
-    "self_600_unchunked_map": (600, 600, 2, 8),  # lax.map over pairs, 600 % 128 != 0: one chunk
+    "self_4096_chunked_map": (4096, 4096, 1, 8),  # lax.map over pairs, 16 chunks of 256 queries
+    "self_1024_chunked_map": (1024, 1024, 2, 8),  # lax.map over pairs, 2 chunks of 512 queries
+    "self_600_unchunked_map": (600, 600, 2, 8),  # lax.map over pairs, no chunk of 64..512 divides 600: one chunk
     "cross_77_batched": (64, 77, 4, 16),  # small: batched path
 }
 
@@ -151,6 +152,15 @@ def test_attention_implementations_match_reference(impl, shape):
     out = jax.jit(lambda q, k, v: A.attend(q, k, v, impl))(q, k, v)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert rel_err(out, _reference_attention(q, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("sq, sk, chunk", [
+    (4096, 4096, 256), (4096, 77, 512), (1024, 1024, 512), (2048, 2049, 256), (2048, 2048, 512),
+    (768, 768, 256), (600, 600, 600), (320, 320, 64), (100, 4096, 100),
+])
+def test_query_chunk_rule(sq, sk, chunk):
+    """256 queries against more than 2048 keys, else 512; halved down to 64 until it divides Sq."""
+    assert A.query_chunk(sq, sk) == chunk
 
 
 def test_chunked_bfloat16_accumulates_in_float32():

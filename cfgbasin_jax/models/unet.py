@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cfgbasin_jax.models import attention as A
+from cfgbasin_jax.models.conv import Conv2d
 
 
 @flax.struct.dataclass
@@ -42,9 +43,9 @@ def timestep_embedding(timesteps: jnp.ndarray, dim: int, flip_sin_to_cos: bool, 
     return jnp.concatenate(parts, axis=1)
 
 
-def _conv(features: int, dtype, name: str, kernel: int = 3, stride: int = 1) -> nn.Conv:
+def _conv(features: int, dtype, name: str, kernel: int = 3, stride: int = 1) -> Conv2d:
     pad = ((1, 1), (1, 1)) if kernel == 3 else "VALID"
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype, name=name)
+    return Conv2d(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype, name=name)
 
 
 def _group_norm(name: str) -> nn.GroupNorm:

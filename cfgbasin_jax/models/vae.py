@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from cfgbasin_jax.models import attention as A
+from cfgbasin_jax.models.conv import Conv2d
 from cfgbasin_jax.models.unet import Upsample
 
 NORM_EPS = 1e-6  # every GroupNorm of diffusers' VAE
@@ -72,8 +73,8 @@ class DecoderOutput:
     sample: jnp.ndarray
 
 
-def _conv(features: int, dtype, name: str | None, kernel: int = 3, stride: int = 1, padding=((1, 1), (1, 1))) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
+def _conv(features: int, dtype, name: str | None, kernel: int = 3, stride: int = 1, padding=((1, 1), (1, 1))) -> Conv2d:
+    return Conv2d(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
