@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Callable
 
 import numpy as np
+
+from bench import measure
 
 KINDS = ("conv", "self_attention", "cross_attention", "group_norm")
 PEAK_MATMUL_N = 2048
@@ -100,20 +101,24 @@ def record_calls(module, params, *inputs, **kwargs) -> list[Call]:
     return calls
 
 
+def attention_shape(call: Call) -> tuple:
+    """(batch, queries, keys, heads, head dim) of a recorded self- or cross-attention call."""
+    x = call.inputs[0]
+    context = call.inputs[1] if len(call.inputs) > 1 and call.inputs[1] is not None else x
+    return x.shape[0], x.shape[1], context.shape[1], call.module.heads, call.module.dim_head
+
+
 def call_flops(call: Call) -> int:
     """Multiply-add FLOPs of one recorded call (2 per multiply-add; biases and elementwise work excluded)."""
     out = math.prod(call.out_shape)
     if call.kind == "conv":
         cin = call.inputs[0].shape[-1]
-        return 2 * out * cin * math.prod(call.module.kernel_size) // call.module.feature_group_count
+        groups = getattr(call.module, "feature_group_count", 1)  # flax's Conv has groups; our Conv2d has none
+        return 2 * out * cin * math.prod(call.module.kernel_size) // groups
     if call.kind == "dense":
         return 2 * out * call.inputs[0].shape[-1]
-    if call.kind in ("self_attention", "cross_attention"):
-        x = call.inputs[0]
-        context = call.inputs[1] if len(call.inputs) > 1 and call.inputs[1] is not None else None
-        keys = (x if context is None else context).shape[1]
-        m = call.module
-        return 2 * 2 * x.shape[0] * m.heads * x.shape[1] * keys * m.dim_head
+    if call.kind.endswith("attention"):
+        return 2 * 2 * math.prod(attention_shape(call))
     return 0
 
 
@@ -140,26 +145,20 @@ def _signature(call: Call) -> tuple:
     return (call.kind, type(call.module).__name__, fields, shapes, repr(call.static), repr(sorted(call.kwargs.items())))
 
 
-def time_jax(fn: Callable, args: tuple, repeats: int) -> float:
-    """Median seconds of ``fn(*args)`` (blocked on) over ``repeats`` calls after one warm-up call."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def median_seconds(fn: Callable, args: tuple, repeats: int) -> float:
+    """Median seconds of ``fn(*args)`` over ``repeats`` calls after one warm-up call (JAX results
+    blocked on, as by :func:`bench.measure.timed`; PyTorch's CPU calls are synchronous)."""
+    measure.timed(lambda: fn(*args))
+    return float(np.median([measure.timed(lambda: fn(*args))[0] for _ in range(repeats)]))
 
 
-def ours_breakdown(unet, params, inputs: tuple, repeats: int = 3, log=print) -> dict:
+def ours_breakdown(unet, params, inputs: tuple, calls: list[Call], repeats: int = 3, log=print) -> dict:
     """Per-kind seconds of one UNet call (see the module docstring), the whole step's seconds, the
-    number of distinct blocks compiled, and the FLOP counts (ours and XLA's)."""
+    number of distinct blocks compiled, and the FLOP counts (ours and XLA's). ``calls``: the call's
+    :func:`record_calls`."""
     import jax
     import jax.numpy as jnp
 
-    calls = record_calls(unet, params, *inputs, return_dict=False)
     groups: dict = {}
     for c in calls:
         if c.kind in KINDS:
@@ -177,10 +176,10 @@ def ours_breakdown(unet, params, inputs: tuple, repeats: int = 3, log=print) -> 
             return module.apply({"params": p}, *args, **kwargs)
 
         arrays = tuple(jnp.asarray(rng.standard_normal(s.shape).astype(s.dtype)) for s in c.inputs if s is not None)
-        seconds[c.kind] += len(members) * time_jax(jax.jit(block), (_subtree(params, c.path), *arrays), repeats)
+        seconds[c.kind] += len(members) * median_seconds(jax.jit(block), (_subtree(params, c.path), *arrays), repeats)
     whole = jax.jit(lambda p, *xs: unet.apply({"params": p}, *xs, return_dict=False))
     compiled = whole.lower(params, *inputs).compile()
-    step_s = time_jax(compiled, (params, *inputs), repeats)
+    step_s = median_seconds(compiled, (params, *inputs), repeats)
     try:
         xla_flops = float(_cost(compiled).get("flops", float("nan")))
     except Exception:  # cost analysis not offered by this backend
@@ -234,12 +233,7 @@ def torch_breakdown(unet, inputs: tuple, repeats: int = 3) -> dict:
             handles += [module.register_forward_pre_hook(pre(kind)), module.register_forward_hook(post)]
     try:
         with torch.no_grad():
-            unet(*inputs)  # warm-up
-            plain = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                unet(*inputs)
-                plain.append(time.perf_counter() - start)
+            plain = median_seconds(unet, inputs, repeats)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(repeats):
                     with record_function("cfgbasin_profile::step"):
@@ -251,7 +245,7 @@ def torch_breakdown(unet, inputs: tuple, repeats: int = 3) -> dict:
               if e.key.startswith("cfgbasin_profile::")}
     step_s = totals.get("step", float("nan"))
     seconds = {k: totals.get(k, 0.0) for k in KINDS}
-    return {"step_s": step_s, "unprofiled_step_s": float(np.median(plain)), **{f"{k}_s": v for k, v in seconds.items()},
+    return {"step_s": step_s, "unprofiled_step_s": plain, **{f"{k}_s": v for k, v in seconds.items()},
             "rest_s": step_s - sum(seconds.values())}
 
 
@@ -264,15 +258,10 @@ def peak_matmul(n: int = PEAK_MATMUL_N, repeats: int = 5) -> dict:
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     flops = 2 * n**3
     x = jnp.asarray(a)
-    jax_s = time_jax(jax.jit(jnp.dot), (x, x), repeats)
+    jax_s = median_seconds(jax.jit(jnp.dot), (x, x), repeats)
     t = torch.from_numpy(a)
-    torch.mm(t, t)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(t, t)
-        times.append(time.perf_counter() - start)
-    out = {"n": n, "jax_gflops": flops / jax_s / 1e9, "torch_gflops": flops / float(np.median(times)) / 1e9}
+    torch_s = median_seconds(torch.mm, (t, t), repeats)
+    out = {"n": n, "jax_gflops": flops / jax_s / 1e9, "torch_gflops": flops / torch_s / 1e9}
     out["peak_gflops"] = max(out["jax_gflops"], out["torch_gflops"])
     return out
 
@@ -292,16 +281,10 @@ def attention_implementations(batch: int, tokens: int, heads: int, dim: int, key
     out = {"shape": [batch, tokens, keys or tokens, heads, dim]}
     for impl in ("chunked", "xla", "dense"):
         fn = jax.jit(lambda q, k, v, impl=impl: A.attend(q, k, v, impl))
-        out[impl] = time_jax(fn, (q, kv, kv), repeats)
+        out[impl] = median_seconds(fn, (q, kv, kv), repeats)
     tq, tk = (torch.from_numpy(a).transpose(1, 2).contiguous() for a in (q, kv))
     with torch.no_grad():
-        torch.nn.functional.scaled_dot_product_attention(tq, tk, tk)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.nn.functional.scaled_dot_product_attention(tq, tk, tk)
-            times.append(time.perf_counter() - start)
-    out["torch_sdpa"] = float(np.median(times))
+        out["torch_sdpa"] = median_seconds(torch.nn.functional.scaled_dot_product_attention, (tq, tk, tk), repeats)
     return out
 
 
@@ -315,24 +298,21 @@ def profile_section(unet, params, torch_unet, latent: int, context_dim: int, rep
     t = np.array([500, 500], np.int32)
     ctx = rng.standard_normal((2, 77, context_dim)).astype(np.float32)
     log("  profile: ours")
-    ours = ours_breakdown(unet, params, (x, t, ctx), repeats, log=log)
+    calls = record_calls(unet, params, x, t, ctx, return_dict=False)
+    ours = ours_breakdown(unet, params, (x, t, ctx), calls, repeats, log=log)
     log("  profile: PyTorch")
     theirs = torch_breakdown(torch_unet, (torch.from_numpy(x), torch.from_numpy(t).long(), torch.from_numpy(ctx)),
                              repeats)
     log("  profile: peak matmul, attention implementations")
     peak = peak_matmul()
-    calls = [c for c in record_calls(unet, params, x, t, ctx, return_dict=False) if c.kind.endswith("attention")]
-    biggest = {}
-    for c in calls:  # the largest self- and cross-attention product
-        x_shape = c.inputs[0].shape
-        keys = c.inputs[1].shape[1] if c.kind == "cross_attention" else x_shape[1]
-        size = x_shape[1] * keys
-        if size > biggest.get(c.kind, (0,))[0]:
-            biggest[c.kind] = (size, x_shape[0], x_shape[1], c.module.heads, c.module.dim_head, keys)
-    attention = {kind: attention_implementations(*spec[1:], repeats=repeats) for kind, spec in biggest.items()}
-    flops = ours["flops"]["total"]
-    for side, step in (("ours", ours["step_s"]), ("torch", theirs["unprofiled_step_s"])):
-        gflops = flops / step / 1e9
-        (ours if side == "ours" else theirs).update(gflops=gflops, fraction_of_peak=gflops / peak["peak_gflops"])
+    biggest = {}  # the largest self- and cross-attention product: (queries * keys, (B, Sq, Sk, H, D))
+    for c in calls:
+        if c.kind.endswith("attention"):
+            b, sq, sk, heads, dim = attention_shape(c)
+            biggest[c.kind] = max(biggest.get(c.kind, (0, None)), (sq * sk, (b, sq, heads, dim, sk)), key=lambda e: e[0])
+    attention = {kind: attention_implementations(*spec, repeats=repeats) for kind, (_, spec) in biggest.items()}
+    for row, step in ((ours, ours["step_s"]), (theirs, theirs["unprofiled_step_s"])):
+        gflops = ours["flops"]["total"] / step / 1e9
+        row.update(gflops=gflops, fraction_of_peak=gflops / peak["peak_gflops"])
     return {"batch": 2, "latent": latent, "ours": ours, "torch": theirs, "peak": peak, "attention": attention,
             "repeats": repeats}

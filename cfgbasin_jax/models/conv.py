@@ -96,7 +96,6 @@ class Conv2d(nn.Module):
     implementation: str = "auto"
     dtype: Any = None
     param_dtype: Any = jnp.float32
-    feature_group_count: int = 1  # for callers that read nn.Conv's attributes; only 1 is supported
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
