@@ -9,6 +9,11 @@ import subprocess
 import threading
 
 
+def selected(items, test: str) -> bool:
+    """Whether the collected ``items`` include test function ``test`` (any parametrisation)."""
+    return any(item.originalname == test for item in items)
+
+
 class Started:
     """Commands run one after another, each with its stdout and stderr in files under ``logs``."""
 

@@ -125,9 +125,10 @@ ACCELERATOR_FLAGS = ["--config", "tiny", "--steps", "3", "--batches", "1", "--me
 
 def start_early(request, items):
     """`python -m bench.accelerator` below, started at the session's first test (conftest's `early`)."""
-    if not any(item.originalname == "test_accelerator_run_on_cpu_with_the_tiny_config" for item in items):
+    from early_start import Started, selected
+
+    if not selected(items, "test_accelerator_run_on_cpu_with_the_tiny_config"):
         return {}
-    from early_start import Started
 
     folder = request.getfixturevalue("tmp_path_factory").mktemp("accelerator")
     command = [sys.executable, "-m", "bench.accelerator", *ACCELERATOR_FLAGS, "--out", folder / "accelerator.md"]

@@ -254,10 +254,10 @@ print(json.dumps({"hits": events.count("/jax/compilation_cache/cache_hits"),
 
 def start_early(request, items):
     """The two processes below, one after the other, started at the session's first test (conftest's `early`)."""
-    if not any(item.originalname == "test_a_second_process_loads_its_compilations_from_the_default_cache"
-               for item in items):
+    from early_start import Started, selected
+
+    if not selected(items, "test_a_second_process_loads_its_compilations_from_the_default_cache"):
         return {}
-    from early_start import Started
 
     folder = request.getfixturevalue("tmp_path_factory").mktemp("default_cache")
     env = {k: v for k, v in os.environ.items() if k not in (compile_cache.ENV, "JAX_COMPILATION_CACHE_DIR")}

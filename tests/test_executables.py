@@ -105,9 +105,10 @@ print("RESULT", fn.hits, fn.writes, int(res.images.astype(np.int64).sum()))
 
 def start_early(request, items):
     """The two processes below, one after the other, started at the session's first test (conftest's `early`)."""
-    if not any(item.originalname == "test_second_process_loads_the_sampler" for item in items):
+    from early_start import Started, selected
+
+    if not selected(items, "test_second_process_loads_the_sampler"):
         return {}
-    from early_start import Started
 
     folder = request.getfixturevalue("tmp_path_factory").mktemp("executables")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", E.ENV: str(folder / "exe")}

@@ -408,9 +408,10 @@ def full_disk_argv(model) -> list:
 def start_early(request, items):
     """The namespace script of the full-disk test below, started at the session's first test
     (conftest's `early`); where namespaces are refused the test is skipped and its result unread."""
-    if not any(item.originalname == "test_generation_onto_a_full_disk_then_resume" for item in items):
+    from early_start import Started, selected
+
+    if not selected(items, "test_generation_onto_a_full_disk_then_resume"):
         return {}
-    from early_start import Started
 
     folder = request.getfixturevalue("tmp_path_factory").mktemp("full_disk")
     mnt = folder / "mnt"

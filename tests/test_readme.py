@@ -16,9 +16,10 @@ HERE = Path(__file__).resolve().parent
 
 def start_early(request, items):
     """The README's blocks, run by tests/readme_blocks.py from the session's first test (conftest's `early`)."""
-    if not any(item.originalname == "test_readme_python_blocks_run" for item in items):
+    from early_start import Started, selected
+
+    if not selected(items, "test_readme_python_blocks_run"):
         return {}
-    from early_start import Started
 
     workdir = request.getfixturevalue("tmp_path_factory").mktemp("readme")
     return {"readme_blocks": Started([[sys.executable, HERE / "readme_blocks.py", workdir]], dict(os.environ),

@@ -202,9 +202,10 @@ def test_default_gradients_equal_those_of_the_path_that_runs_both_halves(batch):
 
 def start_early(request, items):
     """The shard_map worker below, started at the session's first test (conftest's `early`)."""
-    if not any(item.originalname == "test_a_users_shard_map_with_default_arguments" for item in items):
+    from early_start import Started, selected
+
+    if not selected(items, "test_a_users_shard_map_with_default_arguments"):
         return {}
-    from early_start import Started
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
