@@ -9,9 +9,10 @@ Implementations (static, chosen when the model is traced):
   "dense"    the whole score tensor [B*H,Sq,Sk] and a softmax over it (diffusers' Flax attention;
              the reference).
   "chunked"  the CPU path: large problems run one (batch, head) pair at a time with ``lax.map`` and
-             256- or 512-query chunks (:func:`query_chunk`), so each score block stays in cache; the softmax normalisation is
-             applied to the [Sq,D] output instead of the [Sq,Sk] scores. Small problems (cross-attention
-             over 77 tokens, low resolutions) run batched with the same deferred normalisation.
+             256- or 512-query chunks (:func:`query_chunk`), so each score block stays in cache;
+             the softmax normalisation is applied to the [Sq,D] output instead of the [Sq,Sk]
+             scores. Small problems (cross-attention over 77 tokens, low resolutions) run batched
+             with the same deferred normalisation.
   "xla"      ``jax.nn.dot_product_attention(implementation="xla")`` (TPU default; softmax in float32).
   "fused"    ``jax.nn.dot_product_attention`` with cuDNN's fused flash attention where cuDNN supports
              the shape and dtype (bfloat16 / float16), else the XLA implementation (GPU default).
@@ -40,7 +41,7 @@ def query_chunk(sq: int, sk: int) -> int:
     chunk = QUERY_CHUNK_MANY_KEYS if sk > MANY_KEYS else QUERY_CHUNK_FEW_KEYS
     while chunk >= 64:
         if sq % chunk == 0:
-            return min(chunk, sq)
+            return chunk
         chunk //= 2
     return sq
 
