@@ -2,7 +2,7 @@
 starts it at the session's first test): ``python readme_blocks.py WORKDIR``.
 
 Blocks that load a real converted model run against the shipped toy instead: every occurrence of a
-key of :data:`SUBSTITUTIONS` is replaced by its value before the block runs (documented in the
+key of :func:`substitutions` is replaced by its value before the block runs (documented in the
 README). Blocks are written for this; nothing else is patched. A failing block exits 1 naming the
 block; otherwise WORKDIR/readme_values.npz holds what the test checks of the namespace.
 """
@@ -32,8 +32,9 @@ def substitutions() -> dict:
 def run_blocks(blocks: list[str]) -> dict:
     """The namespace after running ``blocks`` in order; SystemExit naming the block that failed."""
     namespace: dict = {"__name__": "readme"}
+    replace = substitutions()
     for i, block in enumerate(blocks):
-        for old, new in substitutions().items():
+        for old, new in replace.items():
             block = block.replace(old, new)
         try:
             exec(compile(block, f"README.md python block {i}", "exec"), namespace)
