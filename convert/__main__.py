@@ -1,6 +1,6 @@
 """cfgbasin-convert: diffusers Stable Diffusion folder -> cfgbasin_jax converted directory.
 
-    cfgbasin-convert SRC DST [--dtype float32|bfloat16|float16] [--unet UNET_DIR] [--overwrite]
+    cfgbasin-convert SRC DST [--dtype float32|bfloat16|float16] [--unet UNET_DIR] [--variant fp16] [--overwrite]
     cfgbasin-convert sscd FILE DST [--overwrite]   (SSCD copy-detection weights; cfgbasin_jax.convert.sscd,
                                                     same destination rules and exit statuses)
     cfgbasin-convert --cache-info | --cache-clear   (the conversion cache; cfgbasin_jax.loading.cache)
@@ -44,6 +44,11 @@ def _parser() -> OneLineParser:
     parser.add_argument(
         "--unet", dest="unet_path", default=None,
         help="a separately fine-tuned diffusers unet/ folder (e.g. checkpoint-20000/unet) to use instead of SRC/unet",
+    )
+    parser.add_argument(
+        "--variant", default=None,
+        help="read the weight files of this diffusers variant (e.g. fp16: *.fp16.safetensors or its shard "
+             "index) where a folder has them, else the plain ones (diffusers' from_pretrained(variant=...))",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     return parser
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
     try:
         with files.terminate_raises():
             dst = convert(args.src, args.dst, dtype=args.dtype, unet_path=args.unet_path, overwrite=args.overwrite,
-                          log=note)
+                          log=note, variant=args.variant)
     except ConversionError as err:
         return _fail(str(err))
     except OSError as err:

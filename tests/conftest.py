@@ -88,3 +88,34 @@ def early(request):
     yield started
     for job in started.values():
         job.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_executables(request):
+    """Drop JAX's compiled executables after each test module.
+
+    Every CPU executable holds a few memory mappings of its JIT-compiled code; the whole suite in one process
+    compiles thousands and would pass the kernel's map limit (vm.max_map_count, 65530 by default), where LLVM
+    fails with 'Cannot allocate memory' and the process aborts. A later module recompiles what it needs (from
+    the session's persistent compilation cache). CFGBASIN_TEST_MAPS_LOG=FILE appends each module's mapping
+    count before and after."""
+    yield
+    import gc
+
+    import jax
+
+    before = _mappings()
+    jax.clear_caches()
+    gc.collect()
+    if os.environ.get("CFGBASIN_TEST_MAPS_LOG"):
+        with open(os.environ["CFGBASIN_TEST_MAPS_LOG"], "a") as log:
+            log.write(f"{request.node.name} {before} {_mappings()}\n")
+
+
+def _mappings() -> int:
+    """The number of this process's memory mappings (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return 0

@@ -430,6 +430,20 @@ def test_sharded_variant_the_diffusers_way(tiny_sd1, fp16_unet, tmp_path):
     assert tree_leaves_equal(_unet_params(unet_dir, "fp16"), reference)
 
 
+def test_variant_cli(tiny_sd1, fp16_unet, tmp_path):
+    """cfgbasin-convert --variant fp16 converts the fp16 files beside the plain ones: the same UNet as a
+    folder holding those weights under the plain name; without --variant, the plain weights."""
+    src = _copy(tiny_sd1.path, tmp_path / "src")
+    fp16_unet.save_pretrained(src / "unet", variant="fp16")
+    reference = _copy(tiny_sd1.path, tmp_path / "reference")
+    fp16_unet.save_pretrained(reference / "unet")
+    for folder, argv in [(src, ["--variant", "fp16"]), (reference, []), (src, [])]:
+        assert cli_main([str(folder), str(tmp_path / f"{folder.name}{len(argv)}"), *argv]) == 0
+    unet = {name: load_components(tmp_path / name).params["unet"] for name in ("src2", "reference0", "src0")}
+    assert tree_leaves_equal(unet["src2"], unet["reference0"])
+    assert not tree_leaves_equal(unet["src0"], unet["reference0"])
+
+
 # --- bad input -----------------------------------------------------------------------------------------
 
 
