@@ -44,24 +44,41 @@ def test_bfloat16_dtype_follows_flax():
         assert m.apply(m.init(jax.random.PRNGKey(0), x), x).dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("kernel, pixels, backend, isa, expected", [
-    ((1, 1), 64 * 64, "cpu", "avx512", "gemm"),   # 1x1: a product over channels, any size
-    ((3, 3), 8 * 8, "cpu", "avx512", "gemm"),
-    ((3, 3), 16 * 16, "cpu", "avx512", "gemm"),   # the threshold itself
-    ((3, 3), 16 * 17, "cpu", "avx512", "xla"),
-    ((3, 3), 64 * 64, "cpu", "avx2", "xla"),
-    ((3, 3), 8 * 8, "cpu", "avx2", "gemm"),       # unmeasured levels: the default threshold
-    ((1, 1), 8 * 8, "gpu", "avx512", "xla"),      # cuDNN's convolutions elsewhere
-    ((3, 3), 8 * 8, "tpu", None, "xla"),
+@pytest.mark.parametrize("kernel, rows, channels, backend, isa, expected", [
+    ((1, 1), 2 * 64 * 64, 4, "cpu", "avx512", "gemm"),      # 1x1: a product over channels, any size
+    ((3, 3), 2 * 8 * 8, 1280, "cpu", "avx512", "gemm"),
+    ((3, 3), 2 * 16 * 16, 640, "cpu", "avx512", "gemm"),    # 512 rows at 640 channels: the first limit
+    ((3, 3), 2 * 16 * 16, 512, "cpu", "amx", "gemm"),
+    ((3, 3), 2 * 16 * 16, 511, "cpu", "amx", "xla"),        # too few channels
+    ((3, 3), 2 * 16 * 16 + 1, 640, "cpu", "avx512", "xla"),  # too many rows for 640 channels
+    ((3, 3), 4 * 16 * 16, 1280, "cpu", "avx512", "gemm"),   # 1024 rows at 1024+ channels: the second
+    ((3, 3), 2 * 32 * 32, 1280, "cpu", "amx", "xla"),       # SD 1.5's 32x32: XLA's
+    ((3, 3), 16 * 8 * 8, 128, "cpu", "amx", "xla"),         # small UNets: XLA's
+    ((3, 3), 2 * 8 * 8, 1280, "cpu", "neon", "gemm"),       # unmeasured levels: the default limits
+    ((1, 1), 2 * 8 * 8, 1280, "gpu", "avx512", "xla"),      # cuDNN's convolutions elsewhere
+    ((3, 3), 2 * 8 * 8, 1280, "tpu", None, "xla"),
 ])
-def test_auto_choice(kernel, pixels, backend, isa, expected):
-    assert C.resolve("auto", kernel, pixels, backend=backend, isa=isa) == expected
+def test_auto_choice(kernel, rows, channels, backend, isa, expected):
+    assert C.resolve("auto", kernel, rows, channels, backend=backend, isa=isa) == expected
 
 
-def test_explicit_choice_and_thresholds():
-    assert C.resolve("xla", (1, 1), 1, backend="cpu") == "xla"
-    assert C.resolve("gemm", (3, 3), 10**6, backend="gpu") == "gemm"
+def test_explicit_choice_and_limits(monkeypatch):
+    assert C.resolve("xla", (1, 1), 1, 1, backend="cpu") == "xla"
+    assert C.resolve("gemm", (3, 3), 10**6, 4, backend="gpu") == "gemm"
     with pytest.raises(ValueError, match="convolution implementation 'im2col'"):
-        C.resolve("im2col", (3, 3), 1)
-    assert C.gemm_max_pixels("avx512") == 256
-    assert C.gemm_max_pixels("neon") == C.DEFAULT_GEMM_MAX_PIXELS
+        C.resolve("im2col", (3, 3), 1, 1)
+    assert C.gemm_limits("avx512") == C.gemm_limits("amx") == ((512, 512), (1024, 1024))
+    # A level with its own entry takes it, and only that level.
+    monkeypatch.setitem(C.GEMM_LIMITS, "avx2", ((64, 4096),))
+    assert C.resolve("auto", (3, 3), 2 * 32 * 32, 128, backend="cpu", isa="avx2") == "gemm"
+    assert C.resolve("auto", (3, 3), 2 * 32 * 32, 128, backend="cpu", isa="amx") == "xla"
+
+
+def test_conv2d_counts_rows_over_the_batch(monkeypatch):
+    """Conv2d asks resolve() with N*Ho*Wo rows and its output channels (strides and padding applied)."""
+    seen = []
+    monkeypatch.setattr(C, "resolve", lambda impl, kernel, rows, channels, **kw: seen.append((kernel, rows, channels)) or "xla")
+    m = C.Conv2d(7, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = jnp.ones((3, 9, 8, 2))
+    m.init(jax.random.PRNGKey(0), x)
+    assert seen == [((3, 3), 3 * 5 * 4, 7)]

@@ -154,13 +154,18 @@ def test_attention_implementations_match_reference(impl, shape):
     assert rel_err(out, _reference_attention(q, k, v)) < 1e-5
 
 
-@pytest.mark.parametrize("sq, sk, chunk", [
-    (4096, 4096, 256), (4096, 77, 512), (1024, 1024, 512), (2048, 2049, 256), (2048, 2048, 512),
-    (768, 768, 256), (600, 600, 600), (320, 320, 64), (100, 4096, 100),
+@pytest.mark.parametrize("sq, sk, isa, chunk", [
+    (4096, 4096, "avx512", 256), (4096, 77, "avx512", 512), (1024, 1024, "avx512", 512),
+    (2048, 2049, "avx512", 256), (2048, 2048, "avx512", 512), (768, 768, "avx512", 256),
+    (600, 600, "avx512", 600), (320, 320, "avx512", 64), (100, 4096, "avx512", 100),
+    (4096, 4096, "avx2", 256),                        # levels without an entry: the default
+    (4096, 4096, "amx", 1024), (4096, 77, "amx", 512), (1024, 1024, "amx", 512),
+    (2048, 2049, "amx", 1024), (768, 4096, "amx", 256), (100, 4096, "amx", 100),
 ])
-def test_query_chunk_rule(sq, sk, chunk):
-    """256 queries against more than 2048 keys, else 512; halved down to 64 until it divides Sq."""
-    assert A.query_chunk(sq, sk) == chunk
+def test_query_chunk_rule(sq, sk, isa, chunk):
+    """Against more than 2048 keys 256 queries (1024 on "amx"), else 512; halved down to 64 until it
+    divides Sq, else Sq."""
+    assert A.query_chunk(sq, sk, isa) == chunk
 
 
 def test_chunked_bfloat16_accumulates_in_float32():

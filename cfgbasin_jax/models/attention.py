@@ -9,7 +9,7 @@ Implementations (static, chosen when the model is traced):
   "dense"    the whole score tensor [B*H,Sq,Sk] and a softmax over it (diffusers' Flax attention;
              the reference).
   "chunked"  the CPU path: large problems run one (batch, head) pair at a time with ``lax.map`` and
-             256- or 512-query chunks (:func:`query_chunk`), so each score block stays in cache;
+             query chunks sized per CPU (:func:`query_chunk`), so each score block stays in cache;
              the softmax normalisation is applied to the [Sq,D] output instead of the [Sq,Sk]
              scores. Small problems (cross-attention over 77 tokens, low resolutions) run batched
              with the same deferred normalisation.
@@ -24,21 +24,31 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cfgbasin_jax.runtime import cpu
+
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "xla", "fused")
 
 # The chunked path maps over (batch, head) pairs once a pair's score matrix has this many
 # entries (Sq * Sk); below it the batched path is faster (loop overhead dominates).
 CHUNK_MIN_SCORES = 512 * 512
-# Queries per chunk: 256 against many keys, 512 against fewer. Measured on AVX-512 (Zen 4, 2 cores),
-# SD 1.5's self-attention, 8 heads of 40, batch 2, paired against 128-query chunks: 4096 tokens
-# 0.83-0.88x the time with 256 (512: 0.96-0.98x); 1024 tokens 0.72-0.81x with 512 (256: 0.74-0.88x).
-QUERY_CHUNK_MANY_KEYS, QUERY_CHUNK_FEW_KEYS, MANY_KEYS = 256, 512, 2048
+# Queries per chunk, (against more than MANY_KEYS keys, against fewer), by ISA level
+# (cfgbasin_jax.runtime.cpu.isa_level); levels without an entry take the default. Measured with SD 1.5's
+# self-attention (8 heads of 40, batch 2), 2 cores:
+#   "avx512" (AMD Zen 4), against 128-query chunks: 4096 tokens 0.83-0.88x the time with 256 (512:
+#     0.96-0.98x); 1024 tokens 0.72-0.81x with 512 (256: 0.74-0.88x). The default.
+#   "amx" (Intel Sapphire Rapids), against 256: 4096 tokens 0.82-0.86x the time with 1024 (512:
+#     0.87-0.89x); 1024 tokens 512 fastest (256: 1.32x, 1024: 1.18x its time).
+DEFAULT_QUERY_CHUNKS = (256, 512)
+QUERY_CHUNKS = {"amx": (1024, 512)}
+MANY_KEYS = 2048
 
 
-def query_chunk(sq: int, sk: int) -> int:
-    """Queries per chunk of the chunked path for Sq queries over Sk keys: the size above, halved
-    (down to 64) until it divides Sq; Sq itself (one chunk) when none does."""
-    chunk = QUERY_CHUNK_MANY_KEYS if sk > MANY_KEYS else QUERY_CHUNK_FEW_KEYS
+def query_chunk(sq: int, sk: int, isa: str | None = None) -> int:
+    """Queries per chunk of the chunked path for Sq queries over Sk keys on CPU ``isa`` (default:
+    this machine's level): the size above, halved (down to 64) until it divides Sq; Sq itself (one
+    chunk) when none does."""
+    many, few = QUERY_CHUNKS.get(isa or cpu.isa_level(cpu.host_cpu()), DEFAULT_QUERY_CHUNKS)
+    chunk = many if sk > MANY_KEYS else few
     while chunk >= 64:
         if sq % chunk == 0:
             return chunk

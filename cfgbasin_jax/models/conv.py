@@ -12,9 +12,9 @@ in one of two ways (static, chosen when the model is traced):
   "gemm"  one matrix product: a 1x1 convolution is a product over channels; a k x k convolution
           gathers its k*k shifted windows into [N,Ho,Wo,k*k*Cin] and multiplies by the kernel
           reshaped to [k*k*Cin, Cout].
-  "auto"  "gemm" on CPU for 1x1 convolutions and for k x k ones whose output has at most
-          :func:`gemm_max_pixels` pixels per image (XLA's CPU convolution parallelises poorly on
-          small images with many channels); "xla" otherwise and on every other backend.
+  "auto"  "gemm" on CPU for 1x1 convolutions, and for k x k ones with many output channels and
+          few output rows (batch x pixels; :func:`gemm_limits`): there XLA's CPU convolution
+          parallelises poorly; "xla" otherwise and on every other backend.
 
 The two differ by float32 rounding only (about 1e-6 relative). The CPU measurements behind the
 threshold: ``python -m bench --config sd15 --sections profile`` and the README's *CPU speed*.
@@ -32,30 +32,34 @@ from cfgbasin_jax.runtime import cpu
 
 IMPLEMENTATIONS = ("auto", "xla", "gemm")
 
-# Output pixels per image up to which a k x k convolution runs as one matrix product on CPU, by ISA
-# level (cfgbasin_jax.runtime.cpu.isa_level). Measured on "avx512" (AMD Zen 4, 2 cores): SD 1.5's
-# 3x3 convolutions at 8x8 took 0.55-0.62x, at 16x16 0.47-0.96x XLA's time as products, at 32x32
-# 0.94-1.71x, at 64x64 2-3.5x. Levels not measured take DEFAULT_GEMM_MAX_PIXELS.
-GEMM_MAX_PIXELS = {"avx512": 16 * 16}
-DEFAULT_GEMM_MAX_PIXELS = 16 * 16
+# When a k x k convolution runs as one matrix product on CPU: (min output channels, max output rows)
+# pairs, rows = batch x output pixels; "gemm" when any pair admits the shape. Measured with
+# SD 1.5's shapes and a grid of square convolutions (batch 2-16, 8x8 to 32x32, 128-1280 channels) on
+# AMD Zen 4 ("avx512") and Intel Sapphire Rapids ("amx"), 2 cores: the product took 0.4-0.9x XLA's
+# time at 1280 channels up to 1024 rows and at 640 channels up to 512 rows, 1.0-1.6x at 320 channels
+# and below, and at 2048 rows (SD 1.5's 32x32) it lost at 640 channels on both. Both levels agree
+# with the default, so GEMM_LIMITS (overrides per ISA level, cfgbasin_jax.runtime.cpu.isa_level)
+# has no entry yet.
+DEFAULT_GEMM_LIMITS = ((512, 512), (1024, 1024))
+GEMM_LIMITS: dict = {}
 
 
-def gemm_max_pixels(isa: str | None = None) -> int:
-    """The CPU threshold for ``isa`` (default: this machine's ISA level)."""
-    return GEMM_MAX_PIXELS.get(isa or cpu.isa_level(cpu.host_cpu()), DEFAULT_GEMM_MAX_PIXELS)
+def gemm_limits(isa: str | None = None) -> tuple:
+    """The CPU (min output channels, max output rows) pairs for ``isa`` (default: this machine's level)."""
+    return GEMM_LIMITS.get(isa or cpu.isa_level(cpu.host_cpu()), DEFAULT_GEMM_LIMITS)
 
 
-def resolve(implementation: str, kernel: Sequence[int], out_pixels: int, backend: str | None = None,
-            isa: str | None = None) -> str:
-    """The concrete algorithm ("xla" or "gemm") for a convolution with ``kernel`` (kh, kw) whose
-    output has ``out_pixels`` pixels per image, on ``backend`` (default: JAX's) and CPU ``isa``."""
+def resolve(implementation: str, kernel: Sequence[int], out_rows: int, out_channels: int,
+            backend: str | None = None, isa: str | None = None) -> str:
+    """The concrete algorithm ("xla" or "gemm") for a convolution with ``kernel`` (kh, kw) whose output
+    is [out_rows = N*Ho*Wo, out_channels], on ``backend`` (default: JAX's) and CPU ``isa``."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"convolution implementation {implementation!r}: use one of {', '.join(IMPLEMENTATIONS)}")
     if implementation != "auto":
         return implementation
     if (backend or jax.default_backend()) != "cpu":
         return "xla"
-    if tuple(kernel) == (1, 1) or out_pixels <= gemm_max_pixels(isa):
+    if tuple(kernel) == (1, 1) or any(out_channels >= c and out_rows <= r for c, r in gemm_limits(isa)):
         return "gemm"
     return "xla"
 
@@ -107,7 +111,7 @@ class Conv2d(nn.Module):
         (pt, pb), (pl, pr) = _pairs(self.padding, (kh, kw))
         ho = (x.shape[1] + pt + pb - kh) // self.strides[0] + 1
         wo = (x.shape[2] + pl + pr - kw) // self.strides[1] + 1
-        if resolve(self.implementation, (kh, kw), ho * wo) == "gemm":
+        if resolve(self.implementation, (kh, kw), x.shape[0] * ho * wo, self.features) == "gemm":
             y = conv_gemm(x, kernel, self.strides, self.padding)
         else:
             y = jax.lax.conv_general_dilated(x, kernel, tuple(self.strides), ((pt, pb), (pl, pr)),

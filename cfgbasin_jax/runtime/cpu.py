@@ -4,8 +4,8 @@
     isa_level(info)            # "amx", "avx512", "avx2", "neon" or "baseline"
     info.isa_flags             # the flags that matter here: ("avx2", "avx512f", "avx512_bf16", ...)
 
-The benchmark records them in every report; :func:`cfgbasin_jax.models.conv.gemm_max_pixels` looks
-its CPU threshold up by the ISA level.
+The benchmark records them in every report; :func:`cfgbasin_jax.models.conv.gemm_limits` looks
+its CPU limits up by the ISA level.
 """
 
 from __future__ import annotations
