@@ -63,3 +63,11 @@ def test_only_the_first_processor_is_read_and_flags_keep_their_order():
 def test_host_cpu_reads_this_machine():
     info = cpu.host_cpu()
     assert info.model and cpu.isa_level(info) in cpu.LEVELS
+
+
+def test_by_level_takes_the_given_or_this_machines_level(monkeypatch):
+    table = {"amx": "tiles", "avx512": "wide"}
+    assert cpu.by_level(table, "default", "amx") == "tiles"
+    assert cpu.by_level(table, "default", "avx2") == "default"  # a level without an entry
+    monkeypatch.setattr(cpu, "host_cpu", lambda: cpu.parse_cpuinfo(INTEL_ICX))
+    assert cpu.by_level(table, "default") == "wide"  # no level given: this machine's (avx512 here)

@@ -47,7 +47,7 @@ def query_chunk(sq: int, sk: int, isa: str | None = None) -> int:
     """Queries per chunk of the chunked path for Sq queries over Sk keys on CPU ``isa`` (default:
     this machine's level): the size above, halved (down to 64) until it divides Sq; Sq itself (one
     chunk) when none does."""
-    many, few = QUERY_CHUNKS.get(isa or cpu.isa_level(cpu.host_cpu()), DEFAULT_QUERY_CHUNKS)
+    many, few = cpu.by_level(QUERY_CHUNKS, DEFAULT_QUERY_CHUNKS, isa)
     chunk = many if sk > MANY_KEYS else few
     while chunk >= 64:
         if sq % chunk == 0:

@@ -17,7 +17,7 @@ in one of two ways (static, chosen when the model is traced):
           parallelises poorly; "xla" otherwise and on every other backend.
 
 The two differ by float32 rounding only (about 1e-6 relative). The CPU measurements behind the
-threshold: ``python -m bench --config sd15 --sections profile`` and the README's *CPU speed*.
+limits: ``python -m bench --config sd15 --sections profile`` and the README's *CPU speed*.
 """
 
 from __future__ import annotations
@@ -33,20 +33,20 @@ from cfgbasin_jax.runtime import cpu
 IMPLEMENTATIONS = ("auto", "xla", "gemm")
 
 # When a k x k convolution runs as one matrix product on CPU: (min output channels, max output rows)
-# pairs, rows = batch x output pixels; "gemm" when any pair admits the shape. Measured with
-# SD 1.5's shapes and a grid of square convolutions (batch 2-16, 8x8 to 32x32, 128-1280 channels) on
-# AMD Zen 4 ("avx512") and Intel Sapphire Rapids ("amx"), 2 cores: the product took 0.4-0.9x XLA's
-# time at 1280 channels up to 1024 rows and at 640 channels up to 512 rows, 1.0-1.6x at 320 channels
-# and below, and at 2048 rows (SD 1.5's 32x32) it lost at 640 channels on both. Both levels agree
-# with the default, so GEMM_LIMITS (overrides per ISA level, cfgbasin_jax.runtime.cpu.isa_level)
-# has no entry yet.
+# pairs, rows = batch x output pixels; "gemm" when any pair admits the shape. Measured on 2 cores:
+# SD 1.5's shapes at batch 2 on AMD Zen 4 ("avx512") and Intel Sapphire Rapids ("amx"), and on the
+# Intel host a grid of square 3x3 convolutions (batch 2-16, 8x8 to 32x32, 128-1280 channels). The
+# product took 0.4-0.9x XLA's time at 1280 channels up to 1024 rows and at 640 channels up to 512
+# rows; 0.85-1.6x at 320 channels, up to 1.9x at 128; at 2048 rows (SD 1.5's 32x32) it lost at 640
+# channels on both hosts. Zen 4's measurements fit the same limits, so GEMM_LIMITS (overrides per ISA
+# level, cfgbasin_jax.runtime.cpu.by_level) has no entry yet.
 DEFAULT_GEMM_LIMITS = ((512, 512), (1024, 1024))
 GEMM_LIMITS: dict = {}
 
 
 def gemm_limits(isa: str | None = None) -> tuple:
     """The CPU (min output channels, max output rows) pairs for ``isa`` (default: this machine's level)."""
-    return GEMM_LIMITS.get(isa or cpu.isa_level(cpu.host_cpu()), DEFAULT_GEMM_LIMITS)
+    return cpu.by_level(GEMM_LIMITS, DEFAULT_GEMM_LIMITS, isa)
 
 
 def resolve(implementation: str, kernel: Sequence[int], out_rows: int, out_channels: int,

@@ -4,8 +4,8 @@
     isa_level(info)            # "amx", "avx512", "avx2", "neon" or "baseline"
     info.isa_flags             # the flags that matter here: ("avx2", "avx512f", "avx512_bf16", ...)
 
-The benchmark records them in every report; :func:`cfgbasin_jax.models.conv.gemm_limits` looks
-its CPU limits up by the ISA level.
+The benchmark records them in every report; :func:`by_level` looks up per-level
+tables (the convolution and attention choices in :mod:`cfgbasin_jax.models`).
 """
 
 from __future__ import annotations
@@ -65,6 +65,11 @@ def isa_level(info: CpuInfo) -> str:
     if "asimd" in f:
         return "neon"
     return "baseline"
+
+
+def by_level(table: dict, default, isa: str | None = None):
+    """``table``'s entry for ISA level ``isa`` (default: this machine's level), else ``default``."""
+    return table.get(isa or isa_level(host_cpu()), default)
 
 
 @functools.lru_cache(maxsize=1)
