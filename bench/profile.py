@@ -22,7 +22,9 @@ around each such module by forward hooks; each kind's time is the inclusive CPU 
 FLOPs are counted from the same recorded calls, 2 per multiply-add: convolutions
 (2 * out elements * Cin * kh * kw), dense layers (2 * out elements * in features) and the two
 attention products (2 * 2 * B * heads * Sq * Sk * head dim); biases, norms, softmax and activations
-are not counted (they are well under 1%). XLA's own count (``cost_analysis``) is given beside it.
+are not counted (they are well under 1%). A convolution counts as a direct one also where it runs
+by Winograd's algorithm (fewer multiplications, :mod:`cfgbasin_jax.models.conv`): the rates are
+direct-equivalent work per second. XLA's own count (``cost_analysis``) is given beside it.
 The machine's peak is the best of a large float32 matmul in JAX and in PyTorch, in the same run.
 """
 

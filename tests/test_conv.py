@@ -20,12 +20,34 @@ CASES = [  # (kernel, stride, padding, input H x W)
 ]
 
 
-@pytest.mark.parametrize("implementation", ["xla", "gemm", "auto"])
-@pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
+WINOGRAD_CASES = [  # 3x3, stride 1; output sizes multiples of 4 (both tiles) or of 2 only
+    (3, 1, ((1, 1), (1, 1)), (8, 8)),
+    (3, 1, "SAME", (4, 12)),
+    (3, 1, "VALID", (10, 6)),
+    (3, 1, ((0, 2), (2, 0)), (6, 8)),
+]
+
+
+def _fits(implementation, kernel, stride, padding, hw) -> bool:
+    """The Winograd conditions restated: 3x3, stride 1, output sides multiples of the tile."""
+    tile = {"winograd": 2, "winograd4": 4}.get(implementation)
+    if tile is None:
+        return True
+    pads = ((1, 1), (1, 1)) if padding == "SAME" else ((0, 0), (0, 0)) if padding == "VALID" else padding
+    out = [n + p0 + p1 - kernel + 1 for n, (p0, p1) in zip(hw, pads)]
+    return kernel == 3 and stride == 1 and all(o % tile == 0 for o in out)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "gemm", "auto", "winograd", "winograd4"])
+@pytest.mark.parametrize("kernel, stride, padding, hw", CASES + WINOGRAD_CASES)
 def test_conv2d_is_flax_conv(implementation, kernel, stride, padding, hw):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, *hw, 6)).astype(np.float32))
     ref = nn.Conv(5, (kernel, kernel), strides=(stride, stride), padding=padding)
     ours = C.Conv2d(5, (kernel, kernel), strides=(stride, stride), padding=padding, implementation=implementation)
+    if not _fits(implementation, kernel, stride, padding, hw):
+        with pytest.raises(ValueError, match=f"convolution implementation '{implementation}' needs a 3x3 kernel"):
+            ours.init(jax.random.PRNGKey(1), x)
+        return
     key = jax.random.PRNGKey(1)
     p_ref, p_ours = ref.init(key, x), ours.init(key, x)
     # Same tree, same initial values (flax's initialisers): checkpoints and training are unchanged.
@@ -39,7 +61,7 @@ def test_conv2d_is_flax_conv(implementation, kernel, stride, padding, hw):
 
 def test_bfloat16_dtype_follows_flax():
     x = jnp.ones((1, 4, 4, 3), jnp.float32)
-    for impl in ("xla", "gemm"):
+    for impl in ("xla", "gemm", "winograd", "winograd4"):
         m = C.Conv2d(2, (3, 3), padding=((1, 1), (1, 1)), dtype=jnp.bfloat16, implementation=impl)
         assert m.apply(m.init(jax.random.PRNGKey(0), x), x).dtype == jnp.bfloat16
 
@@ -62,23 +84,97 @@ def test_auto_choice(kernel, rows, channels, backend, isa, expected):
     assert C.resolve("auto", kernel, rows, channels, backend=backend, isa=isa) == expected
 
 
-def test_explicit_choice_and_limits(monkeypatch):
-    assert C.resolve("xla", (1, 1), 1, 1, backend="cpu") == "xla"
-    assert C.resolve("gemm", (3, 3), 10**6, 4, backend="gpu") == "gemm"
-    with pytest.raises(ValueError, match="convolution implementation 'im2col'"):
-        C.resolve("im2col", (3, 3), 1, 1)
-    assert C.gemm_limits("avx512") == C.gemm_limits("amx") == ((512, 512), (1024, 1024))
-    # A level with its own entry takes it, and only that level.
-    monkeypatch.setitem(C.GEMM_LIMITS, "avx2", ((64, 4096),))
-    assert C.resolve("auto", (3, 3), 2 * 32 * 32, 128, backend="cpu", isa="avx2") == "gemm"
-    assert C.resolve("auto", (3, 3), 2 * 32 * 32, 128, backend="cpu", isa="amx") == "xla"
+@pytest.mark.parametrize("batch, hw, channels, strides, dtype, backend, expected", [
+    (2, (64, 64), 320, (1, 1), jnp.float32, "cpu", "winograd4"),   # SD 1.5's 64x64: 8192 rows
+    (1, (32, 32), 640, (1, 1), jnp.float32, "cpu", "winograd4"),   # 1024 rows: the 4x4 tile's limit
+    (1, (32, 31), 640, (1, 1), jnp.float32, "cpu", "xla"),         # odd width
+    (3, (10, 34), 640, (1, 1), jnp.float32, "cpu", "winograd"),    # 1020 rows
+    (1, (16, 16), 1280, (1, 1), jnp.float32, "cpu", "winograd"),   # 256 rows: the 2x2 tile's limit
+    (1, (16, 14), 1280, (1, 1), jnp.float32, "cpu", "gemm"),       # 224 rows: the product
+    (2, (8, 8), 1280, (1, 1), jnp.float32, "cpu", "gemm"),         # 128 rows
+    (1, (12, 16), 320, (1, 1), jnp.float32, "cpu", "xla"),         # 192 rows, few channels
+    (2, (64, 62), 320, (1, 1), jnp.float32, "cpu", "winograd"),    # 62 is even, not a multiple of 4
+    (2, (63, 64), 320, (1, 1), jnp.float32, "cpu", "xla"),         # odd: no tile fits
+    (2, (32, 32), 640, (2, 2), jnp.float32, "cpu", "xla"),         # a strided (downsampling) conv
+    (2, (64, 64), 320, (1, 1), jnp.bfloat16, "cpu", "xla"),        # Winograd in float32 only
+    (2, (64, 64), 320, (1, 1), jnp.float32, "gpu", "xla"),
+])
+def test_auto_winograd_choice(batch, hw, channels, strides, dtype, backend, expected):
+    rows = batch * hw[0] * hw[1]
+    got = C.resolve("auto", (3, 3), rows, channels, backend=backend, isa="amx", strides=strides, out_hw=hw, dtype=dtype)
+    assert got == expected
 
 
-def test_conv2d_counts_rows_over_the_batch(monkeypatch):
-    """Conv2d asks resolve() with N*Ho*Wo rows and its output channels (strides and padding applied)."""
-    seen = []
-    monkeypatch.setattr(C, "resolve", lambda impl, kernel, rows, channels, **kw: seen.append((kernel, rows, channels)) or "xla")
-    m = C.Conv2d(7, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    x = jnp.ones((3, 9, 8, 2))
-    m.init(jax.random.PRNGKey(0), x)
-    assert seen == [((3, 3), 3 * 5 * 4, 7)]
+def test_auto_never_winograd_without_output_size():
+    assert C.resolve("auto", (3, 3), 2 * 64 * 64, 320, backend="cpu") == "xla"
+
+
+def _conv_nhwc_float64(x, kernel):
+    """A direct 'SAME' 3x3 convolution in float64 numpy: the sum over the nine shifted windows."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1] - 2, x.shape[2] - 2
+    return sum(x[:, i : i + h, j : j + w, :] @ np.asarray(kernel, np.float64)[i, j] for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize("tile, bound", [(2, 2e-6), (4, 3e-5)])
+def test_winograd_error_at_sd_scale(tile, bound):
+    """Against a float64 restatement at SD-like widths (256 channels): the documented error sizes
+    (about 1e-6 of the output's largest value for the 2x2 tile, 2e-5 for the 4x4 one)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 16, 16, 256)).astype(np.float32)
+    kernel = (rng.standard_normal((3, 3, 256, 32)) / np.sqrt(9 * 256)).astype(np.float32)
+    want = _conv_nhwc_float64(x, kernel)
+    got = np.asarray(C.conv_winograd(jnp.asarray(x), C.winograd_kernel(jnp.asarray(kernel), tile), "SAME", tile))
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < bound
+    assert err > 1e-9  # float32 arithmetic, not the float64 reference
+
+
+def test_winograd_kernel_interpolates_the_filter():
+    """G g G^T restated: row/column r of the 2x2 tile's G evaluates the 3-tap filter at 0, 1, -1
+    (the middle two halved) and takes its last tap at infinity."""
+    g = np.arange(9.0).reshape(3, 3)
+    points = [lambda f: f[0], lambda f: (f[0] + f[1] + f[2]) / 2, lambda f: (f[0] - f[1] + f[2]) / 2, lambda f: f[2]]
+    want = np.array([[pc(np.array([pr(g[:, j]) for j in range(3)])) for pc in points] for pr in points])
+    got = np.asarray(C.winograd_kernel(jnp.asarray(g.reshape(3, 3, 1, 1)), 2)).reshape(4, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+class _Stack(nn.Module):
+    """Six 3x3 Winograd convolutions (4x4 tile) in a row."""
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(6):
+            x = C.Conv2d(x.shape[-1], (3, 3), padding="SAME", implementation="winograd4", name=f"c{i}")(x)
+        return x
+
+
+def test_transformed_kernels_are_not_all_held_at_once():
+    """Each transformed kernel [36,256,256] (9.4 MB) lives next to its convolution: the program's
+    temporaries stay under two of them, not the six the transforms would take if XLA ran them all
+    first (they depend on the weights only) or hoisted them out of a loop."""
+    x = jnp.zeros((1, 8, 8, 256), jnp.float32)
+    m = _Stack()
+    params = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)
+    one = 36 * 256 * 256 * 4
+
+    def loop(p, x):
+        return jax.lax.scan(lambda c, _: (m.apply(p, c), None), x, None, length=3)[0]
+
+    for fn in (m.apply, loop):
+        temp = jax.jit(fn).lower(params, x).compile().memory_analysis().temp_size_in_bytes
+        assert temp < 2 * one, (fn, temp / one)
+
+
+def test_winograd_keeps_samples_independent():
+    """A non-finite sample does not reach the others (the tie to the input is exactly zero)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    m = C.Conv2d(3, (3, 3), padding="SAME", implementation="winograd")
+    p = m.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    clean = np.asarray(m.apply(p, jnp.asarray(x)))
+    x[0] = np.nan
+    got = np.asarray(m.apply(p, jnp.asarray(x)))
+    assert np.isnan(got[0]).all()
+    np.testing.assert_array_equal(got[1], clean[1])

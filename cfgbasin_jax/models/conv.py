@@ -12,12 +12,22 @@ in one of two ways (static, chosen when the model is traced):
   "gemm"  one matrix product: a 1x1 convolution is a product over channels; a k x k convolution
           gathers its k*k shifted windows into [N,Ho,Wo,k*k*Cin] and multiplies by the kernel
           reshaped to [k*k*Cin, Cout].
-  "auto"  "gemm" on CPU for 1x1 convolutions, and for k x k ones with many output channels and
-          few output rows (batch x pixels; :func:`gemm_limits`): there XLA's CPU convolution
+  "winograd", "winograd4"
+          Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray, 2016) for stride-1 3x3
+          convolutions whose output height and width are multiples of m (2 for "winograd", 4 for
+          "winograd4"): (m+2)^2 products [N*tiles, Cin] x [Cin, Cout] replace the 9 of a direct
+          convolution per m x m output tile, 2.25x (m=2) or 4x (m=4) fewer multiplications.
+  "auto"  on CPU, for float32: "gemm" for 1x1 convolutions; "winograd4" / "winograd" for stride-1
+          3x3 ones with at least :data:`WINOGRAD_MIN_ROWS` output rows (batch x pixels), the
+          larger tile from :data:`WINOGRAD4_MIN_ROWS` rows; else "gemm" for k x k ones with many
+          output channels and few rows (:func:`gemm_limits`), where XLA's CPU convolution
           parallelises poorly; "xla" otherwise and on every other backend.
 
-The two differ by float32 rounding only (about 1e-6 relative). The CPU measurements behind the
-limits: ``python -m bench --config sd15 --sections profile`` and the README's *CPU speed*.
+"xla" and "gemm" differ by float32 rounding only (about 1e-6 relative to the output's largest
+value), as does "winograd"; "winograd4" by about 2e-5 (its transforms multiply by up to 8 and
+1/24). The transformed kernels [(m+2)^2, Cin, Cout] are computed at every call, next to their
+convolution (see :class:`Conv2d`). The CPU measurements behind the rules: ``python -m bench --config sd15 --sections profile`` and
+the README's *CPU speed*.
 """
 
 from __future__ import annotations
@@ -27,10 +37,12 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cfgbasin_jax.runtime import cpu
 
-IMPLEMENTATIONS = ("auto", "xla", "gemm")
+IMPLEMENTATIONS = ("auto", "xla", "gemm", "winograd", "winograd4")
+WINOGRAD_TILES = {"winograd": 2, "winograd4": 4}
 
 # When a k x k convolution runs as one matrix product on CPU: (min output channels, max output rows)
 # pairs, rows = batch x output pixels; "gemm" when any pair admits the shape. Measured on 2 cores:
@@ -44,22 +56,55 @@ DEFAULT_GEMM_LIMITS = ((512, 512), (1024, 1024))
 GEMM_LIMITS: dict = {}
 
 
+# "auto" on CPU uses Winograd for a stride-1 3x3 float32 convolution from this many output rows
+# (batch x output pixels), with the 4x4 tile from WINOGRAD4_MIN_ROWS. Measured on Intel Sapphire
+# Rapids (2 cores) inside a scan, the kernels transformed once (ms; XLA / "gemm" / "winograd" /
+# "winograd4"): 64x64 x 320 channels at batch 1 (4096 rows) 27 / 40 / 19 / 10; 32x32 x 640 at
+# batch 2 (2048) 50 / 53 / 26 / 18, at batch 1 (1024) 26 / 28 / 14 / 11; 16x16 x 1280 at batch 1
+# (256) 54 / 26 / 18 / 25; 8x8 x 1280 at batch 2 (128) 39 / 15 / 12 / 19, where the transformed
+# kernels (16/9 and 4x the weights' size) are read for few rows: "gemm" stays below 256 rows, which
+# also keeps SD 1.5's 8x8 kernels (1.5 GB transformed) out of memory. Small widths (32-128
+# channels, 256-16384 rows) were even or faster with the same rule.
+WINOGRAD_MIN_ROWS = 256
+WINOGRAD4_MIN_ROWS = 1024
+
+
 def gemm_limits(isa: str | None = None) -> tuple:
     """The CPU (min output channels, max output rows) pairs for ``isa`` (default: this machine's level)."""
     return cpu.by_level(GEMM_LIMITS, DEFAULT_GEMM_LIMITS, isa)
 
 
+def winograd_fits(implementation: str, kernel: Sequence[int], strides: Sequence[int], out_hw: Sequence[int]) -> bool:
+    """Whether Winograd ``implementation`` computes this convolution: 3x3, stride 1, output
+    height and width (``out_hw``) multiples of its tile."""
+    m = WINOGRAD_TILES[implementation]
+    return tuple(kernel) == (3, 3) and tuple(strides) == (1, 1) and all(n % m == 0 for n in out_hw)
+
+
 def resolve(implementation: str, kernel: Sequence[int], out_rows: int, out_channels: int,
-            backend: str | None = None, isa: str | None = None) -> str:
-    """The concrete algorithm ("xla" or "gemm") for a convolution with ``kernel`` (kh, kw) whose output
-    is [out_rows = N*Ho*Wo, out_channels], on ``backend`` (default: JAX's) and CPU ``isa``."""
+            backend: str | None = None, isa: str | None = None, strides: Sequence[int] = (1, 1),
+            out_hw: Sequence[int] | None = None, dtype: Any = jnp.float32) -> str:
+    """The concrete algorithm ("xla", "gemm", "winograd" or "winograd4") for a convolution with
+    ``kernel`` (kh, kw) and ``strides`` whose output is [N, *out_hw, out_channels] (out_rows =
+    N*Ho*Wo), computed in ``dtype``, on ``backend`` (default: JAX's) and CPU ``isa``. An explicit
+    Winograd choice must fit (:func:`winograd_fits`); ``out_hw=None``: never Winograd for "auto"."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"convolution implementation {implementation!r}: use one of {', '.join(IMPLEMENTATIONS)}")
+    if implementation in WINOGRAD_TILES and not (out_hw is not None and winograd_fits(implementation, kernel, strides, out_hw)):
+        raise ValueError(f"convolution implementation {implementation!r} needs a 3x3 kernel, stride 1 and an output "
+                         f"height and width divisible by {WINOGRAD_TILES[implementation]}; got kernel {tuple(kernel)}, "
+                         f"strides {tuple(strides)}, output {None if out_hw is None else tuple(out_hw)}")
     if implementation != "auto":
         return implementation
     if (backend or jax.default_backend()) != "cpu":
         return "xla"
-    if tuple(kernel) == (1, 1) or any(out_channels >= c and out_rows <= r for c, r in gemm_limits(isa)):
+    if tuple(kernel) == (1, 1):
+        return "gemm"
+    if out_hw is not None and jnp.dtype(dtype) == jnp.float32:
+        for name, min_rows in (("winograd4", WINOGRAD4_MIN_ROWS), ("winograd", WINOGRAD_MIN_ROWS)):
+            if out_rows >= min_rows and winograd_fits(name, kernel, strides, out_hw):
+                return name
+    if any(out_channels >= c and out_rows <= r for c, r in gemm_limits(isa)):
         return "gemm"
     return "xla"
 
@@ -89,6 +134,56 @@ def conv_gemm(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int], paddi
     return jnp.einsum("nhwk,kd->nhwd", windows, kernel.reshape(kh * kw * cin, cout))
 
 
+# Winograd F(m x m, 3 x 3): y = A^T [(G g G^T) * (B^T d B)] A per (m+2) x (m+2) input tile d,
+# interpolating at 0, +-1 (m=2) and 0, +-1, +-2 (m=4), and infinity. (B^T, G, A^T) per tile m.
+_WINOGRAD_MATRICES = {
+    2: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+        ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+        ((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+         (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+        ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+         (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+        ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))),
+}
+
+
+def _kron(tile: int, which: int) -> np.ndarray:
+    """M (x) M for one of the tile's matrices (0: B^T, 1: G, 2: A^T): M X M^T on an a x a grid X,
+    flattened row-major, is (M (x) M) @ vec(X): one small matrix product per transform."""
+    m = np.asarray(_WINOGRAD_MATRICES[tile][which], np.float64)
+    return np.kron(m, m).astype(np.float32)
+
+
+def _transform(matrix: np.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+    """matrix [r, k] @ x [k, ...] -> [r, ...] in full float32 (no TF32 or bfloat16 passes)."""
+    out = jnp.dot(jnp.asarray(matrix, x.dtype), x.reshape(x.shape[0], -1), precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(matrix.shape[0], *x.shape[1:])
+
+
+def winograd_kernel(kernel: jnp.ndarray, tile: int) -> jnp.ndarray:
+    """G g G^T for F(tile x tile, 3x3): kernel [3,3,Cin,Cout] -> [(tile+2)^2, Cin, Cout]."""
+    return _transform(_kron(tile, 1), kernel.reshape(9, *kernel.shape[2:]))
+
+
+def conv_winograd(x: jnp.ndarray, u: jnp.ndarray, padding, tile: int) -> jnp.ndarray:
+    """A stride-1 3x3 convolution by F(tile x tile, 3x3). x [N,H,W,Cin], u = winograd_kernel(kernel,
+    tile) [(tile+2)^2, Cin, Cout] -> [N,Ho,Wo,Cout]; Ho and Wo must be multiples of ``tile``."""
+    a = tile + 2
+    (pt, pb), (pl, pr) = _pairs(padding, (3, 3))
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    n, ho, wo, cin, cout = x.shape[0], x.shape[1] - 2, x.shape[2] - 2, x.shape[3], u.shape[-1]
+    th, tw = ho // tile, wo // tile
+    # Element (i, j) of every input tile (tiles overlap by 2), stacked: [a*a, N*th*tw, Cin].
+    d = jnp.stack([x[:, i : i + tile * (th - 1) + 1 : tile, j : j + tile * (tw - 1) + 1 : tile, :]
+                   for i in range(a) for j in range(a)]).reshape(a * a, n * th * tw, cin)
+    v = _transform(_kron(tile, 0), d)  # B^T d B per tile
+    prod = jax.lax.dot_general(v, u.astype(v.dtype), (((2,), (1,)), ((0,), (0,))))  # [a*a, N*th*tw, Cout]
+    y = _transform(_kron(tile, 2), prod)  # A^T m A per tile: [tile*tile, N*th*tw, Cout]
+    y = y.reshape(tile, tile, n, th, tw, cout).transpose(2, 3, 0, 4, 1, 5)  # [N, th, tile, tw, tile, Cout]
+    return y.reshape(n, ho, wo, cout)
+
+
 class Conv2d(nn.Module):
     """``flax.linen.Conv`` (2-D, NHWC) with the algorithm of :func:`resolve`; same parameters."""
 
@@ -111,7 +206,17 @@ class Conv2d(nn.Module):
         (pt, pb), (pl, pr) = _pairs(self.padding, (kh, kw))
         ho = (x.shape[1] + pt + pb - kh) // self.strides[0] + 1
         wo = (x.shape[2] + pl + pr - kw) // self.strides[1] + 1
-        if resolve(self.implementation, (kh, kw), x.shape[0] * ho * wo, self.features) == "gemm":
+        impl = resolve(self.implementation, (kh, kw), x.shape[0] * ho * wo, self.features, strides=self.strides,
+                       out_hw=(ho, wo), dtype=x.dtype)
+        if impl in WINOGRAD_TILES:
+            # The transformed kernel is computed per call, once the input exists: tied to it (0 times
+            # a 0/1 flag of one input element: always exactly 0, also for a non-finite input, and
+            # kept by XLA's IEEE arithmetic), the transform is neither hoisted out of a sampling loop
+            # nor scheduled at the program's start, where every transformed kernel would be held at
+            # once (SD 1.5 at batch 2: 2.9 GB of temporaries instead of 0.5).
+            tied = kernel + jnp.zeros((), kernel.dtype) * (x[0, 0, 0, 0] != 0).astype(kernel.dtype)
+            y = conv_winograd(x, winograd_kernel(tied, WINOGRAD_TILES[impl]), ((pt, pb), (pl, pr)), WINOGRAD_TILES[impl])
+        elif impl == "gemm":
             y = conv_gemm(x, kernel, self.strides, self.padding)
         else:
             y = jax.lax.conv_general_dilated(x, kernel, tuple(self.strides), ((pt, pb), (pl, pr)),
