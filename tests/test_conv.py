@@ -99,7 +99,9 @@ def test_auto_choice(kernel, rows, channels, backend, isa, expected):
     (2, (64, 64), 320, (1, 1), jnp.bfloat16, "cpu", "xla"),        # Winograd in float32 only
     (2, (64, 64), 320, (1, 1), jnp.float32, "gpu", "xla"),
 ])
-def test_auto_winograd_choice(batch, hw, channels, strides, dtype, backend, expected):
+def test_auto_winograd_choice(batch, hw, channels, strides, dtype, backend, expected, monkeypatch):
+    assert C.resolve("auto", (3, 3), 2 * 64 * 64, 320, backend="cpu", out_hw=(64, 64)) == "xla"  # off by default
+    monkeypatch.setattr(C, "AUTO_WINOGRAD", True)
     rows = batch * hw[0] * hw[1]
     got = C.resolve("auto", (3, 3), rows, channels, backend=backend, isa="amx", strides=strides, out_hw=hw, dtype=dtype)
     assert got == expected

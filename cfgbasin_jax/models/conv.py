@@ -67,6 +67,8 @@ GEMM_LIMITS: dict = {}
 # channels, 256-16384 rows) were even or faster with the same rule.
 WINOGRAD_MIN_ROWS = 256
 WINOGRAD4_MIN_ROWS = 1024
+# Off until "auto" decides per image (not per batch): same seed, same image at any batch size.
+AUTO_WINOGRAD = False
 
 
 def gemm_limits(isa: str | None = None) -> tuple:
@@ -100,7 +102,7 @@ def resolve(implementation: str, kernel: Sequence[int], out_rows: int, out_chann
         return "xla"
     if tuple(kernel) == (1, 1):
         return "gemm"
-    if out_hw is not None and jnp.dtype(dtype) == jnp.float32:
+    if AUTO_WINOGRAD and out_hw is not None and jnp.dtype(dtype) == jnp.float32:
         for name, min_rows in (("winograd4", WINOGRAD4_MIN_ROWS), ("winograd", WINOGRAD_MIN_ROWS)):
             if out_rows >= min_rows and winograd_fits(name, kernel, strides, out_hw):
                 return name
