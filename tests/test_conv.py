@@ -180,3 +180,25 @@ def test_winograd_keeps_samples_independent():
     got = np.asarray(m.apply(p, jnp.asarray(x)))
     assert np.isnan(got[0]).all()
     np.testing.assert_array_equal(got[1], clean[1])
+
+
+def test_explicit_choice_and_limits(monkeypatch):
+    assert C.resolve("xla", (1, 1), 1, 1, backend="cpu") == "xla"
+    assert C.resolve("gemm", (3, 3), 10**6, 4, backend="gpu") == "gemm"
+    with pytest.raises(ValueError, match="convolution implementation 'im2col'"):
+        C.resolve("im2col", (3, 3), 1, 1)
+    assert C.gemm_limits("avx512") == C.gemm_limits("amx") == ((512, 512), (1024, 1024))
+    # A level with its own entry takes it, and only that level.
+    monkeypatch.setitem(C.GEMM_LIMITS, "avx2", ((64, 4096),))
+    assert C.resolve("auto", (3, 3), 2 * 32 * 32, 128, backend="cpu", isa="avx2") == "gemm"
+    assert C.resolve("auto", (3, 3), 2 * 32 * 32, 128, backend="cpu", isa="amx") == "xla"
+
+
+def test_conv2d_counts_rows_over_the_batch(monkeypatch):
+    """Conv2d asks resolve() with N*Ho*Wo rows and its output channels (strides and padding applied)."""
+    seen = []
+    monkeypatch.setattr(C, "resolve", lambda impl, kernel, rows, channels, **kw: seen.append((kernel, rows, channels)) or "xla")
+    m = C.Conv2d(7, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = jnp.ones((3, 9, 8, 2))
+    m.init(jax.random.PRNGKey(0), x)
+    assert seen == [((3, 3), 3 * 5 * 4, 7)]

@@ -17,9 +17,10 @@ in one of two ways (static, chosen when the model is traced):
           convolutions whose output height and width are multiples of m (2 for "winograd", 4 for
           "winograd4"): (m+2)^2 products [N*tiles, Cin] x [Cin, Cout] replace the 9 of a direct
           convolution per m x m output tile, 2.25x (m=2) or 4x (m=4) fewer multiplications.
-  "auto"  on CPU, for float32: "gemm" for 1x1 convolutions; "winograd4" / "winograd" for stride-1
-          3x3 ones with at least :data:`WINOGRAD_MIN_ROWS` output rows (batch x pixels), the
-          larger tile from :data:`WINOGRAD4_MIN_ROWS` rows; else "gemm" for k x k ones with many
+  "auto"  on CPU: "gemm" for 1x1 convolutions; with :data:`AUTO_WINOGRAD` (off by default), for
+          float32, "winograd4" / "winograd" for stride-1 3x3 ones with at least
+          :data:`WINOGRAD_MIN_ROWS` output rows (batch x pixels), the larger tile from
+          :data:`WINOGRAD4_MIN_ROWS` rows; else "gemm" for k x k ones with many
           output channels and few rows (:func:`gemm_limits`), where XLA's CPU convolution
           parallelises poorly; "xla" otherwise and on every other backend.
 
