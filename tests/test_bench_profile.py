@@ -73,8 +73,7 @@ def test_flop_count_agrees_with_xla(unets, monkeypatch):
     _, ours, params, _, inputs = unets
     # The count is a direct convolution's; XLA counts what runs, so Winograd (fewer multiplications) is off here.
     from cfgbasin_jax.models import conv
-    monkeypatch.setattr(conv, "WINOGRAD_MIN_ROWS", 10**12)
-    monkeypatch.setattr(conv, "WINOGRAD4_MIN_ROWS", 10**12)
+    monkeypatch.setattr(conv, "AUTO_WINOGRAD", False)
     flops = P.count_flops(P.record_calls(ours, params, *inputs, return_dict=False))
     assert flops["total"] == flops["conv"] + flops["dense"] + flops["attention_products"]
     assert min(flops["conv"], flops["dense"], flops["attention_products"]) > 0

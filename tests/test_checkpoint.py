@@ -169,7 +169,8 @@ def test_params_that_do_not_fit_are_refused(tiny_sd1_converted, tmp_path):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's unawaited reads after the failure
 def test_bfloat16_load_halves_the_params_end_to_end(tiny_sd1_converted):
     full = cfgbasin_jax.load_pipeline(tiny_sd1_converted, dtype="float32")
-    before = {a.unsafe_buffer_pointer() for a in jax.live_arrays()}
+    alive = jax.live_arrays()  # held here, so no buffer of theirs is freed and its address reused below
+    before = {a.unsafe_buffer_pointer() for a in alive}
     half = cfgbasin_jax.load_pipeline(tiny_sd1_converted, dtype="bfloat16")
     assert {k: 2 * v for k, v in half.param_bytes().items()} == full.param_bytes()
     assert {leaf.dtype.name for leaf in jax.tree.leaves(half.params)} == {"bfloat16"}

@@ -85,26 +85,41 @@ def test_auto_choice(kernel, rows, channels, backend, isa, expected):
 
 
 @pytest.mark.parametrize("batch, hw, channels, strides, dtype, backend, expected", [
-    (2, (64, 64), 320, (1, 1), jnp.float32, "cpu", "winograd4"),   # SD 1.5's 64x64: 8192 rows
-    (1, (32, 32), 640, (1, 1), jnp.float32, "cpu", "winograd4"),   # 1024 rows: the 4x4 tile's limit
+    (2, (64, 64), 320, (1, 1), jnp.float32, "cpu", "winograd4"),   # SD 1.5's 64x64: 4096 pixels
+    (1, (32, 32), 640, (1, 1), jnp.float32, "cpu", "winograd4"),   # 1024 pixels: the 4x4 tile's limit
+    (4, (16, 16), 1280, (1, 1), jnp.float32, "cpu", "winograd"),   # 256 pixels (1024 rows): per image
     (1, (32, 31), 640, (1, 1), jnp.float32, "cpu", "xla"),         # odd width
-    (3, (10, 34), 640, (1, 1), jnp.float32, "cpu", "winograd"),    # 1020 rows
-    (1, (16, 16), 1280, (1, 1), jnp.float32, "cpu", "winograd"),   # 256 rows: the 2x2 tile's limit
-    (1, (16, 14), 1280, (1, 1), jnp.float32, "cpu", "gemm"),       # 224 rows: the product
-    (2, (8, 8), 1280, (1, 1), jnp.float32, "cpu", "gemm"),         # 128 rows
-    (1, (12, 16), 320, (1, 1), jnp.float32, "cpu", "xla"),         # 192 rows, few channels
+    (3, (10, 34), 640, (1, 1), jnp.float32, "cpu", "winograd"),    # 340 pixels
+    (1, (16, 16), 1280, (1, 1), jnp.float32, "cpu", "winograd"),   # 256 pixels: the 2x2 tile's limit
+    (1, (16, 14), 1280, (1, 1), jnp.float32, "cpu", "gemm"),       # 224 pixels: the product
+    (2, (8, 8), 1280, (1, 1), jnp.float32, "cpu", "gemm"),         # 64 pixels
+    (8, (8, 8), 1280, (1, 1), jnp.float32, "cpu", "gemm"),         # 64 pixels, 512 rows: not by batch
+    (1, (12, 16), 320, (1, 1), jnp.float32, "cpu", "xla"),         # 192 pixels, few channels
     (2, (64, 62), 320, (1, 1), jnp.float32, "cpu", "winograd"),    # 62 is even, not a multiple of 4
     (2, (63, 64), 320, (1, 1), jnp.float32, "cpu", "xla"),         # odd: no tile fits
     (2, (32, 32), 640, (2, 2), jnp.float32, "cpu", "xla"),         # a strided (downsampling) conv
     (2, (64, 64), 320, (1, 1), jnp.bfloat16, "cpu", "xla"),        # Winograd in float32 only
     (2, (64, 64), 320, (1, 1), jnp.float32, "gpu", "xla"),
 ])
-def test_auto_winograd_choice(batch, hw, channels, strides, dtype, backend, expected, monkeypatch):
-    assert C.resolve("auto", (3, 3), 2 * 64 * 64, 320, backend="cpu", out_hw=(64, 64)) == "xla"  # off by default
-    monkeypatch.setattr(C, "AUTO_WINOGRAD", True)
+def test_auto_winograd_choice(batch, hw, channels, strides, dtype, backend, expected):
     rows = batch * hw[0] * hw[1]
     got = C.resolve("auto", (3, 3), rows, channels, backend=backend, isa="amx", strides=strides, out_hw=hw, dtype=dtype)
     assert got == expected
+
+
+def test_auto_winograd_can_be_switched_off(monkeypatch):
+    assert C.resolve("auto", (3, 3), 2 * 64 * 64, 320, backend="cpu", out_hw=(64, 64)) == "winograd4"
+    monkeypatch.setattr(C, "AUTO_WINOGRAD", False)
+    assert C.resolve("auto", (3, 3), 2 * 64 * 64, 320, backend="cpu", out_hw=(64, 64)) == "xla"
+
+
+def test_auto_choice_does_not_depend_on_the_batch():
+    """Same seed, same image at any batch size: one image's convolutions take one algorithm."""
+    for hw in [(8, 8), (16, 16), (32, 32), (64, 64), (12, 20)]:
+        for channels in (320, 640, 1280):
+            picks = {C.resolve("auto", (3, 3), n * hw[0] * hw[1], channels, backend="cpu", isa="amx", out_hw=hw)
+                     for n in (1, 2, 3, 8)}
+            assert len(picks) == 1 or not picks & set(C.WINOGRAD_TILES), (hw, channels, picks)
 
 
 def test_auto_never_winograd_without_output_size():

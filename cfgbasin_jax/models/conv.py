@@ -17,10 +17,10 @@ in one of two ways (static, chosen when the model is traced):
           convolutions whose output height and width are multiples of m (2 for "winograd", 4 for
           "winograd4"): (m+2)^2 products [N*tiles, Cin] x [Cin, Cout] replace the 9 of a direct
           convolution per m x m output tile, 2.25x (m=2) or 4x (m=4) fewer multiplications.
-  "auto"  on CPU: "gemm" for 1x1 convolutions; with :data:`AUTO_WINOGRAD` (off by default), for
-          float32, "winograd4" / "winograd" for stride-1 3x3 ones with at least
-          :data:`WINOGRAD_MIN_ROWS` output rows (batch x pixels), the larger tile from
-          :data:`WINOGRAD4_MIN_ROWS` rows; else "gemm" for k x k ones with many
+  "auto"  on CPU: "gemm" for 1x1 convolutions; in float32 (while :data:`AUTO_WINOGRAD`),
+          "winograd4" / "winograd" for stride-1 3x3 ones with at least
+          :data:`WINOGRAD4_MIN_PIXELS` / :data:`WINOGRAD_MIN_PIXELS` output pixels per image
+          (never by batch size: same seed, same image at any batch); else "gemm" for k x k ones with many
           output channels and few rows (:func:`gemm_limits`), where XLA's CPU convolution
           parallelises poorly; "xla" otherwise and on every other backend.
 
@@ -57,19 +57,20 @@ DEFAULT_GEMM_LIMITS = ((512, 512), (1024, 1024))
 GEMM_LIMITS: dict = {}
 
 
-# "auto" on CPU uses Winograd for a stride-1 3x3 float32 convolution from this many output rows
-# (batch x output pixels), with the 4x4 tile from WINOGRAD4_MIN_ROWS. Measured on Intel Sapphire
+# "auto" on CPU uses Winograd for a stride-1 3x3 float32 convolution from this many output pixels
+# per image (Ho x Wo; the batch size never changes the algorithm, so an image does not depend on the
+# batch it is sampled in), with the 4x4 tile from WINOGRAD4_MIN_PIXELS. Measured on Intel Sapphire
 # Rapids (2 cores) inside a scan, the kernels transformed once (ms; XLA / "gemm" / "winograd" /
 # "winograd4"): 64x64 x 320 channels at batch 1 (4096 rows) 27 / 40 / 19 / 10; 32x32 x 640 at
 # batch 2 (2048) 50 / 53 / 26 / 18, at batch 1 (1024) 26 / 28 / 14 / 11; 16x16 x 1280 at batch 1
 # (256) 54 / 26 / 18 / 25; 8x8 x 1280 at batch 2 (128) 39 / 15 / 12 / 19, where the transformed
-# kernels (16/9 and 4x the weights' size) are read for few rows: "gemm" stays below 256 rows, which
+# kernels (16/9 and 4x the weights' size) are read for few rows: "gemm" stays below 256 pixels, which
 # also keeps SD 1.5's 8x8 kernels (1.5 GB transformed) out of memory. Small widths (32-128
 # channels, 256-16384 rows) were even or faster with the same rule.
-WINOGRAD_MIN_ROWS = 256
-WINOGRAD4_MIN_ROWS = 1024
-# Off until "auto" decides per image (not per batch): same seed, same image at any batch size.
-AUTO_WINOGRAD = False
+WINOGRAD_MIN_PIXELS = 256
+WINOGRAD4_MIN_PIXELS = 1024
+# Whether "auto" takes Winograd at all (set False for XLA's/"gemm"'s rounding, about 1e-6 instead of up to 2e-5).
+AUTO_WINOGRAD = True
 
 
 def gemm_limits(isa: str | None = None) -> tuple:
@@ -104,8 +105,8 @@ def resolve(implementation: str, kernel: Sequence[int], out_rows: int, out_chann
     if tuple(kernel) == (1, 1):
         return "gemm"
     if AUTO_WINOGRAD and out_hw is not None and jnp.dtype(dtype) == jnp.float32:
-        for name, min_rows in (("winograd4", WINOGRAD4_MIN_ROWS), ("winograd", WINOGRAD_MIN_ROWS)):
-            if out_rows >= min_rows and winograd_fits(name, kernel, strides, out_hw):
+        for name, min_pixels in (("winograd4", WINOGRAD4_MIN_PIXELS), ("winograd", WINOGRAD_MIN_PIXELS)):
+            if out_hw[0] * out_hw[1] >= min_pixels and winograd_fits(name, kernel, strides, out_hw):
                 return name
     if any(out_channels >= c and out_rows <= r for c, r in gemm_limits(isa)):
         return "gemm"
