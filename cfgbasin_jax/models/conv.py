@@ -175,12 +175,17 @@ def conv_winograd(x: jnp.ndarray, u: jnp.ndarray, padding, tile: int) -> jnp.nda
     tile) [(tile+2)^2, Cin, Cout] -> [N,Ho,Wo,Cout]; Ho and Wo must be multiples of ``tile``."""
     a = tile + 2
     (pt, pb), (pl, pr) = _pairs(padding, (3, 3))
-    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    n, ho, wo, cin, cout = x.shape[0], x.shape[1] - 2, x.shape[2] - 2, x.shape[3], u.shape[-1]
+    n, cin, cout = x.shape[0], x.shape[3], u.shape[-1]
+    ho, wo = x.shape[1] + pt + pb - 2, x.shape[2] + pl + pr - 2
     th, tw = ho // tile, wo // tile
-    # Element (i, j) of every input tile (tiles overlap by 2), stacked: [a*a, N*th*tw, Cin].
-    d = jnp.stack([x[:, i : i + tile * (th - 1) + 1 : tile, j : j + tile * (tw - 1) + 1 : tile, :]
-                   for i in range(a) for j in range(a)]).reshape(a * a, n * th * tw, cin)
+    # Padded to whole blocks (one more than tiles, the extra rows never read), then every tile is its
+    # block and the first 2 rows / columns of the next block: [N, th, a, tw, a, Cin] in a few slices.
+    x = jnp.pad(x, ((0, 0), (pt, pb + tile - 2), (pl, pr + tile - 2), (0, 0)))
+    xb = x.reshape(n, th + 1, tile, tw + 1, tile, cin)
+    xb = jnp.concatenate([xb[:, :th], xb[:, 1:, :2]], axis=2)
+    xb = jnp.concatenate([xb[:, :, :, :tw], xb[:, :, :, 1:, :2]], axis=4)
+    # Element (i, j) of every input tile, stacked: [a*a, N*th*tw, Cin].
+    d = xb.transpose(2, 4, 0, 1, 3, 5).reshape(a * a, n * th * tw, cin)
     v = _transform(_kron(tile, 0), d)  # B^T d B per tile
     prod = jax.lax.dot_general(v, u.astype(v.dtype), (((2,), (1,)), ((0,), (0,))))  # [a*a, N*th*tw, Cout]
     y = _transform(_kron(tile, 2), prod)  # A^T m A per tile: [tile*tile, N*th*tw, Cout]
