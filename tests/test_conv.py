@@ -184,6 +184,61 @@ def test_transformed_kernels_are_not_all_held_at_once():
         assert temp < 2 * one, (fn, temp / one)
 
 
+@pytest.mark.parametrize("tile, hw", [(2, (12, 10)), (4, (24, 8)), (4, (20, 12))])
+def test_winograd_in_bands_is_flax_conv(tile, hw, monkeypatch):
+    """Large images run in bands of tile rows: same convolution (bands of 2-3 of the 5-6 tile rows here)."""
+    th, tw = hw[0] // tile, hw[1] // tile
+    monkeypatch.setattr(C, "WINOGRAD_BAND_ELEMENTS", (tile + 2) ** 2 * tw * 6 * 3)  # 3 tile rows of 6 channels
+    band = C.winograd_band_rows(th, tw, tile, 6)
+    assert band < th and th % band == 0 and band == max(r for r in (1, 2, 3) if th % r == 0)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, *hw, 6)).astype(np.float32))
+    ref = nn.Conv(5, (3, 3), padding="SAME")
+    p = ref.init(jax.random.PRNGKey(1), x)
+    ours = C.Conv2d(5, (3, 3), padding="SAME", implementation="winograd4" if tile == 4 else "winograd")
+    want, got = ref.apply(p, x), ours.apply(p, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_winograd_bands_bound_the_temporaries(monkeypatch):
+    """A 128x128 image in bands of 4 tile rows holds under 2 inputs' worth of temporaries (the padded
+    input and one band's tiles); whole, the transformed tiles alone are 2.25 inputs."""
+    x = jnp.zeros((1, 128, 128, 32), jnp.float32)
+    m = C.Conv2d(32, (3, 3), padding="SAME", implementation="winograd4")
+    params = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)
+
+    def temp():
+        return jax.jit(m.apply).lower(params, x).compile().memory_analysis().temp_size_in_bytes / x.nbytes
+
+    monkeypatch.setattr(C, "WINOGRAD_BAND_ELEMENTS", 36 * 32 * 32 * 4)
+    assert C.winograd_band_rows(32, 32, 4, 32) == 4
+    assert temp() < 2
+    monkeypatch.setattr(C, "WINOGRAD_BAND_ELEMENTS", 1 << 30)
+    assert temp() > 4
+
+
+def test_winograd_bands_inside_shard_map(monkeypatch):
+    """The sampler runs the model under shard_map: the bands' loop carries a value that varies over
+    the mesh axis like the input (a constant initial buffer fails to trace there)."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    monkeypatch.setattr(C, "WINOGRAD_BAND_ELEMENTS", 36 * 2 * 6)  # 1 tile row per band
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8, 8, 6)).astype(np.float32))
+    m = C.Conv2d(5, (3, 3), padding="SAME", implementation="winograd4")
+    p = m.init(jax.random.PRNGKey(1), x)
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    sharded = jax.shard_map(m.apply, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
+    np.testing.assert_allclose(np.asarray(jax.jit(sharded)(p, x)), np.asarray(m.apply(p, x)), rtol=1e-6, atol=1e-6)
+
+
+def test_sd_shapes_band_by_image_size():
+    """SD 1.5's UNet convolutions run whole; its VAE decoder's at 256x256 and 512x512 in bands (64 MB per image)."""
+    assert C.winograd_band_rows(16, 16, 4, 960) == 16  # 64x64 latents, the widest input (640 + 320 skip)
+    assert C.winograd_band_rows(8, 8, 4, 1920) == 8  # 32x32, 1280 + 640
+    assert C.winograd_band_rows(24, 24, 4, 960) == 12  # SD 2.1's 96x96: two bands
+    assert C.winograd_band_rows(128, 128, 4, 128) == 16  # the decoder at 512x512
+    assert C.winograd_band_rows(64, 64, 4, 512) == 8  # 256x256, 512 channels in
+
+
 def test_winograd_keeps_samples_independent():
     """A non-finite sample does not reach the others (the tie to the input is exactly zero)."""
     rng = np.random.default_rng(0)

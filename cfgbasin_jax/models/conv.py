@@ -71,6 +71,11 @@ WINOGRAD_MIN_PIXELS = 256
 WINOGRAD4_MIN_PIXELS = 1024
 # Whether "auto" takes Winograd at all (set False for XLA's/"gemm"'s rounding, about 1e-6 instead of up to 2e-5).
 AUTO_WINOGRAD = True
+# Elements per image of one band's transformed tiles in conv_winograd (64 MB in float32): SD 1.5's
+# UNet runs whole; the VAE decoder's 256x256 and 512x512 images run in bands of a few tile rows,
+# which keeps the decode's peak memory near the direct convolution's (whole, SD 1.5's 1-step
+# generate peaked at 6.44 GB instead of 5.53).
+WINOGRAD_BAND_ELEMENTS = 1 << 24
 
 
 def gemm_limits(isa: str | None = None) -> tuple:
@@ -170,27 +175,57 @@ def winograd_kernel(kernel: jnp.ndarray, tile: int) -> jnp.ndarray:
     return _transform(_kron(tile, 1), kernel.reshape(9, *kernel.shape[2:]))
 
 
+def winograd_band_rows(tile_rows: int, tile_cols: int, tile: int, channels: int) -> int:
+    """Tile rows per band of :func:`conv_winograd`: the most (a divisor of ``tile_rows``) whose
+    transformed tiles [(tile+2)^2, rows * tile_cols, channels] (channels: the larger of Cin and Cout)
+    have at most :data:`WINOGRAD_BAND_ELEMENTS` elements per image; all rows when they fit."""
+    per_row = (tile + 2) ** 2 * tile_cols * channels
+    fitting = [r for r in range(1, tile_rows + 1) if tile_rows % r == 0 and r * per_row <= WINOGRAD_BAND_ELEMENTS]
+    return max(fitting, default=1)
+
+
+def _winograd_tiles(xb: jnp.ndarray, u: jnp.ndarray, tile: int) -> jnp.ndarray:
+    """Winograd on whole blocks: xb [N, R+1, tile, C+1, tile, Cin] (the padded input cut into
+    tile x tile blocks, one more than tiles each way), u [(tile+2)^2, Cin, Cout] -> [N, R*tile, C*tile, Cout]."""
+    a = tile + 2
+    n, rows, cols, cin, cout = xb.shape[0], xb.shape[1] - 1, xb.shape[3] - 1, xb.shape[5], u.shape[-1]
+    # Every input tile is its block and the first 2 rows / columns of the next block: [N, R, a, C, a, Cin].
+    xb = jnp.concatenate([xb[:, :rows], xb[:, 1:, :2]], axis=2)
+    xb = jnp.concatenate([xb[:, :, :, :cols], xb[:, :, :, 1:, :2]], axis=4)
+    # Element (i, j) of every input tile, stacked: [a*a, N*R*C, Cin].
+    d = xb.transpose(2, 4, 0, 1, 3, 5).reshape(a * a, n * rows * cols, cin)
+    v = _transform(_kron(tile, 0), d)  # B^T d B per tile
+    prod = jax.lax.dot_general(v, u.astype(v.dtype), (((2,), (1,)), ((0,), (0,))))  # [a*a, N*R*C, Cout]
+    y = _transform(_kron(tile, 2), prod)  # A^T m A per tile: [tile*tile, N*R*C, Cout]
+    y = y.reshape(tile, tile, n, rows, cols, cout).transpose(2, 3, 0, 4, 1, 5)  # [N, R, tile, C, tile, Cout]
+    return y.reshape(n, rows * tile, cols * tile, cout)
+
+
 def conv_winograd(x: jnp.ndarray, u: jnp.ndarray, padding, tile: int) -> jnp.ndarray:
     """A stride-1 3x3 convolution by F(tile x tile, 3x3). x [N,H,W,Cin], u = winograd_kernel(kernel,
-    tile) [(tile+2)^2, Cin, Cout] -> [N,Ho,Wo,Cout]; Ho and Wo must be multiples of ``tile``."""
-    a = tile + 2
+    tile) [(tile+2)^2, Cin, Cout] -> [N,Ho,Wo,Cout]; Ho and Wo must be multiples of ``tile``. Large
+    images run in bands of tile rows (:func:`winograd_band_rows`, set by the image size only), so
+    the transformed tiles never take more than a band's memory."""
     (pt, pb), (pl, pr) = _pairs(padding, (3, 3))
     n, cin, cout = x.shape[0], x.shape[3], u.shape[-1]
     ho, wo = x.shape[1] + pt + pb - 2, x.shape[2] + pl + pr - 2
     th, tw = ho // tile, wo // tile
-    # Padded to whole blocks (one more than tiles, the extra rows never read), then every tile is its
-    # block and the first 2 rows / columns of the next block: [N, th, a, tw, a, Cin] in a few slices.
+    # Padded to whole blocks, one more than tiles each way (its last rows and columns never read).
     x = jnp.pad(x, ((0, 0), (pt, pb + tile - 2), (pl, pr + tile - 2), (0, 0)))
     xb = x.reshape(n, th + 1, tile, tw + 1, tile, cin)
-    xb = jnp.concatenate([xb[:, :th], xb[:, 1:, :2]], axis=2)
-    xb = jnp.concatenate([xb[:, :, :, :tw], xb[:, :, :, 1:, :2]], axis=4)
-    # Element (i, j) of every input tile, stacked: [a*a, N*th*tw, Cin].
-    d = xb.transpose(2, 4, 0, 1, 3, 5).reshape(a * a, n * th * tw, cin)
-    v = _transform(_kron(tile, 0), d)  # B^T d B per tile
-    prod = jax.lax.dot_general(v, u.astype(v.dtype), (((2,), (1,)), ((0,), (0,))))  # [a*a, N*th*tw, Cout]
-    y = _transform(_kron(tile, 2), prod)  # A^T m A per tile: [tile*tile, N*th*tw, Cout]
-    y = y.reshape(tile, tile, n, th, tw, cout).transpose(2, 3, 0, 4, 1, 5)  # [N, th, tile, tw, tile, Cout]
-    return y.reshape(n, ho, wo, cout)
+    band = winograd_band_rows(th, tw, tile, max(cin, cout))
+    if band == th:
+        return _winograd_tiles(xb, u, tile)
+
+    def one_band(i, out):
+        part = jax.lax.dynamic_slice_in_dim(xb, i * band, band + 1, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(out, _winograd_tiles(part, u, tile), i * band * tile, axis=1)
+
+    # Every element is written by a band. Zeros times a 0/1 flag of the input: exactly zero, and
+    # varying over the same mesh axes as x inside shard_map (the loop's carry must match its output).
+    dtype = jnp.result_type(x.dtype, u.dtype)
+    out = jnp.zeros((n, ho, wo, cout), dtype) * (x[0, 0, 0, 0] != 0).astype(dtype)
+    return jax.lax.fori_loop(0, th // band, one_band, out)
 
 
 class Conv2d(nn.Module):
