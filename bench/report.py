@@ -195,12 +195,14 @@ def profile_table(result: dict) -> list:
                   f"- ours: per-block compiled timings ({ours['distinct_blocks']} distinct blocks), the whole step as one "
                   f"program; PyTorch: torch.profiler ranges around each module (profiled step {theirs['step_s']:.3f} s, "
                   f"without the profiler {theirs['unprofiled_step_s']:.3f} s; the last column's whole-step ratio uses the latter)",
-                  f"- FLOPs per step: {fl['total'] / 1e9:.4g} GFLOP (convolutions {fl['conv'] / 1e9:.4g}, dense "
+                  f"- FLOPs per step, a direct convolution's count (Winograd convolutions multiply less, so the rates "
+                  f"below are direct-equivalent): {fl['total'] / 1e9:.4g} GFLOP (convolutions {fl['conv'] / 1e9:.4g}, dense "
                   f"{fl['dense'] / 1e9:.4g}, attention products {fl['attention_products'] / 1e9:.4g}; XLA's cost analysis "
                   f"{ours['xla_flops'] / 1e9:.4g}, which counts a loop's body once: the chunked attention's products "
                   f"run in lax.map)",
                   f"- peak ({peak['n']}x{peak['n']} float32 matmul): JAX {peak['jax_gflops']:.0f} GFLOP/s, PyTorch "
                   f"{peak['torch_gflops']:.0f} GFLOP/s; the UNet step reaches {ours['gflops']:.0f} GFLOP/s "
+                  f"direct-equivalent "
                   f"({ours['fraction_of_peak']:.0%} of the peak) ours, {theirs['gflops']:.0f} GFLOP/s "
                   f"({theirs['fraction_of_peak']:.0%}) PyTorch"]
         rows = [[kind.replace("_", "-"), "x".join(str(v) for v in a["shape"])]

@@ -27,7 +27,8 @@ in one of two ways (static, chosen when the model is traced):
 "xla" and "gemm" differ by float32 rounding only (about 1e-6 relative to the output's largest
 value), as does "winograd"; "winograd4" by about 2e-5 (its transforms multiply by up to 8 and
 1/24). The transformed kernels [(m+2)^2, Cin, Cout] are computed at every call, next to their
-convolution (see :class:`Conv2d`). The CPU measurements behind the rules: ``python -m bench --config sd15 --sections profile`` and
+convolution (see :class:`Conv2d`); images from 256x256 run in bands of tile rows
+(:data:`WINOGRAD_BAND_ELEMENTS`). The CPU measurements behind the rules: ``python -m bench --config sd15 --sections profile`` and
 the README's *CPU speed*.
 """
 
