@@ -231,12 +231,14 @@ def test_winograd_bands_inside_shard_map(monkeypatch):
 
 
 def test_sd_shapes_band_by_image_size():
-    """SD 1.5's UNet convolutions run whole; its VAE decoder's at 256x256 and 512x512 in bands (64 MB per image)."""
+    """SD 1.5's UNet convolutions run whole; its VAE decoder's from 128x128 in bands (64 MB per image)."""
     assert C.winograd_band_rows(16, 16, 4, 960) == 16  # 64x64 latents, the widest input (640 + 320 skip)
     assert C.winograd_band_rows(8, 8, 4, 1920) == 8  # 32x32, 1280 + 640
     assert C.winograd_band_rows(24, 24, 4, 960) == 12  # SD 2.1's 96x96: two bands
     assert C.winograd_band_rows(128, 128, 4, 128) == 16  # the decoder at 512x512
     assert C.winograd_band_rows(64, 64, 4, 512) == 8  # 256x256, 512 channels in
+    assert C.winograd_band_rows(32, 32, 4, 512) == 16  # 128x128 x 512: two bands
+    assert C.winograd_band_rows(16, 16, 4, 512) == 16  # 64x64 x 512: whole
 
 
 def test_winograd_keeps_samples_independent():

@@ -27,7 +27,7 @@ in one of two ways (static, chosen when the model is traced):
 "xla" and "gemm" differ by float32 rounding only (about 1e-6 relative to the output's largest
 value), as does "winograd"; "winograd4" by about 2e-5 (its transforms multiply by up to 8 and
 1/24). The transformed kernels [(m+2)^2, Cin, Cout] are computed at every call, next to their
-convolution (see :class:`Conv2d`); images from 256x256 run in bands of tile rows
+convolution (see :class:`Conv2d`); large images run in bands of tile rows
 (:data:`WINOGRAD_BAND_ELEMENTS`). The CPU measurements behind the rules: ``python -m bench --config sd15 --sections profile`` and
 the README's *CPU speed*.
 """
@@ -73,7 +73,7 @@ WINOGRAD4_MIN_PIXELS = 1024
 # Whether "auto" takes Winograd at all (set False for XLA's/"gemm"'s rounding, about 1e-6 instead of up to 2e-5).
 AUTO_WINOGRAD = True
 # Elements per image of one band's transformed tiles in conv_winograd (64 MB in float32): SD 1.5's
-# UNet runs whole; the VAE decoder's 256x256 and 512x512 images run in bands of a few tile rows,
+# UNet runs whole; the VAE decoder's from 128x128 (512 channels) run in bands of a few tile rows,
 # which keeps the decode's peak memory near the direct convolution's (whole, SD 1.5's 1-step
 # generate peaked at 6.44 GB instead of 5.53).
 WINOGRAD_BAND_ELEMENTS = 1 << 24
