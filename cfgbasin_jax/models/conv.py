@@ -185,6 +185,13 @@ def winograd_band_rows(tile_rows: int, tile_cols: int, tile: int, channels: int)
     return max(fitting, default=1)
 
 
+def _zeros_tied_to(x: jnp.ndarray, shape: Sequence[int], dtype: Any) -> jnp.ndarray:
+    """Zeros [*shape] that depend on ``x``: 0 times a 0/1 flag of x's first element, always exactly 0
+    (also for a non-finite input) and kept by XLA's IEEE arithmetic. What is computed from them
+    waits for x, and inside shard_map they vary over x's mesh axes."""
+    return jnp.zeros(shape, dtype) * (x[(0,) * x.ndim] != 0).astype(dtype)
+
+
 def _winograd_tiles(xb: jnp.ndarray, u: jnp.ndarray, tile: int) -> jnp.ndarray:
     """Winograd on whole blocks: xb [N, R+1, tile, C+1, tile, Cin] (the padded input cut into
     tile x tile blocks, one more than tiles each way), u [(tile+2)^2, Cin, Cout] -> [N, R*tile, C*tile, Cout]."""
@@ -222,10 +229,9 @@ def conv_winograd(x: jnp.ndarray, u: jnp.ndarray, padding, tile: int) -> jnp.nda
         part = jax.lax.dynamic_slice_in_dim(xb, i * band, band + 1, axis=1)
         return jax.lax.dynamic_update_slice_in_dim(out, _winograd_tiles(part, u, tile), i * band * tile, axis=1)
 
-    # Every element is written by a band. Zeros times a 0/1 flag of the input: exactly zero, and
-    # varying over the same mesh axes as x inside shard_map (the loop's carry must match its output).
-    dtype = jnp.result_type(x.dtype, u.dtype)
-    out = jnp.zeros((n, ho, wo, cout), dtype) * (x[0, 0, 0, 0] != 0).astype(dtype)
+    # Every element is written by a band; tied to x, the buffer varies over x's mesh axes inside
+    # shard_map, as the loop's carry must.
+    out = _zeros_tied_to(x, (n, ho, wo, cout), jnp.result_type(x.dtype, u.dtype))
     return jax.lax.fori_loop(0, th // band, one_band, out)
 
 
@@ -254,12 +260,11 @@ class Conv2d(nn.Module):
         impl = resolve(self.implementation, (kh, kw), x.shape[0] * ho * wo, self.features, strides=self.strides,
                        out_hw=(ho, wo), dtype=x.dtype)
         if impl in WINOGRAD_TILES:
-            # The transformed kernel is computed per call, once the input exists: tied to it (0 times
-            # a 0/1 flag of one input element: always exactly 0, also for a non-finite input, and
-            # kept by XLA's IEEE arithmetic), the transform is neither hoisted out of a sampling loop
-            # nor scheduled at the program's start, where every transformed kernel would be held at
-            # once (SD 1.5 at batch 2: 2.9 GB of temporaries instead of 0.5).
-            tied = kernel + jnp.zeros((), kernel.dtype) * (x[0, 0, 0, 0] != 0).astype(kernel.dtype)
+            # The transformed kernel is computed per call, once the input exists: tied to it, the
+            # transform is neither hoisted out of a sampling loop nor scheduled at the program's
+            # start, where every transformed kernel would be held at once (SD 1.5 at batch 2: 2.9 GB
+            # of temporaries instead of 0.5).
+            tied = kernel + _zeros_tied_to(x, (), kernel.dtype)
             y = conv_winograd(x, winograd_kernel(tied, WINOGRAD_TILES[impl]), ((pt, pb), (pl, pr)), WINOGRAD_TILES[impl])
         elif impl == "gemm":
             y = conv_gemm(x, kernel, self.strides, self.padding)
